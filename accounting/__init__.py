@@ -1,0 +1,1 @@
+"""Accounting: the usage ledger in Redis, reports over it, and their gRPC service."""

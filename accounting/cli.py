@@ -1,0 +1,39 @@
+"""`fareway accounting`: serve usage reports over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from fareway.config import RedisConfig, TelemetryConfig
+from fareway.process import wait_for_shutdown_signal
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:50053", help="address to serve on (default: %(default)s)")
+
+
+async def serve(listen: str, redis_config: RedisConfig) -> None:
+    from accounting.service import create_accounting_server
+    from fareway.redis_store import connect, resolve_url
+
+    with resolve_url(redis_config) as url:
+        redis = connect(url)
+        server = await create_accounting_server(redis, listen)
+        log.info("accounting listening on port %d", server.port)
+        try:
+            await wait_for_shutdown_signal()
+        finally:
+            await server.stop()
+            await redis.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    from fareway.telemetry import setup_telemetry
+
+    setup_telemetry(TelemetryConfig.from_env("fareway-accounting"))
+    asyncio.run(serve(args.listen, RedisConfig.from_env()))
+    return 0

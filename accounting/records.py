@@ -1,0 +1,55 @@
+"""A usage record: what one request consumed, whom it is charged to, how it ended."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+_INT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "device_count")
+_FLOAT_FIELDS = ("gpu_seconds", "queue_ms", "ttft_ms", "total_ms", "started_at", "ended_at")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    """Unique per team and project; the client's idempotency key if it gave one."""
+    team: str
+    project: str
+    key_id: str
+    model: str
+    worker_id: str
+    hardware_class: str
+    device_count: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    gpu_seconds: float
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    """Time in the gateway, from arrival to the last byte."""
+    status: str
+    """The gRPC status code name the caller got: OK, CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, ..."""
+    finish_reason: str
+    """stop, stop_sequence, length, cancelled, error."""
+    started_at: float
+    """Unix seconds."""
+    ended_at: float
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields for a Redis stream entry."""
+        values = asdict(self)
+        values["tags"] = json.dumps(self.tags, sort_keys=True, separators=(",", ":"))
+        return {name: value if isinstance(value, str) else repr(value) for name, value in values.items()}
+
+    @classmethod
+    def from_fields(cls, values: dict[str, str]) -> UsageRecord:
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, object] = {k: v for k, v in values.items() if k in known}
+        for name in _INT_FIELDS:
+            kwargs[name] = int(values[name])
+        for name in _FLOAT_FIELDS:
+            kwargs[name] = float(values[name])
+        kwargs["tags"] = json.loads(values.get("tags") or "{}")
+        return cls(**kwargs)  # type: ignore[arg-type]

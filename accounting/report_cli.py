@@ -1,0 +1,88 @@
+"""`fareway report`: usage per group, read from the ledger in Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime as dt
+import json
+import re
+import sys
+
+from rich.console import Console
+
+from accounting.ledger import Ledger
+from accounting.reports import DIMENSIONS, UsageReport, UsageTotals, usage_report
+from fareway.config import RedisConfig
+from fareway.console import USAGE_COLUMNS, totals_table
+from fareway.errors import FarewayError
+from fareway.redis_store import connect, resolve_url
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """An ISO date or time (UTC unless it says otherwise), or an age such as 24h or 7d -> unix seconds."""
+    match = _RELATIVE.match(text)
+    if match:
+        base = dt.datetime.now(dt.UTC).timestamp() if now is None else now
+        return base - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use 2026-11-24, 2026-11-24T09:00 or 24h)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--by", default="team,project,model",
+                        help=f"comma-separated dimensions: {', '.join(DIMENSIONS)} (default: %(default)s)")
+    parser.add_argument("--since", type=parse_time, default=None, help="start (inclusive): a date, a time or an age")
+    parser.add_argument("--until", type=parse_time, default=None, help="end (exclusive)")
+    parser.add_argument("--team", action="append", default=None, help="only this team; repeat for several")
+    parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+
+def _figures(totals: UsageTotals) -> list[float]:
+    return [getattr(totals, name) for name in USAGE_COLUMNS]
+
+
+def write_report(report: UsageReport, fmt: str, out=None) -> None:  # noqa: ANN001 - a text stream
+    out = out or sys.stdout
+    if fmt == "table":
+        rows = [(group, _figures(totals)) for group, totals in report.rows]
+        Console(file=out).print(totals_table("usage", report.group_by, rows, _figures(report.total)))
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*report.group_by, *USAGE_COLUMNS])
+        for group, totals in report.rows:
+            writer.writerow([*group, *_figures(totals)])
+    else:
+        rows = [{**dict(zip(report.group_by, group)), **dict(zip(USAGE_COLUMNS, _figures(totals)))}
+                for group, totals in report.rows]
+        json.dump({"rows": rows, "total": dict(zip(USAGE_COLUMNS, _figures(report.total)))}, out, indent=2)
+        out.write("\n")
+
+
+async def _run(args: argparse.Namespace) -> UsageReport:
+    group_by = [name.strip() for name in args.by.split(",") if name.strip()]
+    with resolve_url(RedisConfig.from_env()) as url:
+        redis = connect(url)
+        try:
+            return await usage_report(Ledger(redis), group_by, since=args.since, until=args.until, teams=args.team)
+        finally:
+            await redis.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(_run(args))
+    except FarewayError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error.message}")
+        return 2
+    write_report(report, args.format)
+    return 0

@@ -1,0 +1,116 @@
+"""`fareway generate`: one request through a gateway, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+
+import grpc
+from rich.console import Console
+
+from fareway.console import usage_table
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", default=os.environ.get("FAREWAY_GATEWAY", "127.0.0.1:50051"),
+                        help="gateway address (default: $FAREWAY_GATEWAY or %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("FAREWAY_API_KEY"),
+                        help="API key (default: $FAREWAY_API_KEY)")
+    parser.add_argument("--model", default=None, help="model name (default: the first the gateway lists)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string; repeat for several")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="a cost-attribution tag; repeat for several")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    parser.add_argument("--system", default=None, help="a system message (implies --chat)")
+    parser.add_argument("--request-id", default="", help="idempotency key")
+    parser.add_argument("prompt", help="the prompt text; '-' reads standard input")
+
+
+def sampling_from_args(args: argparse.Namespace) -> pb.SamplingParams:
+    params = pb.SamplingParams(top_k=args.top_k, stop=args.stop)
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            setattr(params, name, getattr(args, name))
+    return params
+
+
+def tags_from_args(args: argparse.Namespace) -> dict[str, str]:
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--tag takes KEY=VALUE, got {item!r}")
+        tags[key] = value
+    return tags
+
+
+class Connection:
+    """A gateway channel and the caller's key."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if not args.api_key:
+            raise SystemExit("no API key: pass --api-key or set FAREWAY_API_KEY (fareway keys create ...)")
+        self.channel = grpc.insecure_channel(args.gateway)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {args.api_key}"),)
+        self.timeout = args.timeout
+        self.model = args.model or self._first_model()
+
+    def _first_model(self) -> str:
+        models = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=10).models
+        if not models:
+            raise SystemExit("the gateway serves no model yet")
+        return models[0].id
+
+    def stream(self, request: pb.GenerateStreamRequest) -> Iterator[pb.GenerateStreamResponse]:
+        request.model = request.model or self.model
+        return self.stub.GenerateStream(request, metadata=self.metadata, timeout=self.timeout)
+
+
+def print_stream(responses: Iterator[pb.GenerateStreamResponse], console: Console) -> pb.GenerateStreamResponse:
+    """Writes text as it arrives; returns the last message (finish reason and usage)."""
+    last = pb.GenerateStreamResponse()
+    for last in responses:
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return last
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        conn = Connection(args)
+        request = pb.GenerateStreamRequest(model=conn.model, sampling=sampling_from_args(args),
+                                           request_id=args.request_id, tags=tags_from_args(args))
+        if args.chat or args.system:
+            messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
+            messages.append(pb.ChatMessage(role="user", content=prompt))
+            request.chat.messages.extend(messages)
+        else:
+            request.prompt = prompt
+        last = print_stream(conn.stream(request), console)
+    except grpc.RpcError as error:
+        console.print(f"[red]error:[/red] {error.code().name}: {error.details()}")
+        return 1
+    console.print(usage_table(last.usage, last.finish_reason))
+    return 0

@@ -1,0 +1,47 @@
+"""Terminal rendering shared by the commands (rich tables)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from fareway.inference.v1 import inference_pb2 as pb
+
+USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds")
+
+
+def usage_table(usage: pb.Usage, finish_reason: int) -> Table:
+    table = Table(title="usage", show_header=False, title_justify="left")
+    finish = pb.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()
+    rows = [
+        ("finish reason", finish),
+        ("prompt tokens", f"{usage.prompt_tokens} ({usage.cached_tokens} cached)"),
+        ("completion tokens", str(usage.completion_tokens)),
+        ("GPU-seconds", f"{usage.gpu_seconds:.4f} on {usage.device_count} x {usage.hardware_class}"),
+        ("queue / first token / total", f"{usage.queue_ms:.0f} / {usage.ttft_ms:.0f} / {usage.total_ms:.0f} ms"),
+        ("worker", usage.worker_id),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Sequence[str], Sequence[float]]],
+                 total: Sequence[float]) -> Table:
+    """A report: one row per group, USAGE_COLUMNS figures, and a total row."""
+    table = Table(title=title, title_justify="left")
+    for name in group_by:
+        table.add_column(name)
+    for name in USAGE_COLUMNS:
+        table.add_column(name.replace("_", " "), justify="right")
+    for group, figures in rows:
+        table.add_row(*group, *_format(figures))
+    table.add_section()
+    table.add_row(*(["total"] + [""] * (len(group_by) - 1) if group_by else []), *_format(total))
+    return table
+
+
+def _format(figures: Sequence[float]) -> list[str]:
+    *counts, gpu_seconds = figures
+    return [f"{int(c):,}" for c in counts] + [f"{gpu_seconds:.3f}"]

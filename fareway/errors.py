@@ -1,0 +1,205 @@
+"""One root exception for every Fareway service, mapped to gRPC statuses in one place.
+
+Domain code raises a FarewayError subclass; ErrorInterceptor turns it into a
+status with a `google.rpc.Status` in the trailers, carrying BadRequest,
+QuotaFailure or RetryInfo details where they help the caller act.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class FarewayError(Exception):
+    """Root of every error a Fareway service reports to its caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, details: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        """Protobuf messages from google.rpc.error_details_pb2."""
+
+    def to_status(self) -> status_pb2.Status:
+        packed = []
+        for detail in self.details:
+            holder = any_pb2.Any()
+            holder.Pack(detail)
+            packed.append(holder)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+class InvalidArgument(FarewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        details = []
+        if field:
+            violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+            details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+        super().__init__(message, details=details)
+        self.field = field
+
+
+class Unauthenticated(FarewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FarewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(FarewayError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(FarewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(FarewayError):
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(FarewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, subject: str = "", retry_after_s: float | None = None) -> None:
+        violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)
+        details: list[Any] = [error_details_pb2.QuotaFailure(violations=[violation])]
+        if retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(retry_after_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        super().__init__(message, details=details)
+
+
+class Unavailable(FarewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(FarewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(FarewayError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(FarewayError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FarewayError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, Unauthenticated, PermissionDenied, NotFound, FailedPrecondition, Aborted,
+                ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled, Internal)
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, *, prefix: str = "") -> FarewayError:
+    """The FarewayError for a status received from another service: same code, message and details."""
+    cls = _BY_CODE.get(error.code(), FarewayError)
+    result = cls(f"{prefix}{error.details() or error.code().name}")
+    result.code = error.code()
+    result.details = status_details(error)
+    return result
+
+
+async def abort(context: grpc.aio.ServicerContext, error: FarewayError) -> None:
+    """Ends the RPC with the error's status and its rich details."""
+    if error.details:
+        status = rpc_status.to_status(error.to_status())
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    await context.abort(error.code, error.message)
+
+
+def _internal(exc: BaseException) -> Internal:
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return Internal(f"internal error (ref {ref}); the server log has the details")
+
+
+def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(request, context)
+        except FarewayError as error:
+            await abort(context, error)
+        except Exception as exc:  # noqa: BLE001 - every other failure is reported as INTERNAL
+            await abort(context, _internal(exc))
+    return wrapper
+
+
+def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in handler(request, context):
+                yield response
+        except FarewayError as error:
+            await abort(context, error)
+        except Exception as exc:  # noqa: BLE001
+            await abort(context, _internal(exc))
+    return wrapper
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps FarewayError (and any unexpected exception) to a gRPC status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def status_details(error: grpc.aio.AioRpcError) -> list[Any]:
+    """The rich details (BadRequest, QuotaFailure, ...) a status carries, unpacked."""
+    for key, value in error.trailing_metadata() or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            status = status_pb2.Status.FromString(value)
+            return [_unpack(detail) for detail in status.details]
+    return []
+
+
+_DETAIL_TYPES = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
+                error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo)
+}
+
+
+def _unpack(holder: any_pb2.Any) -> Any:
+    cls = _DETAIL_TYPES.get(holder.TypeName())
+    if cls is None:
+        return holder
+    message = cls()
+    holder.Unpack(message)
+    return message
+
+

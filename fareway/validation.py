@@ -1,0 +1,96 @@
+"""Checks on generation requests that need no model: the gateway runs them
+before dispatch and the worker again before admission, so both answer a bad
+request with the same INVALID_ARGUMENT and field name. (The context-length
+check needs the tokenizer and happens on the worker.)"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Protocol
+
+from fareway.errors import InvalidArgument
+from fareway.inference.v1 import inference_pb2 as pb
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TAGS = 32
+MAX_TAG_VALUE_CHARS = 256
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class HasInput(Protocol):
+    """Any request with the `input` oneof (prompt or chat)."""
+
+    prompt: str
+    chat: pb.ChatMessages
+
+    def WhichOneof(self, name: str) -> str | None: ...  # noqa: N802 - protobuf's name
+
+
+def validate_input(request: HasInput) -> None:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("the request needs a prompt or chat messages", field="prompt")
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidArgument("prompt is empty", field="prompt")
+        return
+    validate_messages(request.chat.messages)
+
+
+def validate_messages(messages: list[pb.ChatMessage]) -> None:
+    if not messages:
+        raise InvalidArgument("chat has no messages", field="chat.messages")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}",
+                field=f"chat.messages[{i}].role")
+        if not message.content:
+            raise InvalidArgument(f"chat.messages[{i}].content is empty", field=f"chat.messages[{i}].content")
+
+
+def validate_sampling(sampling: pb.SamplingParams) -> None:
+    if sampling.HasField("max_tokens") and sampling.max_tokens <= 0:
+        raise InvalidArgument(f"max_tokens must be at least 1, got {sampling.max_tokens}",
+                              field="sampling.max_tokens")
+    if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise InvalidArgument(f"temperature must be 0 (greedy) or more, got {sampling.temperature}",
+                              field="sampling.temperature")
+    if sampling.HasField("top_p") and not (0 < sampling.top_p <= 1):
+        raise InvalidArgument(f"top_p must be in (0, 1], got {sampling.top_p}", field="sampling.top_p")
+    if sampling.top_k < 0:
+        raise InvalidArgument(f"top_k must be 0 (off) or more, got {sampling.top_k}", field="sampling.top_k")
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(sampling.stop)}",
+                              field="sampling.stop")
+    for stop in sampling.stop:
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_CHARS} characters, got {stop!r}",
+                                  field="sampling.stop")
+
+
+def validate_generate(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> None:
+    """Everything about a GenerateRequest that can be checked without the model."""
+    if not request.model:
+        raise InvalidArgument("model is empty; ListModels names the models served", field="model")
+    validate_input(request)
+    validate_sampling(request.sampling)
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        raise InvalidArgument("request_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
+                              field="request_id")
+    validate_tags(request.tags)
+
+
+def validate_tags(tags: dict[str, str]) -> None:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"at most {MAX_TAGS} tags, got {len(tags)}", field="tags")
+    for key, value in tags.items():
+        if not _TAG_KEY.match(key):
+            raise InvalidArgument(f"tag name {key!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+                                  field="tags")
+        if len(value) > MAX_TAG_VALUE_CHARS:
+            raise InvalidArgument(f"tag {key!r} is longer than {MAX_TAG_VALUE_CHARS} characters", field="tags")

@@ -1,0 +1,2 @@
+"""The gateway: the public gRPC endpoint. Authenticates, dispatches to workers,
+streams back, and records every request's usage."""

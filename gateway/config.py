@@ -1,0 +1,28 @@
+"""Configuration of a gateway process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    workers: tuple[str, ...]
+    """Worker addresses (host:port)."""
+    listen: str = "127.0.0.1:50051"
+    worker_refresh_interval_s: float = 2.0
+    """How often each worker's model info is re-read (and unreachable workers retried)."""
+    max_attempts: int = 3
+    """Workers tried for one request before its first token, when one cannot be reached."""
+    idempotency_ttl_s: int = 24 * 3600
+    """How long a request_id's outcome is kept for replays."""
+    idempotency_lease_s: int = 15 * 60
+    """How long a request_id stays claimed by a run that never reports back (a crashed gateway)."""
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ValueError("a gateway needs at least one worker address")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.worker_refresh_interval_s <= 0:
+            raise ValueError(f"worker_refresh_interval_s must be positive, got {self.worker_refresh_interval_s}")

@@ -1,0 +1,208 @@
+"""One request through the gateway: claim its id, find a worker, stream the
+worker's tokens back, and leave exactly one usage record however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from accounting.ledger import Ledger
+from accounting.records import UsageRecord
+from fareway.auth import Tenant
+from fareway.errors import (Cancelled, DeadlineExceeded, FarewayError, Unavailable, from_rpc_error)
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.validation import validate_generate
+from fareway.worker.v1 import worker_pb2 as wpb
+from gateway.config import GatewayConfig
+from gateway.idempotency import IdempotencyStore, Outcome, replay
+from gateway.pool import WorkerEndpoint, WorkerPool
+
+log = logging.getLogger(__name__)
+
+# Worker failures that mean "this worker cannot take it", worth trying the next one.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
+# The server cancels a call when its deadline passes; allow for the clock read after that.
+_DEADLINE_SLACK_S = 0.01
+_FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower()
+                 for name, value in pb.FinishReason.items()}
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text from the worker."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Final:
+    """The whole response; `replayed` when it is a stored outcome of an earlier run."""
+
+    response: pb.GenerateResponse
+    replayed: bool = False
+
+
+@dataclass
+class _Run:
+    tenant: Tenant
+    request: pb.GenerateRequest | pb.GenerateStreamRequest
+    request_id: str
+    started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    endpoint: WorkerEndpoint | None = None
+    usage: pb.Usage = field(default_factory=pb.Usage)
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+    stop_sequence: str = ""
+    ttft_ms: float = 0.0
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started_monotonic) * 1000.0
+
+    def add(self, message: wpb.GenerateResponse) -> Delta | None:
+        self.usage.CopyFrom(message.usage)
+        if message.finish_reason:
+            self.finish_reason = message.finish_reason
+            self.stop_sequence = message.stop_sequence
+        if not (message.text or message.token_ids):
+            return None
+        if not self.ttft_ms:
+            self.ttft_ms = self.elapsed_ms()
+        self.text.append(message.text)
+        self.token_ids.extend(message.token_ids)
+        return Delta(message.text, tuple(message.token_ids))
+
+    def response(self) -> pb.GenerateResponse:
+        usage = pb.Usage()
+        usage.CopyFrom(self.usage)
+        usage.ttft_ms, usage.total_ms = self.ttft_ms, self.elapsed_ms()
+        return pb.GenerateResponse(
+            request_id=self.request_id, model=self.request.model, text="".join(self.text),
+            token_ids=self.token_ids, finish_reason=self.finish_reason, stop_sequence=self.stop_sequence,
+            usage=usage)
+
+    def record(self, status: grpc.StatusCode, finish_reason: int) -> UsageRecord:
+        u = self.response().usage
+        return UsageRecord(
+            request_id=self.request_id, team=self.tenant.team, project=self.tenant.project,
+            key_id=self.tenant.key_id, model=self.request.model,
+            worker_id=u.worker_id or (self.endpoint.name if self.endpoint else ""),
+            hardware_class=u.hardware_class, device_count=u.device_count,
+            prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
+            gpu_seconds=u.gpu_seconds, queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms,
+            status=status.name, finish_reason=_FINISH_NAMES[finish_reason],
+            started_at=self.started_at, ended_at=time.time(), tags=dict(self.request.tags))
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
+
+
+def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, request_id: str,
+                   tenant: Tenant) -> wpb.GenerateRequest:
+    forwarded = wpb.GenerateRequest(request_id=request_id, model=request.model, sampling=request.sampling,
+                                    cache_salt=f"{tenant.team}/{tenant.project}")
+    if request.WhichOneof("input") == "prompt":
+        forwarded.prompt = request.prompt
+    else:
+        forwarded.chat.CopyFrom(request.chat)
+    return forwarded
+
+
+class Dispatcher:
+    def __init__(self, config: GatewayConfig, pool: WorkerPool, ledger: Ledger,
+                 idempotency: IdempotencyStore) -> None:
+        self.config = config
+        self.pool = pool
+        self.ledger = ledger
+        self.idempotency = idempotency
+
+    async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
+        """Deltas as the worker produces them, then the Final response."""
+        validate_generate(request)
+        run = _Run(tenant, request, request.request_id or uuid.uuid4().hex)
+        if request.request_id:
+            outcome = await self.idempotency.claim(tenant, request.request_id)
+            if outcome is not None:
+                yield Final(replay(outcome, request.request_id), replayed=True)
+                return
+        try:
+            call = await self._open(run, context)
+        except BaseException:
+            if request.request_id:
+                await asyncio.shield(self.idempotency.release(tenant, request.request_id))
+            raise
+        async for event in self._stream(run, call, context):
+            yield event
+
+    async def _open(self, run: _Run, context: grpc.aio.ServicerContext) -> grpc.aio.UnaryStreamCall:
+        """A worker call that has admitted the request (sent its first message)."""
+        forwarded = worker_request(run.request, run.request_id, run.tenant)
+        errors = []
+        for endpoint in self.pool.candidates(run.request.model)[: self.config.max_attempts]:
+            call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining())
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRYABLE:
+                    raise from_rpc_error(error) from None
+                self.pool.mark_down(endpoint)
+                errors.append(f"{endpoint.address}: {error.details() or error.code().name}")
+                continue
+            if first is grpc.aio.EOF:
+                errors.append(f"{endpoint.address}: ended the stream without admitting the request")
+                continue
+            run.endpoint = endpoint
+            run.add(first)
+            return call
+        raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
+                          f"({'; '.join(errors) or 'none tried'})")
+
+    async def _stream(self, run: _Run, call: grpc.aio.UnaryStreamCall,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                delta = run.add(message)
+                if delta is not None:
+                    yield delta
+        except asyncio.CancelledError:
+            call.cancel()
+            status = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+            await asyncio.shield(self._finish(run, status, pb.FINISH_REASON_CANCELLED, None))
+            raise
+        except grpc.aio.AioRpcError as error:
+            failure = self._worker_failure(run, error)
+            reason = pb.FINISH_REASON_CANCELLED if isinstance(failure, (Cancelled, DeadlineExceeded)) \
+                else pb.FINISH_REASON_ERROR
+            await asyncio.shield(self._finish(run, failure.code, reason, None, failure.message))
+            raise failure from None
+        response = run.response()
+        await self._finish(run, grpc.StatusCode.OK, run.finish_reason, response)
+        yield Final(response)
+
+    def _worker_failure(self, run: _Run, error: grpc.aio.AioRpcError) -> FarewayError:
+        if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded("the request's deadline passed while generating")
+        if error.code() is grpc.StatusCode.CANCELLED:
+            return Cancelled("the worker cancelled the request")
+        worker = run.endpoint.name if run.endpoint else "?"
+        return Unavailable(f"worker {worker} failed after {len(run.token_ids)} tokens "
+                           f"({error.code().name}: {error.details()}); the partial usage was recorded")
+
+    async def _finish(self, run: _Run, status: grpc.StatusCode, finish_reason: int,
+                      response: pb.GenerateResponse | None, message: str = "") -> None:
+        """Writes the usage record, then the idempotency outcome."""
+        await self.ledger.record(run.record(status, finish_reason))
+        if run.request.request_id:
+            await self.idempotency.complete(run.tenant, run.request.request_id,
+                                            Outcome(status, message, response))

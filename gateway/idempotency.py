@@ -1,0 +1,86 @@
+"""request_id as an idempotency key: one id names exactly one run.
+
+The first request with an id claims it; when it ends, its outcome (the
+response, or the status it failed with) is stored for a day. A later request
+with the same id gets that outcome back without running or being charged
+again; one that arrives while the first still runs gets ABORTED. A request
+that fails before reaching any worker releases its claim, so it can be retried.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+
+from fareway.auth import Tenant
+from fareway.errors import Aborted, FarewayError
+from fareway.inference.v1 import inference_pb2 as pb
+
+# KEYS[1] claim key; ARGV[1] lease seconds. Returns {} when claimed, else the stored hash.
+_CLAIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  return {}
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: grpc.StatusCode
+    message: str = ""
+    response: pb.GenerateResponse | None = None
+
+
+class IdempotencyStore:
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int, lease_s: int) -> None:
+        self._redis = redis
+        self._claim = redis.register_script(_CLAIM_SCRIPT)
+        self._ttl_s = ttl_s
+        self._lease_s = lease_s
+
+    @staticmethod
+    def _key(tenant: Tenant, request_id: str) -> str:
+        return f"fw:{{{tenant.team}}}:idem:{tenant.project}:{request_id}"
+
+    async def claim(self, tenant: Tenant, request_id: str) -> Outcome | None:
+        """Claims the id; None if this request may run, else the earlier run's outcome."""
+        values = await self._claim(keys=[self._key(tenant, request_id)], args=[self._lease_s])
+        if not values:
+            return None
+        stored = dict(zip(values[::2], values[1::2]))
+        if stored.get("state") != "done":
+            raise Aborted(f"request_id {request_id!r} is already running; wait for it or use a new id")
+        code = grpc.StatusCode[stored["code"]]
+        response = None
+        if stored.get("response"):
+            response = pb.GenerateResponse.FromString(base64.b64decode(stored["response"]))
+        return Outcome(code, stored.get("message", ""), response)
+
+    async def complete(self, tenant: Tenant, request_id: str, outcome: Outcome) -> None:
+        key = self._key(tenant, request_id)
+        mapping = {"state": "done", "code": outcome.code.name, "message": outcome.message}
+        if outcome.response is not None:
+            mapping["response"] = base64.b64encode(outcome.response.SerializeToString()).decode()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self._ttl_s)
+            await pipe.execute()
+
+    async def release(self, tenant: Tenant, request_id: str) -> None:
+        await self._redis.delete(self._key(tenant, request_id))
+
+
+def replay(outcome: Outcome, request_id: str) -> pb.GenerateResponse:
+    """The stored response, or the stored failure raised again."""
+    if outcome.code is grpc.StatusCode.OK and outcome.response is not None:
+        return outcome.response
+    error = FarewayError(f"request_id {request_id!r} already ran and ended with {outcome.code.name}: "
+                         f"{outcome.message}; send a new request_id to run it again")
+    error.code = outcome.code
+    raise error

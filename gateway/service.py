@@ -1,0 +1,118 @@
+"""The public InferenceService: authenticate, then hand the request to the Dispatcher."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import redis.asyncio as aioredis
+from opentelemetry import trace
+
+from accounting.ledger import Ledger
+from fareway.auth import KeyStore
+from fareway.errors import from_rpc_error
+from fareway.grpc_server import RunningServer, ServiceSpec, start_server
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.validation import validate_input
+from fareway.worker.v1 import worker_pb2 as wpb
+from gateway.config import GatewayConfig
+from gateway.dispatch import Delta, Dispatcher, Final
+from gateway.idempotency import IdempotencyStore
+from gateway.pool import WorkerPool
+
+_tracer = trace.get_tracer(__name__)
+_INFO_TIMEOUT_S = 5.0
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, keys: KeyStore, pool: WorkerPool, dispatcher: Dispatcher) -> None:
+        self.keys = keys
+        self.pool = pool
+        self.dispatcher = dispatcher
+
+    async def _events(self, request: pb.GenerateRequest | pb.GenerateStreamRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
+        tenant = await self.keys.authenticate(context.invocation_metadata())
+        with _tracer.start_as_current_span("gateway.generate") as span:
+            span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
+                                 "fareway.model": request.model})
+            async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
+                async for event in events:
+                    yield event
+                    if isinstance(event, Final):
+                        usage = event.response.usage
+                        span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens,
+                                             "fareway.completion_tokens": usage.completion_tokens})
+
+    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async with contextlib.aclosing(self._events(request, context)) as events:
+            async for event in events:
+                if isinstance(event, Final):
+                    return event.response
+        raise RuntimeError("the dispatcher ended without a response")
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async with contextlib.aclosing(self._events(request, context)) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    yield pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+                    continue
+                r = event.response
+                # A replay streams the stored text in one message; a live run has sent it already.
+                yield pb.GenerateStreamResponse(
+                    request_id=r.request_id, text=r.text if event.replayed else "",
+                    token_ids=r.token_ids if event.replayed else [], finish_reason=r.finish_reason,
+                    stop_sequence=r.stop_sequence, usage=r.usage)
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        await self.keys.authenticate(context.invocation_metadata())
+        models = []
+        for name, endpoints in sorted(self.pool.models().items()):
+            up = [e for e in endpoints if e.is_up and e.info is not None]
+            models.append(pb.Model(
+                id=name, context_length=min((e.info.context_length for e in up), default=0),
+                hardware_classes=sorted({e.info.hardware_class for e in up}), num_workers=len(up)))
+        return pb.ListModelsResponse(models=models)
+
+    async def CountTokens(self, request: pb.CountTokensRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        await self.keys.authenticate(context.invocation_metadata())
+        validate_input(request)
+        endpoint = self.pool.candidates(request.model)[0]
+        forwarded = wpb.CountTokensRequest(model=request.model)
+        if request.WhichOneof("input") == "prompt":
+            forwarded.prompt = request.prompt
+        else:
+            forwarded.chat.CopyFrom(request.chat)
+        try:
+            counted = await endpoint.stub.CountTokens(forwarded, timeout=_INFO_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return pb.CountTokensResponse(model=request.model, prompt_tokens=counted.prompt_tokens,
+                                      context_length=counted.context_length)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
+                          credentials: grpc.ServerCredentials | None = None) -> AsyncIterator[RunningServer]:
+    """A gateway serving on config.listen until the block ends. Its health is
+    SERVING only while at least one worker can be reached."""
+    pool = WorkerPool(config.workers, config.worker_refresh_interval_s)
+    idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
+    servicer = InferenceServicer(KeyStore(redis), pool, Dispatcher(config, pool, Ledger(redis), idempotency))
+    server = await start_server(config.listen, [ServiceSpec(
+        pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
+        credentials=credentials, serving=False)
+    pool.on_refresh = server.set_serving
+    await pool.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        await pool.close()

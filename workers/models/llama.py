@@ -1,0 +1,113 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, rotary
+embeddings, grouped-query attention and a SwiGLU MLP.
+
+The model knows nothing of quantization or tensor parallelism; both are
+transformations applied to a built model. Parameter names are Hugging Face's,
+so checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.attention import Attention, AttentionMetadata
+from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding
+from workers.models.config import LlamaConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                metadata: AttentionMetadata | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), *rope, metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config, max_positions)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata | None) -> torch.Tensor:
+        # input_ids, positions: [N] -> hidden states [N, hidden]
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, rope, metadata)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Makes the output head share the embedding (again: moving devices unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # [N, hidden] -> [N, vocab], fp32 for sampling
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copies checkpoint tensors (Hugging Face names) into the parameters, by name."""
+        params = dict(self.named_parameters())  # a tied head appears once, as the embedding
+        missing = sorted(params.keys() - tensors.keys())
+        unexpected = sorted(tensors.keys() - params.keys() - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if param.shape != tensors[name].shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensors[name].shape)}, "
+                                     f"model shape {tuple(param.shape)}")
+                param.copy_(tensors[name])
+
+
+def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,
+                dtype: torch.dtype, max_positions: int | None = None) -> LlamaForCausalLM:
+    """A model on `device` in `dtype` holding the checkpoint's weights, ready for inference.
+
+    It is built on the meta device first so no memory is spent on random
+    initial weights that would be overwritten at once.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.load_weights(tensors)
+    model.model.rotary.reset_tables()
+    return model.eval().requires_grad_(False)

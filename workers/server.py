@@ -1,0 +1,96 @@
+"""The worker's gRPC service: protobuf in, the engine's outputs back out.
+
+Handlers only convert and await; tensor work runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import grpc
+from opentelemetry import trace
+
+from fareway.errors import Internal
+from fareway.grpc_server import RunningServer, ServiceSpec, start_server
+from fareway.inference.v1 import inference_pb2 as ipb
+from fareway.worker.v1 import worker_pb2 as pb
+from fareway.worker.v1 import worker_pb2_grpc
+from workers.engine.llm_engine import RequestOutput, UsageSnapshot
+from workers.engine.sequence import FinishReason
+from workers.worker import Worker
+
+_tracer = trace.get_tracer(__name__)
+
+FINISH_REASONS: dict[FinishReason | None, int] = {
+    None: ipb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: ipb.FINISH_REASON_STOP,
+    FinishReason.STOP_SEQUENCE: ipb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.LENGTH: ipb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: ipb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: ipb.FINISH_REASON_ERROR,
+}
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        with _tracer.start_as_current_span("worker.generate") as span:
+            prepared = await self.worker.prepare(request)
+            span.set_attributes({"fareway.request_id": request.request_id,
+                                 "fareway.prompt_tokens": len(prepared.prompt_token_ids)})
+            yield pb.GenerateResponse(usage=self._usage(
+                UsageSnapshot(len(prepared.prompt_token_ids), 0, 0, 0.0, 0.0, 0.0, 0.0)))
+            async for output in self.worker.async_engine.generate(
+                    prepared.prompt_token_ids, prepared.sampling, request.cache_salt):
+                yield self._to_pb(output)
+                if output.error:
+                    raise Internal(f"generation failed on worker {self.worker.worker_id}: {output.error}")
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        w, runner = self.worker, self.worker.runner
+        return pb.GetModelInfoResponse(
+            worker_id=w.worker_id, model=w.model_name, context_length=w.context_length,
+            vocab_size=runner.model_config.vocab_size, parameter_count=runner.parameter_count,
+            weight_bytes=runner.weight_bytes, compute_dtype=str(runner.dtype).removeprefix("torch."),
+            hardware_class=runner.hardware.hardware_class, device_type=runner.hardware.device_type,
+            device_count=runner.num_devices, tensor_parallel_size=1,
+            kv_bytes_per_token=runner.kv_bytes_per_token,
+            kv_capacity_tokens=runner.num_kv_blocks * runner.block_size)
+
+    async def GetLoad(self, request: pb.GetLoadRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+        load = self.worker.engine.load()
+        return pb.GetLoadResponse(
+            num_running=load.num_running, num_waiting=load.num_waiting, kv_tokens_used=load.kv_tokens_used,
+            kv_tokens_capacity=load.kv_tokens_capacity, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+            attributed_gpu_seconds=load.attributed_gpu_seconds, idle_gpu_seconds=load.idle_gpu_seconds)
+
+    async def CountTokens(self, request: pb.CountTokensRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        self.worker.check_model(request.model)
+        tokens = await self.worker.tokenize(request)
+        return pb.CountTokensResponse(prompt_tokens=len(tokens), context_length=self.worker.context_length)
+
+    def _to_pb(self, output: RequestOutput) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            text=output.text, token_ids=output.token_ids, usage=self._usage(output.usage),
+            finish_reason=FINISH_REASONS[output.finish_reason], stop_sequence=output.stop_sequence)
+
+    def _usage(self, usage: UsageSnapshot) -> ipb.Usage:
+        hardware = self.worker.runner.hardware
+        return ipb.Usage(
+            prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens, gpu_seconds=usage.gpu_seconds,
+            queue_ms=usage.queue_ms, ttft_ms=usage.ttft_ms, total_ms=usage.total_ms,
+            worker_id=self.worker.worker_id, hardware_class=hardware.hardware_class,
+            device_count=self.worker.runner.num_devices)
+
+
+async def create_worker_server(worker: Worker, address: str) -> RunningServer:
+    """Starts the worker's engine and its gRPC server on `address` ("host:0" for a free port)."""
+    servicer = WorkerServicer(worker)
+    worker.start()
+    return await start_server(address, [ServiceSpec(
+        pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+        lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))])

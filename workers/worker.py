@@ -1,0 +1,103 @@
+"""A worker: one model replica, its tokenizer and its engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from fareway.errors import InvalidArgument, NotFound
+from fareway.validation import validate_input, validate_sampling
+from fareway.worker.v1 import worker_pb2
+from workers.async_engine import AsyncEngine
+from workers.config import WorkerConfig
+from workers.engine.llm_engine import EngineConfig, LLMEngine
+from workers.engine.meter import WorkModel
+from workers.engine.sequence import SamplingOptions
+from workers.loader import default_model_path, load_checkpoint
+from workers.model_runner import ModelRunner
+from workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        started = time.monotonic()
+        self.config = config
+        checkpoint = load_checkpoint(config.model_path or default_model_path())
+        self.tokenizer: Tokenizer = checkpoint.tokenizer
+        self.model_name = config.served_model_name or checkpoint.name
+        self.runner = ModelRunner(checkpoint, config.runner)
+        engine_config = EngineConfig(
+            scheduler=config.scheduler, num_kv_blocks=self.runner.num_kv_blocks,
+            block_size=self.runner.block_size, max_model_len=self.runner.max_model_len,
+            eos_token_ids=self.tokenizer.eos_token_ids)
+        self.engine = LLMEngine(engine_config, self.runner, WorkModel.for_config(checkpoint.config),
+                                self.tokenizer.incremental_decoder)
+        self.async_engine = AsyncEngine(self.engine)
+        log.info("worker %s serves %s (loaded in %.1f s)", config.worker_id, self.model_name,
+                 time.monotonic() - started)
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.max_model_len
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise NotFound(f"model {model!r} is not served here; this worker serves {self.model_name!r}")
+
+    async def tokenize(self, request: worker_pb2.GenerateRequest | worker_pb2.CountTokensRequest) -> list[int]:
+        """The prompt's token ids: raw text as is, chat rendered with the model's template."""
+        validate_input(request)
+        if request.WhichOneof("input") == "prompt":
+            return await asyncio.to_thread(self.tokenizer.encode, request.prompt)
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+
+    async def prepare(self, request: worker_pb2.GenerateRequest) -> PreparedRequest:
+        """Validates a request against the model: bad input raises before anything runs."""
+        self.check_model(request.model)
+        validate_sampling(request.sampling)
+        prompt = await self.tokenize(request)
+        return PreparedRequest(prompt, self._sampling(request.sampling, len(prompt)))
+
+    def _sampling(self, params, num_prompt_tokens: int) -> SamplingOptions:  # noqa: ANN001 - pb SamplingParams
+        room = self.context_length - num_prompt_tokens
+        if room < 1:
+            raise InvalidArgument(
+                f"the prompt is {num_prompt_tokens} tokens; the model's context holds {self.context_length}",
+                field="prompt")
+        if params.HasField("max_tokens"):
+            if params.max_tokens > room:
+                raise InvalidArgument(
+                    f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                    f"context length ({self.context_length}); lower max_tokens to at most {room}",
+                    field="sampling.max_tokens")
+            max_tokens = params.max_tokens
+        else:
+            max_tokens = min(self.config.default_max_tokens, room)
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=params.temperature if params.HasField("temperature") else 1.0,
+            top_p=params.top_p if params.HasField("top_p") else 1.0,
+            top_k=params.top_k,
+            seed=params.seed if params.HasField("seed") else None,
+            stop=tuple(params.stop))
