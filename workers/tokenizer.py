@@ -86,16 +86,16 @@ class Tokenizer:
         """`eos_token_id` is the one templates see as `eos_token`; generation also stops on the extras."""
         self._backend = backend
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
-        for name, token_id in [("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                               *(("extra_eos_token_ids", i) for i in extra_eos_token_ids)]:
+        extra_eos_token_ids = tuple(extra_eos_token_ids)
+        for token_id in (bos_token_id, eos_token_id, *extra_eos_token_ids):
             if token_id is not None and not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"{name} {token_id} is outside the vocabulary of {self.vocab_size} tokens")
+                raise ValueError(f"special token id {token_id} is outside the vocabulary of {self.vocab_size} tokens")
         if add_bos_token and bos_token_id is None:
             raise ValueError("add_bos_token is set but the tokenizer has no BOS token")
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.eos_token_ids: frozenset[int] = frozenset(
-            {*extra_eos_token_ids, *([] if eos_token_id is None else [eos_token_id])})
+            token_id for token_id in (eos_token_id, *extra_eos_token_ids) if token_id is not None)
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
         self._template = None if chat_template is None else _compile_chat_template(chat_template)
@@ -162,8 +162,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._decode = tokenizer.decode
         self._window: list[int] = []
-        self._num_emitted = 0
-        """How many tokens at the start of the window were already turned into text."""
+        self._num_emitted = 0  # tokens at the start of the window whose text is already out
 
     def push(self, token_id: int) -> str:
         """The text that `token_id` completes; "" while a character is still incomplete."""

@@ -28,8 +28,10 @@ def test_partial_prefix_that_never_completes_is_released() -> None:
     assert matcher.feed("ART") == ("START", None)
 
 
-def test_earliest_of_several_stop_strings_wins() -> None:
+def test_the_stop_string_that_completes_first_wins() -> None:
     assert stream(StopStringMatcher(("world", "lo w")), ["hello world"]) == ("hel", "lo w")
+    assert stream(StopStringMatcher(("aab", "b")), ["aab"]) == ("", "aab")  # ends together: the longer
+    assert stream(StopStringMatcher((" aa", "a")), [" aa"]) == (" ", "a")   # 'a' is produced before ' aa'
 
 
 alphabet = st.sampled_from("ab\n ")
@@ -41,10 +43,9 @@ def test_streamed_output_equals_text_up_to_first_stop(text: str, stops: list[str
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     emitted, matched = stream(StopStringMatcher(tuple(stops)), chunks)
-    hits = [(text.find(s), s) for s in stops if s in text]
-    if not hits:
+    ends = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    if not ends:
         assert (emitted, matched) == (text, None)
         return
-    first = min(index for index, _ in hits)
-    assert emitted == text[:first]
-    assert matched is not None and text.startswith(matched, first)
+    end, _, stop = min(ends)
+    assert (emitted, matched) == (text[:end - len(stop)], stop)

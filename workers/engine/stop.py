@@ -34,8 +34,21 @@ class StopStringMatcher:
         return held
 
     def _earliest_match(self, buffer: str) -> tuple[int, str] | None:
-        found = [(index, stop) for stop in self._stop if (index := buffer.find(stop)) >= 0]
-        return min(found) if found else None
+        """The stop string that completes first (the longest, if several end at once), and where it starts.
+
+        Generation stops as soon as a stop string has been produced, so what
+        counts is where a match ends; this keeps the result independent of how
+        the text was split into chunks.
+        """
+        found = []
+        for stop in self._stop:
+            index = buffer.find(stop)
+            if index >= 0:
+                found.append((index + len(stop), -len(stop), index, stop))
+        if not found:
+            return None
+        _, _, index, stop = min(found)
+        return index, stop
 
     def _longest_partial_suffix(self, buffer: str) -> int:
         """Length of the longest suffix of buffer that is a proper prefix of a stop string."""

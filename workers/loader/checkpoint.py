@@ -28,4 +28,7 @@ class Checkpoint:
 
 def checkpoint_name(path: Path) -> str:
     """The default served name: the file or folder name before its first ".", lower-cased."""
-    return path.name.split(".", 1)[0].lower()
+    name = path.name.split(".", 1)[0].lower()
+    if not name:
+        raise ValueError(f"cannot name a model after {path}: its name starts with a dot")
+    return name

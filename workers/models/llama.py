@@ -85,6 +85,8 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copies checkpoint tensors (Hugging Face names) into the parameters, by name."""
         params = dict(self.named_parameters())  # a tied head appears once, as the embedding
+        # Old checkpoints saved rotary tables as buffers; ours are computed.
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
         missing = sorted(params.keys() - tensors.keys())
         unexpected = sorted(tensors.keys() - params.keys() - {"lm_head.weight"})
         if missing or unexpected:
