@@ -15,7 +15,7 @@ import grpc
 from accounting.ledger import Ledger
 from accounting.records import UsageRecord
 from fareway.auth import Tenant
-from fareway.errors import (Cancelled, DeadlineExceeded, FarewayError, Unavailable, from_rpc_error)
+from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.validation import validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
@@ -182,8 +182,7 @@ class Dispatcher:
             raise
         except grpc.aio.AioRpcError as error:
             failure = self._worker_failure(run, error)
-            reason = pb.FINISH_REASON_CANCELLED if isinstance(failure, (Cancelled, DeadlineExceeded)) \
-                else pb.FINISH_REASON_ERROR
+            reason = pb.FINISH_REASON_CANCELLED if isinstance(failure, DeadlineExceeded) else pb.FINISH_REASON_ERROR
             await asyncio.shield(self._finish(run, failure.code, reason, None, failure.message))
             raise failure from None
         response = run.response()
@@ -191,10 +190,10 @@ class Dispatcher:
         yield Final(response)
 
     def _worker_failure(self, run: _Run, error: grpc.aio.AioRpcError) -> FarewayError:
+        """What the caller gets when the worker's stream breaks after the request started."""
         if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded("the request's deadline passed while generating")
-        if error.code() is grpc.StatusCode.CANCELLED:
-            return Cancelled("the worker cancelled the request")
+        # Anything else, CANCELLED included (a worker shutting down), is the worker failing.
         worker = run.endpoint.name if run.endpoint else "?"
         return Unavailable(f"worker {worker} failed after {len(run.token_ids)} tokens "
                            f"({error.code().name}: {error.details()}); the partial usage was recorded")

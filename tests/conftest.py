@@ -67,6 +67,61 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from workers.loader import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path) -> Any:
+    """Our loading of the SmolLM2 GGUF (a Checkpoint), once per session."""
+    from workers.loader import load_checkpoint
+    return load_checkpoint(smollm2_gguf)
+
+
+TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def random_llama_tensors(config: Any, seed: int = 0) -> dict[str, Any]:
+    """Random weights under Hugging Face checkpoint names, scaled so logits are peaked."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    c = config
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+    tensors = {"model.embed_tokens.weight": torch.randn(c.vocab_size, c.hidden_size, generator=generator),
+               "model.norm.weight": torch.ones(c.hidden_size)}
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": torch.ones(c.hidden_size),
+            p + "post_attention_layernorm.weight": torch.ones(c.hidden_size),
+            p + "self_attn.q_proj.weight": linear(c.num_heads * c.head_dim, c.hidden_size),
+            p + "self_attn.k_proj.weight": linear(c.num_kv_heads * c.head_dim, c.hidden_size),
+            p + "self_attn.v_proj.weight": linear(c.num_kv_heads * c.head_dim, c.hidden_size),
+            p + "self_attn.o_proj.weight": linear(c.hidden_size, c.num_heads * c.head_dim),
+            p + "mlp.gate_proj.weight": linear(c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": linear(c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": linear(c.hidden_size, c.intermediate_size),
+        }
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(smollm2: Any) -> Any:
+    """A two-layer random-weight Llama with SmolLM2's tokenizer: fast engine and serving tests."""
+    from workers.loader.checkpoint import Checkpoint
+    from workers.models.config import LlamaConfig
+
+    config = LlamaConfig(**TINY_CONFIG)
+    return Checkpoint(config, random_llama_tensors(config), smollm2.tokenizer, "tiny-llama", Path("tiny"))
+
+
 @dataclass
 class Stack:
     """A worker (the real SmolLM2), a gateway and the accounting service, on free ports."""
@@ -105,7 +160,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(background_loop: BackgroundLoop, redis_server: str) -> Iterator[Stack]:
+def stack(background_loop: BackgroundLoop, redis_server: str, smollm2: Any) -> Iterator[Stack]:
     from accounting.service import create_accounting_server
     from fareway.redis_store import connect
     from gateway.config import GatewayConfig
@@ -115,7 +170,8 @@ def stack(background_loop: BackgroundLoop, redis_server: str) -> Iterator[Stack]
     from workers.server import create_worker_server
     from workers.worker import Worker
 
-    worker = Worker(WorkerConfig(worker_id="test-worker", runner=RunnerConfig(kv_cache_memory_bytes=128 << 20)))
+    worker = Worker(WorkerConfig(worker_id="test-worker", runner=RunnerConfig(kv_cache_memory_bytes=128 << 20)),
+                    smollm2)
     worker_server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
     worker_address = f"127.0.0.1:{worker_server.port}"
     exits = contextlib.AsyncExitStack()

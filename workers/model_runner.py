@@ -10,6 +10,7 @@ import torch
 
 from workers.engine.scheduler import StepPlan
 from workers.hardware import Hardware, default_device, default_dtype, detect
+from workers.layers.linear import select_linear_kernels
 from workers.layers.attention import AttentionMetadata, SequenceSlice, causal_mask
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
@@ -71,6 +72,7 @@ class ModelRunner:
                       checkpoint.config.max_position_embeddings)
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
+        select_linear_kernels(self.model, self.device)
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = min(context, self.num_kv_blocks * self.block_size)
@@ -85,13 +87,20 @@ class ModelRunner:
         c = self.model_config
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
 
+    def _unique_parameters(self) -> list[torch.Tensor]:
+        """Parameters counted once per storage (a tied embedding may be a view of the head)."""
+        seen: dict[int, torch.Tensor] = {}
+        for param in self.model.parameters():
+            seen.setdefault(param.untyped_storage().data_ptr(), param)
+        return list(seen.values())
+
     @property
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self._unique_parameters())
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return sum(p.numel() * p.element_size() for p in self._unique_parameters())
 
     def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory_bytes

@@ -15,7 +15,7 @@ from workers.config import WorkerConfig
 from workers.engine.llm_engine import EngineConfig, LLMEngine
 from workers.engine.meter import WorkModel
 from workers.engine.sequence import SamplingOptions
-from workers.loader import default_model_path, load_checkpoint
+from workers.loader import Checkpoint, default_model_path, load_checkpoint
 from workers.model_runner import ModelRunner
 from workers.tokenizer import Tokenizer
 
@@ -29,10 +29,12 @@ class PreparedRequest:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, checkpoint: Checkpoint | None = None) -> None:
+        """Loads the model named by the config, unless an already loaded checkpoint is given."""
         started = time.monotonic()
         self.config = config
-        checkpoint = load_checkpoint(config.model_path or default_model_path())
+        if checkpoint is None:
+            checkpoint = load_checkpoint(config.model_path or default_model_path())
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.model_name = config.served_model_name or checkpoint.name
         self.runner = ModelRunner(checkpoint, config.runner)

@@ -1,5 +1,6 @@
-"""Fixtures shared by the worker tests: the default SmolLM2 GGUF, our loading of it, and
-transformers' loading of the same file as the reference (about 45 s, so once per session)."""
+"""Fixtures shared by the worker tests: transformers' loading of the SmolLM2 GGUF as the
+reference (about 45 s, so once per session). The GGUF and our loading of it are in
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 
-from workers.loader import Checkpoint, default_model_path, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,6 @@ class HfReference:
     """A `LlamaForCausalLM` in float32."""
     tokenizer: Any
     """The `PreTrainedTokenizerFast` transformers builds from the GGUF metadata."""
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    return default_model_path()
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_gguf: Path) -> Checkpoint:
-    return load_checkpoint(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -164,11 +164,14 @@ class LLMEngine:
     def _loop(self) -> None:
         last = self._clock()
         while not self._stopping.is_set():
-            self._drain_inbox(block=not self.scheduler.has_work)
-            if not self.scheduler.has_work:
+            was_idle = not self.scheduler.has_work
+            self._drain_inbox(block=was_idle)
+            if was_idle:
+                # The device sat idle until the wait ended, whether or not work arrived.
                 now = self._clock()
                 self.meter.record_idle(now - last)
                 last = now
+            if not self.scheduler.has_work:
                 continue
             plan = self.scheduler.schedule()
             work = self.meter.step_work(plan)

@@ -52,10 +52,11 @@ def causal_mask(num_query: int, context_len: int, device: torch.device) -> torch
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
     # q: [Lq, H, D], k/v: [Lc, Hkv, D] -> [Lq, H, D]
+    # A batch dimension is added: SDPA's CPU kernels are several times slower on 3-D inputs.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -73,17 +74,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings.
 
-    Head counts are read from the projection shapes at run time, so a tensor-
+    Q, K and V come from one fused projection (one matmul instead of three).
+    Head counts are read from the projection's shape at run time, so a tensor-
     parallel shard (fewer heads per rank) runs the same code.
     """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.kv_heads_ratio = config.num_heads // config.num_kv_heads
+        qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         # Bound by the ModelRunner to this layer's share of the KV pool: [S, Hkv, D].
         self.k_cache = torch.empty(0)
@@ -93,9 +94,11 @@ class Attention(nn.Module):
                 metadata: AttentionMetadata | None) -> torch.Tensor:
         # x: [N, hidden]
         n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, -1, self.head_dim), cos, sin)  # [N, H, D]
-        k = apply_rotary(self.k_proj(x).view(n, -1, self.head_dim), cos, sin)  # [N, Hkv, D]
-        v = self.v_proj(x).view(n, -1, self.head_dim)                           # [N, Hkv, D]
+        qkv = self.qkv_proj(x).view(n, -1, self.head_dim)       # [N, H + 2 Hkv, D]
+        num_kv = qkv.shape[1] // (self.kv_heads_ratio + 2)
+        num_q = num_kv * self.kv_heads_ratio
+        qk = apply_rotary(qkv[:, : num_q + num_kv], cos, sin)    # Q and K rotated together
+        q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_q + num_kv:]
         if metadata is None:
             # One sequence, no cache: used for scoring whole texts (tests, perplexity).
             out = _attend(q, k, v, None, is_causal=True)

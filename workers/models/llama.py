@@ -1,9 +1,10 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, rotary
 embeddings, grouped-query attention and a SwiGLU MLP.
 
-The model knows nothing of quantization or tensor parallelism; both are
-transformations applied to a built model. Parameter names are Hugging Face's,
-so checkpoints load by name.
+The model knows nothing of quantization, kernels or tensor parallelism; they
+are transformations applied to a built model. Parameter names are Hugging
+Face's, except that Q/K/V and gate/up are stacked into one projection each
+(`qkv_proj`, `gate_up_proj`): `load_weights` stacks the checkpoint's parts.
 """
 
 from __future__ import annotations
@@ -18,15 +19,24 @@ from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import LlamaConfig
 
 
+# Checkpoint parameter -> (our stacked parameter, its part), parts stacked in this order.
+STACKED_PARAMS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -83,20 +93,40 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copies checkpoint tensors (Hugging Face names) into the parameters, by name."""
-        params = dict(self.named_parameters())  # a tied head appears once, as the embedding
+        """Copies checkpoint tensors (Hugging Face names) into the parameters,
+        stacking q/k/v and gate/up into their fused projections."""
         # Old checkpoints saved rotary tables as buffers; ours are computed.
         tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-        missing = sorted(params.keys() - tensors.keys())
-        unexpected = sorted(tensors.keys() - params.keys() - {"lm_head.weight"})
+        params = dict(self.named_parameters())  # a tied head appears once, as the embedding
+        parts = _stack(tensors)
+        missing = sorted(params.keys() - parts.keys())
+        unexpected = sorted(parts.keys() - params.keys() - {"lm_head.weight"})
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name, param in params.items():
-                if param.shape != tensors[name].shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensors[name].shape)}, "
+                value = torch.cat(parts[name]) if isinstance(parts[name], list) else parts[name]
+                if param.shape != value.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)}, "
                                      f"model shape {tuple(param.shape)}")
-                param.copy_(tensors[name])
+                param.copy_(value)
+
+
+def _stack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Checkpoint names -> ours; a stacked parameter maps to its parts in order."""
+    out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, child = module.rpartition(".")
+        if child in STACKED_PARAMS:
+            target, part = STACKED_PARAMS[child]
+            stacked.setdefault(f"{parent}.{target}.{leaf}", {})[part] = tensor
+        else:
+            out[name] = tensor
+    for name, by_part in stacked.items():
+        out[name] = [by_part[i] for i in sorted(by_part)]
+    return out
 
 
 def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,

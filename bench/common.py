@@ -1,0 +1,44 @@
+"""What every benchmark shares: the machine's own limits, measured in the run,
+and the output format (a table, then one JSON object as the last line)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_read_gb_per_s(num_bytes: int = 256 << 20, repeats: int = 7) -> float:
+    """Streaming read bandwidth as torch sees it: a sum over a buffer far larger than the caches."""
+    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+    data.sum()
+    return num_bytes / median_seconds(data.sum, repeats) / 1e9
+
+
+def matmul_gflop_per_s(size: int = 1024, repeats: int = 7) -> float:
+    """fp32 matrix-multiply rate on this machine's CPU threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def print_results(title: str, rows: list[tuple[str, str]], figures: dict[str, object]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    print(json.dumps(figures, sort_keys=False))

@@ -1,0 +1,62 @@
+"""The AccountingService over gRPC: tenants see their own team, admins see all."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from fareway.accounting.v1 import accounting_pb2 as pb
+from fareway.accounting.v1 import accounting_pb2_grpc
+from fareway.inference.v1 import inference_pb2 as ipb
+from fareway.inference.v1 import inference_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def usage_for(stack, team: str, requests: int) -> str:  # noqa: ANN001
+    key = stack.create_key(team, "app")
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for _ in range(requests):
+            stub.Generate(ipb.GenerateRequest(model="smollm2-135m-instruct", prompt="Hi",
+                                              sampling=ipb.SamplingParams(max_tokens=2, temperature=0)),
+                          metadata=(("authorization", f"Bearer {key}"),))
+    return key
+
+
+def report(stack, key: str, **fields) -> pb.GetUsageReportResponse:  # noqa: ANN001, ANN003
+    with grpc.insecure_channel(stack.accounting_address) as channel:
+        return accounting_pb2_grpc.AccountingServiceStub(channel).GetUsageReport(
+            pb.GetUsageReportRequest(**fields), metadata=(("authorization", f"Bearer {key}"),))
+
+
+def test_tenants_see_their_team_and_admins_see_every_team(stack) -> None:  # noqa: ANN001
+    ours, theirs = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    key = usage_for(stack, ours, 2)
+    usage_for(stack, theirs, 1)
+    admin = stack.create_key("platform", "ops", admin=True)
+
+    own = report(stack, key, group_by=["team", "model"])
+    assert [(list(r.group), r.requests) for r in own.rows] == [([ours, "smollm2-135m-instruct"], 2)]
+    assert own.total.requests == 2 and own.total.completion_tokens == 4 and own.total.gpu_seconds > 0
+
+    everyone = report(stack, admin, group_by=["team"])
+    teams = {r.group[0]: r.requests for r in everyone.rows}
+    assert teams[ours] == 2 and teams[theirs] == 1
+    assert [r.requests for r in report(stack, admin, group_by=["team"], team=theirs).rows] == [1]
+
+    with pytest.raises(grpc.RpcError) as caught:
+        report(stack, key, group_by=["team"], team=theirs)
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_bad_queries_and_keys_are_refused(stack) -> None:  # noqa: ANN001
+    key = stack.create_key(f"c-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(grpc.RpcError) as bad_group:
+        report(stack, key, group_by=["colour"])
+    assert bad_group.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as no_key:
+        report(stack, "fw_unknown_key", group_by=["team"])
+    assert no_key.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,98 @@
+"""Workers that cannot be reached or die: failover before the first token,
+UNAVAILABLE with the partial usage recorded after it."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.redis_store import connect, free_port
+from gateway.config import GatewayConfig
+from gateway.service import running_gateway
+from workers.config import WorkerConfig
+from workers.model_runner import RunnerConfig
+from workers.server import create_worker_server
+from workers.worker import Worker
+
+
+@pytest.fixture()
+def tiny_worker(background_loop, tiny_checkpoint) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+    worker = Worker(WorkerConfig(worker_id="tiny-worker",
+                                 runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20)), tiny_checkpoint)
+    server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
+    yield f"127.0.0.1:{server.port}", server
+    background_loop.run(server.stop(0))
+    worker.stop()
+
+
+@contextlib.contextmanager
+def gateway_for(background_loop, redis_url: str, workers: tuple[str, ...]) -> Iterator[str]:  # noqa: ANN001
+    exits = contextlib.AsyncExitStack()
+
+    async def start() -> int:
+        client = connect(redis_url)
+        exits.push_async_callback(client.aclose)
+        server = await exits.enter_async_context(running_gateway(
+            GatewayConfig(workers=workers, listen="127.0.0.1:0", worker_refresh_interval_s=0.2), client))
+        return server.port
+    port = background_loop.run(start())
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        background_loop.run(exits.aclose())
+
+
+def call(address: str, key: str, request, stream: bool = False):  # noqa: ANN001, ANN201
+    channel = grpc.insecure_channel(address)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    metadata = (("authorization", f"Bearer {key}"),)
+    return (stub.GenerateStream if stream else stub.Generate)(request, metadata=metadata, timeout=30)
+
+
+def test_an_unreachable_worker_is_skipped_before_the_first_token(stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    dead = f"127.0.0.1:{free_port()}"
+    with gateway_for(background_loop, stack.redis_url, (dead, tiny_worker[0])) as address:
+        for _ in range(3):  # whichever worker the rotation tries first
+            response = call(address, key, pb.GenerateRequest(
+                model="tiny-llama", prompt="hi", sampling=pb.SamplingParams(max_tokens=3, temperature=0)))
+            assert response.usage.worker_id == "tiny-worker" and response.usage.completion_tokens == 3
+    assert [r.status for r in stack.records(team)] == ["OK"] * 3
+
+
+def test_no_reachable_worker_is_unavailable_and_leaves_no_record(stack, background_loop) -> None:  # noqa: ANN001
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    with gateway_for(background_loop, stack.redis_url, (f"127.0.0.1:{free_port()}",)) as address:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(address, key, pb.GenerateRequest(model="tiny-llama", prompt="hi"))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert stack.records(team) == []
+
+
+def test_a_worker_dying_mid_stream_gives_unavailable_and_records_the_partial_usage(
+        stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    address, server = tiny_worker
+    with gateway_for(background_loop, stack.redis_url, (address,)) as gateway:
+        stream = call(gateway, key, pb.GenerateStreamRequest(
+            model="tiny-llama", prompt="go on", sampling=pb.SamplingParams(max_tokens=500, temperature=0)), True)
+        received = [next(stream) for _ in range(4)]
+        background_loop.run(server.stop(0))  # the worker goes away mid-generation
+        with pytest.raises(grpc.RpcError) as caught:
+            for message in stream:
+                received.append(message)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "partial usage was recorded" in caught.value.details()
+    streamed = sum(len(m.token_ids) for m in received)
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason, record.worker_id) == ("UNAVAILABLE", "error", "tiny-worker")
+    assert streamed <= record.completion_tokens < 500 and record.gpu_seconds > 0
