@@ -17,7 +17,7 @@ from accounting.records import UsageRecord
 from fareway.auth import Tenant
 from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.validation import validate_generate
+from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
@@ -107,14 +107,19 @@ def _expired(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
+def copy_input(source: HasInput, target: HasInput) -> None:
+    """Copies the `input` oneof (a prompt or chat messages) between request types."""
+    if source.WhichOneof("input") == "prompt":
+        target.prompt = source.prompt
+    else:
+        target.chat.CopyFrom(source.chat)
+
+
 def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, request_id: str,
                    tenant: Tenant) -> wpb.GenerateRequest:
     forwarded = wpb.GenerateRequest(request_id=request_id, model=request.model, sampling=request.sampling,
                                     cache_salt=f"{tenant.team}/{tenant.project}")
-    if request.WhichOneof("input") == "prompt":
-        forwarded.prompt = request.prompt
-    else:
-        forwarded.chat.CopyFrom(request.chat)
+    copy_input(request, forwarded)
     return forwarded
 
 

@@ -18,7 +18,7 @@ from fareway.inference.v1 import inference_pb2_grpc
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.config import GatewayConfig
-from gateway.dispatch import Delta, Dispatcher, Final
+from gateway.dispatch import Delta, Dispatcher, Final, copy_input
 from gateway.idempotency import IdempotencyStore
 from gateway.pool import WorkerPool
 
@@ -85,10 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         validate_input(request)
         endpoint = self.pool.candidates(request.model)[0]
         forwarded = wpb.CountTokensRequest(model=request.model)
-        if request.WhichOneof("input") == "prompt":
-            forwarded.prompt = request.prompt
-        else:
-            forwarded.chat.CopyFrom(request.chat)
+        copy_input(request, forwarded)
         try:
             counted = await endpoint.stub.CountTokens(forwarded, timeout=_INFO_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,22 @@ def redis_url(redis_server: str) -> str:
     client.flushall()
     client.close()
     return redis_server
+
+
+@pytest.fixture()
+def with_redis(redis_url: str) -> Callable[[Callable[[Any], Coroutine[Any, Any, T]]], T]:
+    """Runs `body(client)` with an asyncio Redis client on the test's Redis, and returns its result."""
+    from fareway.redis_store import connect
+
+    def run(body: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        async def with_client() -> T:
+            client = connect(redis_url)
+            try:
+                return await body(client)
+            finally:
+                await client.aclose()
+        return asyncio.run(with_client())
+    return run
 
 
 @pytest.fixture()

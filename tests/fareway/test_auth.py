@@ -2,41 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import redis
 
 from fareway.auth import KeyStore, Role, bearer_token
 from fareway.errors import InvalidArgument, NotFound, Unauthenticated
-from fareway.redis_store import connect
 
 
-def with_store(url: str, body):  # noqa: ANN001, ANN201
-    async def run():  # noqa: ANN202
-        client = connect(url)
-        try:
-            return await body(KeyStore(client))
-        finally:
-            await client.aclose()
-    return asyncio.run(run())
+@pytest.fixture()
+def with_store(with_redis):  # noqa: ANN001, ANN201
+    return lambda body: with_redis(lambda client: body(KeyStore(client)))
 
 
 def bearer(key: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {key}")]
 
 
-def test_a_created_key_authenticates_as_its_team_and_project(redis_url: str) -> None:
+def test_a_created_key_authenticates_as_its_team_and_project(with_store) -> None:
     async def body(store: KeyStore):  # noqa: ANN202
         key, info = await store.create("search", "ranking")
         return key, info, await store.authenticate(bearer(key))
-    key, info, tenant = with_store(redis_url, body)
+    key, info, tenant = with_store(body)
     assert (tenant.team, tenant.project, tenant.key_id, tenant.role) == ("search", "ranking", info.key_id, Role.TENANT)
     assert key.startswith(f"fw_{info.key_id}_")
 
 
-def test_keys_are_stored_only_as_hashes(redis_url: str, redis_client: redis.Redis) -> None:
-    key, _ = with_store(redis_url, lambda store: store.create("search", "ranking"))
+def test_keys_are_stored_only_as_hashes(with_store, redis_client: redis.Redis) -> None:
+    key, _ = with_store(lambda store: store.create("search", "ranking"))
     dump = []
     for name in redis_client.scan_iter():
         dump.append(name)
@@ -47,7 +39,7 @@ def test_keys_are_stored_only_as_hashes(redis_url: str, redis_client: redis.Redi
     assert not any(secret in str(item) for item in dump)
 
 
-def test_revoked_and_unknown_keys_are_refused_alike(redis_url: str) -> None:
+def test_revoked_and_unknown_keys_are_refused_alike(with_store) -> None:
     async def body(store: KeyStore):  # noqa: ANN202
         key, info = await store.create("search", "ranking")
         await store.revoke(info.key_id)
@@ -58,7 +50,7 @@ def test_revoked_and_unknown_keys_are_refused_alike(redis_url: str) -> None:
             errors.append(caught.value.message)
         listed = await store.list()
         return errors, listed
-    errors, listed = with_store(redis_url, body)
+    errors, listed = with_store(body)
     assert errors[0] == errors[1]
     assert [info.revoked_at is not None for info in listed] == [True]
 
@@ -71,17 +63,17 @@ def test_missing_or_malformed_authorization_is_unauthenticated() -> None:
     assert bearer_token([("authorization", "bearer  k1 ")]) == "k1"
 
 
-def test_bad_names_and_unknown_ids_are_refused(redis_url: str) -> None:
+def test_bad_names_and_unknown_ids_are_refused(with_store) -> None:
     with pytest.raises(InvalidArgument, match="team"):
-        with_store(redis_url, lambda store: store.create("Search Team", "x"))
+        with_store(lambda store: store.create("Search Team", "x"))
     with pytest.raises(InvalidArgument, match="project"):
-        with_store(redis_url, lambda store: store.create("search", "{x}"))
+        with_store(lambda store: store.create("search", "{x}"))
     with pytest.raises(NotFound):
-        with_store(redis_url, lambda store: store.revoke("nope"))
+        with_store(lambda store: store.revoke("nope"))
 
 
-def test_admin_keys_carry_their_role(redis_url: str) -> None:
+def test_admin_keys_carry_their_role(with_store) -> None:
     async def body(store: KeyStore):  # noqa: ANN202
         key, _ = await store.create("platform", "ops", Role.ADMIN)
         return await store.authenticate(bearer(key))
-    assert with_store(redis_url, body).is_admin
+    assert with_store(body).is_admin
