@@ -40,11 +40,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                  "fareway.model": request.model})
             async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
                 async for event in events:
-                    yield event
                     if isinstance(event, Final):
+                        # Before the yield: a unary caller stops iterating at the final response.
                         usage = event.response.usage
                         span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens,
-                                             "fareway.completion_tokens": usage.completion_tokens})
+                                             "fareway.completion_tokens": usage.completion_tokens,
+                                             "fareway.gpu_seconds": usage.gpu_seconds})
+                    yield event
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
