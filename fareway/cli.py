@@ -8,6 +8,10 @@ import importlib
 import logging
 import sys
 
+import redis
+
+from fareway.errors import FarewayError
+
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("fareway.stack", "run the whole stack (Redis, worker, accounting, gateway) and a demo request"),
@@ -39,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args.module).run(args)
     except KeyboardInterrupt:
         return 130
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        logging.debug("fareway %s failed", args.command, exc_info=error)
+        print(f"fareway {args.command}: cannot reach Redis: {error}", file=sys.stderr)
+        return 1
+    except (FarewayError, ValueError, OSError) as error:
+        # Bad configuration or environment: one line a person can act on, not a traceback.
+        message = error.message if isinstance(error, FarewayError) else str(error)
+        logging.debug("fareway %s failed", args.command, exc_info=error)
+        print(f"fareway {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
                               "it is shown only once:", highlight=False)
                 print(key)
             elif args.action == "list":
-                console.print(_keys_table(await store.list()))
+                # The list is the command's output (stdout); notes and errors go to stderr.
+                Console().print(_keys_table(await store.list()))
             else:
                 info = await store.revoke(args.key_id)
                 console.print(f"revoked key {info.key_id} ({info.team}/{info.project})")

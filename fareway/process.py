@@ -32,7 +32,7 @@ def parse_bytes(text: str) -> int:
         number, factor = value, 1
     try:
         result = int(float(number) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e400'
         raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)") from None
     if result <= 0:
         raise ValueError(f"size must be positive: {text!r}")

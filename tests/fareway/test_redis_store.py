@@ -1,0 +1,36 @@
+"""The embedded redis-server: clear errors, and nothing left running when it cannot start."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from fareway.redis_store import EmbeddedRedis, free_port, is_alive
+
+
+def test_a_socket_path_over_the_unix_limit_is_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="longer than 107 bytes"):
+        EmbeddedRedis(tmp_path, unix_socket=tmp_path / ("x" * 120) / "redis.sock")
+
+
+def test_a_server_that_cannot_start_is_not_left_behind(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = EmbeddedRedis(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="redis-server exited"):
+            server.start()
+    assert server._process is None
+
+
+def test_data_persists_across_restarts(tmp_path: Path) -> None:
+    import redis
+
+    port = free_port()
+    with EmbeddedRedis(tmp_path, port=port) as server:
+        redis.Redis.from_url(server.url).set("kept", "1")
+    assert not is_alive(f"redis://127.0.0.1:{port}")
+    with EmbeddedRedis(tmp_path, port=port) as server:
+        assert redis.Redis.from_url(server.url).get("kept") == b"1"

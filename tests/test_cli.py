@@ -1,0 +1,441 @@
+"""The `fareway` command as its users run it: child processes (or `main` in
+this process where a process adds nothing) against a real Redis and the
+session's stack (a gateway in front of the real SmolLM2 worker)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from accounting.report_cli import parse_time
+from fareway.cli import COMMANDS, main
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.process import parse_bytes
+from fareway.redis_store import free_port, is_alive
+
+MODEL = "smollm2-135m-instruct"
+# Variables a developer's shell may set that would point a child at the wrong stack.
+_FAREWAY_ENV = ("REDIS_URL", "FAREWAY_API_KEY", "FAREWAY_GATEWAY", "FAREWAY_DATA_DIR", "FAREWAY_WORKERS")
+
+
+def fareway(*args: str, redis_url: str | None = None, timeout_s: float = 120, cwd: Path | None = None,
+            stdin: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m fareway.cli ARGS` as a user would, with REDIS_URL only if given."""
+    env = {name: value for name, value in os.environ.items() if name not in _FAREWAY_ENV}
+    # Wide enough that rich tables are not cut to the 80 columns of a pipe.
+    env["COLUMNS"] = "200"
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    env |= extra_env or {}
+    return subprocess.run([sys.executable, "-m", "fareway.cli", *args], env=env, cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def new_team() -> str:
+    return f"cli-{uuid.uuid4().hex[:8]}"
+
+
+def is_listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(command)
+    return found
+
+
+@pytest.fixture()
+def gateway(stack) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:  # noqa: ANN001
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def client_flags(stack, key: str) -> list[str]:  # noqa: ANN001
+    return ["--gateway", stack.gateway_address, "--api-key", key, "--temperature", "0"]
+
+
+def usage_figure(text: str, name: str) -> int:
+    """A number from a usage table, e.g. usage_figure(stderr, 'completion tokens')."""
+    match = re.search(rf"{name}\W+(\d+)", text)
+    assert match, f"no {name!r} in:\n{text}"
+    return int(match.group(1))
+
+
+# --- fareway up -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_up_runs_the_demo_on_embedded_redis_and_leaves_nothing_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    ports = {name: free_port() for name in ("gateway", "worker", "accounting")}
+    listen = [arg for name, port in ports.items() for arg in (f"--{name}-listen", f"127.0.0.1:{port}")]
+
+    result = fareway("up", "--exit-after-demo", "--data-dir", str(data_dir), *listen, cwd=tmp_path, timeout_s=300)
+
+    out = result.stdout
+    assert result.returncode == 0, f"stdout:\n{out}\nstderr:\n{result.stderr}"
+    redis_url = re.search(r"redis: (unix://\S+)", out).group(1)
+    assert redis_url == f"unix://{data_dir.resolve()}/redis.sock"
+    for name, port in ports.items():
+        assert f"{name}: serving on 127.0.0.1:{port}" in out
+    key = re.search(r"demo key for demo/quickstart: (fw_\S+)", out).group(1)
+    reply = re.search(rf"{MODEL}> (.*?)\n\s*usage", out, re.DOTALL).group(1)
+    assert len(reply.split()) >= 3
+    completion_tokens = usage_figure(out, "completion tokens")
+    assert 0 < completion_tokens <= 96
+    assert re.search(r"finish reason\W+(stop|length)", out)
+    # The demo team's report: its row, then the total row, with the same completion tokens.
+    assert re.search(rf"│ demo\s+│ quickstart\s+│ {MODEL}\s+│\s+1 │.*│\s+{completion_tokens} │", out)
+    assert re.search(rf"│ total\s+│.*│\s+{completion_tokens} │", out)
+    assert out.rstrip().endswith("stopping...")
+
+    # Everything it started is gone: no listener, no Redis, no child process.
+    assert [name for name, port in ports.items() if is_listening(port)] == []
+    assert not is_alive(redis_url)
+    assert processes_mentioning(str(data_dir)) == []
+    assert [c for port in ports.values() for c in processes_mentioning(f"127.0.0.1:{port}")] == []
+
+    logs = data_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["accounting.log", "gateway.log", "worker.log"]
+    assert f"listening on port {ports['gateway']}" in (logs / "gateway.log").read_text()
+    assert f"listening on port {ports['worker']}" in (logs / "worker.log").read_text()
+
+    # The embedded Redis kept its data: the next commands on the same data dir see the demo key and its usage.
+    keys = fareway("keys", "list", extra_env={"FAREWAY_DATA_DIR": str(data_dir)}, cwd=tmp_path)
+    assert keys.returncode == 0, keys.stderr
+    assert re.search(rf"{key.split('_')[1]}\s+│ demo\s+│ quickstart\s+│ tenant .*│ active", keys.stdout)
+    report = fareway("report", "--team", "demo", "--format", "json", extra_env={"FAREWAY_DATA_DIR": str(data_dir)},
+                     cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    totals = json.loads(report.stdout)["total"]
+    assert (totals["requests"], totals["completion_tokens"]) == (1, completion_tokens)
+    assert not is_alive(redis_url)
+
+
+# --- fareway keys -----------------------------------------------------------------------------------------------
+
+
+def test_keys_create_prints_a_key_that_authenticates_until_revoked(stack, gateway) -> None:  # noqa: ANN001
+    team = new_team()
+    created = fareway("keys", "create", "--team", team, "--project", "search", redis_url=stack.redis_url)
+
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    key_id = re.search(rf"created tenant key (\w+) for {team}/search", created.stderr).group(1)
+    assert key.startswith(f"fw_{key_id}_")
+    assert gateway.ListModels(pb.ListModelsRequest(), metadata=bearer(key), timeout=10).models[0].id == MODEL
+
+    listed = fareway("keys", "list", redis_url=stack.redis_url)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(rf"│ {key_id}\s+│ {team}\s+│ search\s+│ tenant\s+│ [\d-]+ [\d:]+ UTC\s+│ active", listed.stdout)
+    assert key not in listed.stdout + listed.stderr
+
+    revoked = fareway("keys", "revoke", key_id, redis_url=stack.redis_url)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"revoked key {key_id} ({team}/search)" in revoked.stderr
+    with pytest.raises(grpc.RpcError) as error:
+        gateway.ListModels(pb.ListModelsRequest(), metadata=bearer(key), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = fareway("keys", "list", redis_url=stack.redis_url)
+    assert re.search(rf"│ {key_id}\s+│ {team}\s+│.*│ revoked", listed.stdout)
+
+
+def test_keys_create_admin_key(stack) -> None:  # noqa: ANN001
+    team = new_team()
+    created = fareway("keys", "create", "--team", team, "--project", "ops", "--admin", redis_url=stack.redis_url)
+    assert created.returncode == 0, created.stderr
+    assert "created admin key" in created.stderr
+    listed = fareway("keys", "list", redis_url=stack.redis_url)
+    assert re.search(rf"│ {team}\s+│ ops\s+│ admin", listed.stdout)
+
+
+@pytest.mark.parametrize("team", ["Search", "my team", "-search", "x" * 64, ""])
+def test_keys_create_rejects_bad_team_names(redis_server: str, team: str, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_server)
+    assert main(["keys", "create", f"--team={team}", "--project", "p"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "error:" in err and f"team {team!r} must be 1-63 characters" in " ".join(err.split())
+
+
+def test_keys_revoke_unknown_id_fails(redis_server: str, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_server)
+    assert main(["keys", "revoke", "00000000"]) == 1
+    assert "error: no API key with id '00000000'" in capsys.readouterr().err
+
+
+# --- fareway generate and chat ----------------------------------------------------------------------------------
+
+
+def test_generate_prints_the_text_on_stdout_and_usage_on_stderr(stack, gateway) -> None:  # noqa: ANN001
+    team = new_team()
+    key = stack.create_key(team, "app")
+    prompt = "The capital of France is"
+
+    result = fareway("generate", *client_flags(stack, key), "--max-tokens", "8", "--tag", "feature=cli", prompt)
+
+    assert result.returncode == 0, result.stderr
+    expected = gateway.Generate(pb.GenerateRequest(model=MODEL, prompt=prompt,
+                                                   sampling=pb.SamplingParams(max_tokens=8, temperature=0.0)),
+                                metadata=bearer(key), timeout=60)
+    assert result.stdout == expected.text + "\n"
+    record, _reference = stack.records(team)  # the command's request, then the reference's
+    assert (record.project, record.model, record.tags) == ("app", MODEL, {"feature": "cli"})
+    assert "usage" in result.stderr
+    assert re.search(r"finish reason\W+length", result.stderr)
+    assert usage_figure(result.stderr, "completion tokens") == record.completion_tokens == 8
+    assert usage_figure(result.stderr, "prompt tokens") == record.prompt_tokens
+
+
+def test_generate_chat_and_stdin(stack) -> None:  # noqa: ANN001
+    team = new_team()
+    flags = client_flags(stack, stack.create_key(team, "app")) + ["--max-tokens", "4"]
+
+    raw = fareway("generate", *flags, "-", stdin="The capital of France is")
+    chat = fareway("generate", *flags, "--chat", "The capital of France is")
+
+    assert raw.returncode == 0 and chat.returncode == 0, raw.stderr + chat.stderr
+    assert raw.stdout.strip() and chat.stdout.strip()
+    raw_record, chat_record = stack.records(team)
+    # --chat wraps the prompt in the model's chat template: more prompt tokens for the same text.
+    assert chat_record.prompt_tokens > raw_record.prompt_tokens
+    assert usage_figure(chat.stderr, "prompt tokens") == chat_record.prompt_tokens
+
+
+def test_generate_with_a_bad_key_is_unauthenticated(stack) -> None:  # noqa: ANN001
+    result = fareway("generate", *client_flags(stack, "fw_00000000_not-a-real-key"), "Hello")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "UNAUTHENTICATED" in result.stderr and "not valid" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_without_a_key_says_how_to_get_one(stack) -> None:  # noqa: ANN001
+    result = fareway("generate", "--gateway", stack.gateway_address, "Hello")
+    assert result.returncode == 1
+    assert "no API key" in result.stderr and "fareway keys create" in result.stderr
+
+
+def test_generate_rejects_a_malformed_tag(stack) -> None:  # noqa: ANN001
+    result = fareway("generate", *client_flags(stack, stack.create_key(new_team())), "--tag", "feature", "Hello")
+    assert result.returncode == 1
+    assert "--tag takes KEY=VALUE, got 'feature'" in result.stderr
+
+
+def test_chat_runs_scripted_turns_with_the_history(stack) -> None:  # noqa: ANN001
+    team = new_team()
+    result = fareway("chat", *client_flags(stack, stack.create_key(team, "app")), "--max-tokens", "12",
+                     "--show-usage", "--message", "My name is Ada.", "--message", "What is my name?")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    first, second = stack.records(team)
+    # The second turn carries the first question and its answer.
+    assert second.prompt_tokens > first.prompt_tokens + first.completion_tokens
+    assert result.stderr.count("completion tokens") == 2
+
+
+def test_chat_with_a_bad_key_fails(stack) -> None:  # noqa: ANN001
+    result = fareway("chat", *client_flags(stack, "fw_00000000_not-a-real-key"), "--message", "Hi")
+    assert result.returncode == 1
+    assert "UNAUTHENTICATED" in result.stderr
+
+
+# --- fareway report ---------------------------------------------------------------------------------------------
+
+FIGURES = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens")
+
+
+@pytest.fixture(scope="module")
+def usage(stack) -> tuple[str, dict[tuple[str, str], dict[str, float]]]:  # noqa: ANN001
+    """A fresh team with one request in project alpha and two in beta; returns the team
+    and the ledger's totals per (team, project)."""
+    team = new_team()
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for project, prompts in {"alpha": ["Hello"], "beta": ["One, two,", "Red, green,"]}.items():
+            key = stack.create_key(team, project)
+            for prompt in prompts:
+                stub.Generate(pb.GenerateRequest(model=MODEL, prompt=prompt,
+                                                 sampling=pb.SamplingParams(max_tokens=3, temperature=0.0)),
+                              metadata=bearer(key), timeout=60)
+    totals: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys([*FIGURES, "gpu_seconds"], 0))
+    for record in stack.records(team):
+        row = totals[(record.team, record.project)]
+        row["requests"] += 1
+        for name in [*FIGURES[1:], "gpu_seconds"]:
+            row[name] += getattr(record, name)
+    assert sorted(totals) == [(team, "alpha"), (team, "beta")]
+    return team, dict(totals)
+
+
+def report(stack, team: str, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    return fareway("report", "--team", team, *args, redis_url=stack.redis_url)
+
+
+def test_report_csv_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
+    team, totals = usage
+    result = report(stack, team, "--by", "team,project", "--format", "csv")
+
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["team", "project", *FIGURES, "gpu_seconds"]
+    by_group = {(row["team"], row["project"]): row for row in rows}
+    assert by_group.keys() == totals.keys()
+    for group, expected in totals.items():
+        assert {name: int(by_group[group][name]) for name in FIGURES} == {name: expected[name] for name in FIGURES}
+        assert float(by_group[group]["gpu_seconds"]) == pytest.approx(expected["gpu_seconds"])
+    assert totals[(team, "beta")]["requests"] == 2
+
+
+def test_report_json_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
+    team, totals = usage
+    result = report(stack, team, "--by", "team,project", "--format", "json", "--since", "1h")
+
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert [(row["team"], row["project"]) for row in body["rows"]] == sorted(totals)
+    for row in body["rows"]:
+        expected = totals[(row["team"], row["project"])]
+        assert {name: row[name] for name in FIGURES} == {name: expected[name] for name in FIGURES}
+        assert row["gpu_seconds"] == pytest.approx(expected["gpu_seconds"])
+    for name in FIGURES:
+        assert body["total"][name] == sum(group[name] for group in totals.values())
+
+
+def test_report_table_shows_each_group_and_the_total(stack, usage) -> None:  # noqa: ANN001
+    team, totals = usage
+    result = report(stack, team, "--by", "team,project")
+
+    assert result.returncode == 0, result.stderr
+    for (_, project), expected in totals.items():
+        figures = r"\s+│\s+".join(f"{int(expected[name]):,}" for name in FIGURES)
+        assert re.search(rf"│ {team}\s+│ {project}\s+│\s+{figures} │", result.stdout), result.stdout
+    total_requests = sum(group["requests"] for group in totals.values())
+    assert re.search(rf"│ total\s+│\s+│\s+{total_requests} │", result.stdout)
+
+
+def test_report_time_range_excludes_usage_outside_it(stack, usage) -> None:  # noqa: ANN001
+    team, _ = usage
+    before = report(stack, team, "--format", "json", "--until", "2000-01-01")
+    after = report(stack, team, "--format", "json", "--since", "2999-01-01T00:00")
+
+    for result in (before, after):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["rows"] == []
+        assert json.loads(result.stdout)["total"]["requests"] == 0
+
+
+def test_report_rejects_a_bad_dimension(stack, capsys: pytest.CaptureFixture[str],  # noqa: ANN001
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", stack.redis_url)
+    assert main(["report", "--by", "team,colour"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "cannot group by 'colour'" in err
+
+
+def test_report_rejects_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--since", "yesterday"])
+    assert exit_.value.code == 2
+    assert "not a time: 'yesterday'" in capsys.readouterr().err
+
+
+def test_parse_time_reads_iso_dates_and_times_as_utc_unless_told() -> None:
+    utc = dt.UTC
+    assert parse_time("2026-11-24") == dt.datetime(2026, 11, 24, tzinfo=utc).timestamp()
+    assert parse_time("2026-11-24T09:30") == dt.datetime(2026, 11, 24, 9, 30, tzinfo=utc).timestamp()
+    assert parse_time("2026-11-24T09:30+02:00") == dt.datetime(2026, 11, 24, 7, 30, tzinfo=utc).timestamp()
+    assert parse_time("2026-11-24T09:30:00Z") == dt.datetime(2026, 11, 24, 9, 30, tzinfo=utc).timestamp()
+
+
+@pytest.mark.parametrize(("age", "seconds"), [("90s", 90), ("30m", 1800), ("24h", 86400), ("1.5h", 5400),
+                                              ("7d", 7 * 86400)])
+def test_parse_time_reads_ages_back_from_now(age: str, seconds: float) -> None:
+    now = 1_800_000_000.0
+    assert parse_time(age, now=now) == now - seconds
+    assert parse_time(age) == pytest.approx(dt.datetime.now(dt.UTC).timestamp() - seconds, abs=5)
+
+
+@pytest.mark.parametrize("text", ["yesterday", "24 h", "-1h", "1w", "", "2026-13-01"])
+def test_parse_time_rejects_other_text(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="not a time"):
+        parse_time(text)
+
+
+# --- parse_bytes ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1073741824", 2**30), ("64 KiB", 65536),
+    ("1.5gib", 3 * 2**29), ("100b", 100), (" 2 TB ", 2 * 10**12), ("1e3", 1000),
+])
+def test_parse_bytes_reads_sizes(text: str, size: int) -> None:
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "lots", "12 parsecs", "0", "-1GiB", "0.1b", "inf", "1e400", "nan"])
+def test_parse_bytes_rejects_other_text(text: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_bytes(text)
+
+
+def test_worker_reports_a_bad_kv_cache_size_as_a_usage_error() -> None:
+    result = fareway("worker", "--kv-cache-memory", "inf")
+    assert result.returncode == 2
+    assert "argument --kv-cache-memory: invalid parse_bytes value: 'inf'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- help -------------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command() -> None:
+    result = fareway("--help")
+    assert result.returncode == 0, result.stderr
+    for name in COMMANDS:
+        assert re.search(rf"^\s+{name}\s", result.stdout, re.MULTILINE), name
+
+
+@pytest.mark.parametrize("argv", [[name, "--help"] for name in COMMANDS]
+                         + [["keys", action, "--help"] for action in ("create", "list", "revoke")])
+def test_each_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: fareway {' '.join(argv[:-1])}")
