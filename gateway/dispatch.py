@@ -117,8 +117,10 @@ def copy_input(source: HasInput, target: HasInput) -> None:
 
 def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, request_id: str,
                    tenant: Tenant) -> wpb.GenerateRequest:
+    # The team is the prefix cache's privacy boundary: its projects share cached
+    # prompts, other teams never see them (unless the worker marks a prefix shared).
     forwarded = wpb.GenerateRequest(request_id=request_id, model=request.model, sampling=request.sampling,
-                                    cache_salt=f"{tenant.team}/{tenant.project}")
+                                    cache_salt=f"team:{tenant.team}")
     copy_input(request, forwarded)
     return forwarded
 

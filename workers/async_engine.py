@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 
 from workers.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
 from workers.engine.sequence import SamplingOptions
+from workers.engine.shared_prefix import SharedPrefixes
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, shared_prefixes: SharedPrefixes | None = None) -> None:
         self.engine = engine
+        self.shared_prefixes = shared_prefixes or SharedPrefixes()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingOptions,
                        cache_salt: str = "") -> AsyncIterator[RequestOutput]:
@@ -30,7 +32,8 @@ class AsyncEngine:
 
         # Engine ids are ours, not the caller's: two gateways may reuse a client's id.
         engine_id = uuid.uuid4().hex
-        self.engine.submit(EngineRequest(engine_id, prompt_token_ids, sampling, sink, cache_salt))
+        self.engine.submit(EngineRequest(engine_id, prompt_token_ids, sampling, sink, cache_salt,
+                                         self.shared_prefixes.match(prompt_token_ids)))
         finished = False
         try:
             while not finished:

@@ -24,10 +24,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16 "
                                                       "(default: float32 on CPU, bfloat16 on GPUs)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                        help="KV cache size, e.g. 2GiB (default: 1GiB on CPU, 85%% of free GPU memory)")
+                        help="KV cache size, e.g. 2GiB (default: 1GiB on CPU; on GPUs "
+                             "--kv-cache-free-memory-fraction of the memory left after the weights)")
+    parser.add_argument("--kv-cache-free-memory-fraction", type=float, default=0.85,
+                        help="on GPUs without --kv-cache-memory: share of free device memory for the KV cache "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="do not reuse the KV cache of earlier prompts")
+    parser.add_argument("--shared-prefix-file", type=Path, action="append", default=[],
+                        help="a text file holding a raw prompt prefix whose cached KV every tenant may reuse "
+                             "(repeatable; by default cached prefixes are reused only within a team)")
+    parser.add_argument("--shared-system-prompt-file", type=Path, action="append", default=[],
+                        help="a text file holding a system prompt whose cached KV every tenant may reuse "
+                             "(repeatable)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
-    parser.add_argument("--max-num-seqs", type=int, default=16, help="most sequences per step (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024,
                         help="most tokens per step (default: %(default)s)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
@@ -43,10 +55,20 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
         model_path=args.model, served_model_name=args.served_model_name, listen=args.listen,
         worker_id=args.worker_id or default_worker_id(),
         runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
+                            kv_cache_free_memory_fraction=args.kv_cache_free_memory_fraction,
                             block_size=args.block_size, max_model_len=args.max_model_len),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens),
-        default_max_tokens=args.default_max_tokens)
+        default_max_tokens=args.default_max_tokens, enable_prefix_caching=args.prefix_caching,
+        shared_prefixes=tuple(_read_text(path) for path in args.shared_prefix_file),
+        shared_system_prompts=tuple(_read_text(path) for path in args.shared_system_prompt_file))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
 
 
 async def serve(config) -> None:  # noqa: ANN001 - WorkerConfig

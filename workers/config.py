@@ -27,6 +27,12 @@ class WorkerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     default_max_tokens: int = 256
     """max_tokens when a request leaves it unset (capped by what the context has left)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of earlier requests' prompts (within a tenant, or shared prefixes)."""
+    shared_prefixes: tuple[str, ...] = ()
+    """Raw prompt prefixes whose cached KV every tenant may reuse."""
+    shared_system_prompts: tuple[str, ...] = ()
+    """System prompts whose cached KV every tenant may reuse (rendered with the chat template)."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.scheduler import StepPlan
+from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.hardware import Hardware, default_device, default_dtype, detect
 from workers.layers.linear import select_linear_kernels
-from workers.layers.attention import AttentionMetadata, SequenceSlice, causal_mask
+from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
 from workers.sampling import sample
@@ -24,7 +24,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 _CPU_KV_CACHE_BYTES = 1 << 30
-_GPU_KV_CACHE_FREE_FRACTION = 0.85
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,10 @@ class RunnerConfig:
     dtype: str | None = None
     """Compute dtype (a key of DTYPES); None is fp32 on CPU, bf16 (or fp16) on GPUs."""
     kv_cache_memory_bytes: int | None = None
-    """KV pool size; None is 1 GiB on CPU and 85% of the free memory on a GPU."""
+    """KV pool size; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the free memory on a GPU."""
+    kv_cache_free_memory_fraction: float = 0.85
+    """On GPUs without kv_cache_memory_bytes: the share of the device memory left free after the
+    weights that the KV pool takes (the rest is for activations)."""
     block_size: int = 16
     """Tokens per KV block."""
     max_model_len: int | None = None
@@ -45,6 +47,9 @@ class RunnerConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.kv_cache_free_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_free_memory_fraction must be in (0, 1], "
+                             f"got {self.kv_cache_free_memory_fraction}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -109,16 +114,26 @@ class ModelRunner:
                 budget = _CPU_KV_CACHE_BYTES
             else:
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * _GPU_KV_CACHE_FREE_FRACTION)
+                budget = int(free * self.config.kv_cache_free_memory_fraction)
         blocks = budget // (self.kv_bytes_per_token * self.block_size)
         if blocks < 1:
             raise ValueError(f"a KV cache of {budget} bytes holds no block of {self.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
         return blocks
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_kv_blocks * self.block_size * self.kv_bytes_per_token
+
+    def max_sequences_at(self, num_tokens: int) -> int:
+        """How many sequences of num_tokens tokens (prompt and completion) the KV pool holds at once."""
+        if num_tokens < 1:
+            raise ValueError(f"a sequence has at least one token, got {num_tokens}")
+        return self.num_kv_blocks // -(-num_tokens // self.block_size)
+
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
-        shape = (self.num_kv_blocks * self.block_size, c.num_kv_heads, c.head_dim)  # [S, Hkv, D]
+        shape = (self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # [blocks, block_size, Hkv, D]
         for layer in self.model.model.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -155,27 +170,53 @@ class ModelRunner:
         return generator
 
     def _prepare(self, plan: StepPlan) -> _Batch:
+        """The step's inputs: single-token (decoding) sequences first, attended as one batch,
+        then the prefill chunks."""
+        order = sorted(range(len(plan.scheduled)), key=lambda i: plan.scheduled[i].num_tokens > 1)
+        decodes = [plan.scheduled[i] for i in order if plan.scheduled[i].num_tokens == 1]
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        slices: list[SequenceSlice] = []
+        prefills: list[PrefillSlice] = []
         sample_rows: list[int] = []
         sample_index: list[int] = []
-        offsets = torch.arange(self.block_size)
-        for index, scheduled in enumerate(plan.scheduled):
+        for index in order:
+            scheduled = plan.scheduled[index]
             seq, start, n = scheduled.seq, scheduled.context_start, scheduled.num_tokens
-            context_len = start + n
-            table = torch.tensor(seq.block_table[: -(-context_len // self.block_size)])
-            kv_slots = (table[:, None] * self.block_size + offsets).flatten()[:context_len]
             row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:context_len])
-            positions.extend(range(start, context_len))
-            slot_mapping.extend(kv_slots[start:].tolist())
-            mask = causal_mask(n, context_len, self.device) if 1 < n < context_len else None
-            slices.append(SequenceSlice(row, row + n, kv_slots.to(self.device), mask, is_causal=n == context_len > 1))
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                                for p in range(start, start + n))
+            if n > 1:
+                prefills.append(self._prefill_slice(scheduled, row))
             if scheduled.samples:
                 sample_rows.append(row + n - 1)
                 sample_index.append(index)
-        metadata = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), tuple(slices))
+        metadata = AttentionMetadata(torch.tensor(slot_mapping, device=self.device),
+                                     self._decode_batch(decodes), tuple(prefills))
         return _Batch(torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
                       metadata, sample_rows, sample_index)
+
+    def _decode_batch(self, decodes: list[ScheduledSequence]) -> DecodeBatch | None:
+        if not decodes:
+            return None
+        context_lens = [s.context_start + 1 for s in decodes]
+        max_blocks = -(-max(context_lens) // self.block_size)
+        tables = [_padded(s.seq.block_table[: -(-n // self.block_size)], max_blocks) for s, n in zip(decodes, context_lens)]
+        lens = torch.tensor(context_lens, device=self.device)
+        mask = torch.arange(max_blocks * self.block_size, device=self.device)[None, :] < lens[:, None]
+        return DecodeBatch(torch.tensor(tables, device=self.device), mask[:, None, None, :])
+
+    def _prefill_slice(self, scheduled: ScheduledSequence, row: int) -> PrefillSlice:
+        start, n = scheduled.context_start, scheduled.num_tokens
+        context_len = start + n
+        block_ids = torch.tensor(scheduled.seq.block_table[: -(-context_len // self.block_size)], device=self.device)
+        is_causal = start == 0
+        mask = None if is_causal else causal_mask(n, context_len, self.device)
+        return PrefillSlice(row, row + n, block_ids, context_len, mask, is_causal)
+
+
+def _padded(block_ids: list[int], length: int) -> list[int]:
+    """A block table padded with block 0 to length (the padding is masked out)."""
+    return block_ids + [0] * (length - len(block_ids))

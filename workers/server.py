@@ -56,7 +56,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             hardware_class=runner.hardware.hardware_class, device_type=runner.hardware.device_type,
             device_count=runner.num_devices, tensor_parallel_size=1,
             kv_bytes_per_token=runner.kv_bytes_per_token,
-            kv_capacity_tokens=runner.num_kv_blocks * runner.block_size)
+            kv_capacity_tokens=runner.num_kv_blocks * runner.block_size, kv_block_size=runner.block_size,
+            kv_cache_bytes=runner.kv_cache_bytes,
+            max_sequences_at_length=runner.max_sequences_at(request.sequence_length) if request.sequence_length else 0,
+            prefix_caching=w.config.enable_prefix_caching, max_num_seqs=w.config.scheduler.max_num_seqs)
 
     async def GetLoad(self, request: pb.GetLoadRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
@@ -64,7 +67,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return pb.GetLoadResponse(
             num_running=load.num_running, num_waiting=load.num_waiting, kv_tokens_used=load.kv_tokens_used,
             kv_tokens_capacity=load.kv_tokens_capacity, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
-            attributed_gpu_seconds=load.attributed_gpu_seconds, idle_gpu_seconds=load.idle_gpu_seconds)
+            attributed_gpu_seconds=load.attributed_gpu_seconds, idle_gpu_seconds=load.idle_gpu_seconds,
+            kv_blocks_used=load.kv_blocks_used, kv_blocks_free=load.kv_blocks_free,
+            kv_blocks_cached=load.kv_blocks_cached, num_preemptions=load.num_preemptions)
 
     async def CountTokens(self, request: pb.CountTokensRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:

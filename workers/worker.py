@@ -15,6 +15,7 @@ from workers.config import WorkerConfig
 from workers.engine.llm_engine import EngineConfig, LLMEngine
 from workers.engine.meter import WorkModel
 from workers.engine.sequence import SamplingOptions
+from workers.engine.shared_prefix import SharedPrefixes
 from workers.loader import Checkpoint, default_model_path, load_checkpoint
 from workers.model_runner import ModelRunner
 from workers.tokenizer import Tokenizer
@@ -41,12 +42,19 @@ class Worker:
         engine_config = EngineConfig(
             scheduler=config.scheduler, num_kv_blocks=self.runner.num_kv_blocks,
             block_size=self.runner.block_size, max_model_len=self.runner.max_model_len,
-            eos_token_ids=self.tokenizer.eos_token_ids)
+            eos_token_ids=self.tokenizer.eos_token_ids, enable_prefix_caching=config.enable_prefix_caching)
         self.engine = LLMEngine(engine_config, self.runner, WorkModel.for_config(checkpoint.config),
                                 self.tokenizer.incremental_decoder)
-        self.async_engine = AsyncEngine(self.engine)
+        self.shared_prefixes = self._shared_prefixes()
+        self.async_engine = AsyncEngine(self.engine, self.shared_prefixes)
         log.info("worker %s serves %s (loaded in %.1f s)", config.worker_id, self.model_name,
                  time.monotonic() - started)
+
+    def _shared_prefixes(self) -> SharedPrefixes:
+        raw = [self.tokenizer.encode(text) for text in self.config.shared_prefixes]
+        system = [self.tokenizer.encode_chat([{"role": "system", "content": text}])
+                  for text in self.config.shared_system_prompts]
+        return SharedPrefixes(raw + system)
 
     @property
     def worker_id(self) -> str:

@@ -53,7 +53,7 @@ def test_paged_chunked_prefill_and_decode_match_transformers(smollm2: Checkpoint
     original = runner.model.compute_logits
     runner.model.compute_logits = lambda hidden: captured.append(original(hidden)) or captured[-1]
     for chunk in (5, 1, 7, len(ids) - 13):
-        runner.execute(StepPlan((ScheduledSequence(seq, chunk),)))
+        runner.execute(StepPlan((ScheduledSequence(seq, chunk, seq.num_computed_tokens),)))
         seq.num_computed_tokens += chunk
     with torch.inference_mode():
         reference = hf_reference.model(torch.tensor(ids)[None]).logits[0]

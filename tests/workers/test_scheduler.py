@@ -48,14 +48,56 @@ def test_decodes_go_first_so_a_new_long_prompt_never_stalls_them() -> None:
 def test_admission_is_first_come_first_served_and_bounded_by_the_pool() -> None:
     scheduler = make(num_blocks=4, block_size=4)  # 16 tokens of KV
     for name in "abc":
-        scheduler.add(seq(name, 4, max_tokens=4))  # each reserves 2 blocks
-    assert [name for name, _ in advance(scheduler)] == ["a", "b"]
-    assert [s.request_id for s in scheduler.waiting] == ["c"]
-    assert scheduler.block_manager.num_free_blocks == 0
-    finished = scheduler.running[0]
-    scheduler.finish(finished)
-    assert scheduler.block_manager.num_free_blocks == 2
-    assert ("c", 4) in advance(scheduler)
+        scheduler.add(seq(name, 6, max_tokens=4))  # each prompt takes 2 blocks
+    # b would leave no block free for a to grow into (the watermark), so it waits, and c behind it.
+    assert [name for name, _ in advance(scheduler)] == ["a"]
+    assert [s.request_id for s in scheduler.waiting] == ["b", "c"]
+    scheduler.finish(scheduler.running[0])
+    assert scheduler.block_manager.num_free_blocks == 4
+    assert advance(scheduler) == [("b", 6)]
+
+
+def test_blocks_are_taken_as_sequences_grow_not_reserved_up_front() -> None:
+    scheduler = make(num_blocks=16, block_size=4)
+    scheduler.add(seq("a", 3, max_tokens=40))
+    advance(scheduler)
+    assert scheduler.block_manager.num_used_blocks == 1  # not the 11 blocks max_tokens could need
+    for _ in range(2):
+        advance(scheduler)
+    assert scheduler.block_manager.num_used_blocks == 2
+
+
+def test_the_youngest_sequence_is_preempted_when_the_pool_runs_out() -> None:
+    scheduler = make(num_blocks=4, block_size=4)
+    scheduler.add(seq("a", 4, max_tokens=8))
+    scheduler.add(seq("b", 4, max_tokens=8))
+    scheduler.add(seq("c", 3, max_tokens=8))
+    assert [name for name, _ in advance(scheduler)] == ["a", "b", "c"]  # 3 blocks used, 1 free
+    c = next(s for s in scheduler.running if s.request_id == "c")
+    generated = list(c.token_ids)
+    plan = scheduler.schedule()  # a and b both need a second block; c is the youngest
+    assert [s.seq.request_id for s in plan.scheduled] == ["a", "b"]
+    assert plan.preempted == (c,)
+    assert (c.status, c.num_computed_tokens, c.block_table, c.token_ids) == (SequenceStatus.WAITING, 0, [], generated)
+    assert list(scheduler.waiting) == [c] and scheduler.stats.num_preemptions == 1
+
+
+def test_a_sequence_preempts_itself_when_it_is_the_youngest_and_recomputes_later() -> None:
+    scheduler = make(num_blocks=3, block_size=4)
+    scheduler.add(seq("a", 3, max_tokens=8))
+    scheduler.add(seq("b", 3, max_tokens=8))
+    names = set()
+    for _ in range(40):
+        if not scheduler.has_work:
+            break
+        for name, _ in advance(scheduler):
+            names.add(name)
+        for s in list(scheduler.running):
+            if s.num_completion_tokens >= s.sampling.max_tokens:
+                scheduler.finish(s)
+    assert not scheduler.has_work and names == {"a", "b"}
+    assert scheduler.stats.num_preemptions >= 1
+    assert scheduler.block_manager.num_free_blocks == 3
 
 
 def test_max_num_seqs_caps_the_batch() -> None:
@@ -66,12 +108,14 @@ def test_max_num_seqs_caps_the_batch() -> None:
 
 
 def test_abort_frees_blocks_at_once_wherever_the_request_is() -> None:
-    scheduler = make(num_blocks=4, block_size=4)
+    scheduler = make(num_blocks=8, block_size=4)
     scheduler.add(seq("a", 8, max_tokens=8))
     scheduler.add(seq("b", 4))
     advance(scheduler)
-    assert scheduler.abort("a") is not None and scheduler.block_manager.num_free_blocks == 4
+    assert scheduler.block_manager.num_free_blocks == 5
+    assert scheduler.abort("a") is not None and scheduler.block_manager.num_free_blocks == 7
     assert scheduler.abort("b") is not None and not scheduler.has_work
+    assert scheduler.block_manager.num_free_blocks == 8
     assert scheduler.abort("nobody") is None
 
 

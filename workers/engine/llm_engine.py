@@ -52,6 +52,7 @@ class EngineConfig:
     max_model_len: int
     """Longest sequence, prompt and completion together."""
     eos_token_ids: frozenset[int]
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,37 @@ class EngineRequest:
     sampling: SamplingOptions
     sink: Sink
     cache_salt: str = ""
+    num_shared_prefix_tokens: int = 0
+    """Leading prompt tokens inside an operator-marked shared prefix (reused across salts)."""
 
 
 @dataclass(frozen=True)
 class LoadSnapshot:
     num_running: int
     num_waiting: int
-    kv_tokens_used: int
-    kv_tokens_capacity: int
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    """Blocks held by running sequences."""
+    kv_blocks_cached: int
+    """Blocks holding a reusable prefix (held or free)."""
     prefix_cache_hit_rate: float
+    """Share of admitted prompt tokens served from the prefix cache."""
+    num_preemptions: int
     attributed_gpu_seconds: float
     idle_gpu_seconds: float
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return self.kv_blocks_used * self.kv_block_size
+
+    @property
+    def kv_tokens_capacity(self) -> int:
+        return self.kv_blocks_total * self.kv_block_size
 
 
 @dataclass
@@ -119,7 +140,7 @@ class LLMEngine:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.runner = runner
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.meter = Meter(work_model, runner.num_devices)
         self._new_detokenizer = detokenizer_factory
@@ -128,8 +149,6 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._num_prompt_tokens = 0
-        self._num_cached_tokens = 0
 
     # -- called from any thread --------------------------------------------
 
@@ -151,12 +170,13 @@ class LLMEngine:
         self._inbox.put(request_id)
 
     def load(self) -> LoadSnapshot:
-        bm = self.block_manager
-        hit_rate = self._num_cached_tokens / self._num_prompt_tokens if self._num_prompt_tokens else 0.0
+        """A snapshot read without locks: each figure is current, together they may be a step apart."""
+        bm, stats = self.block_manager, self.scheduler.stats
         return LoadSnapshot(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_tokens_used=bm.num_used_blocks * bm.block_size, kv_tokens_capacity=bm.num_blocks * bm.block_size,
-            prefix_cache_hit_rate=hit_rate, attributed_gpu_seconds=self.meter.attributed_gpu_seconds,
+            kv_block_size=bm.block_size, kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_cached=bm.num_cached_blocks, prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            num_preemptions=stats.num_preemptions, attributed_gpu_seconds=self.meter.attributed_gpu_seconds,
             idle_gpu_seconds=self.meter.idle_gpu_seconds)
 
     # -- the loop thread ------------------------------------------------------
@@ -201,7 +221,7 @@ class LLMEngine:
 
     def _admit(self, request: EngineRequest) -> None:
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling,
-                       self._clock(), request.cache_salt)
+                       self._clock(), request.cache_salt, request.num_shared_prefix_tokens)
         tracked = _Tracked(seq, request.sink, self._new_detokenizer(), StopStringMatcher(request.sampling.stop))
         try:
             self.scheduler.add(seq)
@@ -237,15 +257,10 @@ class LLMEngine:
     def _postprocess(self, plan: StepPlan, tokens: list[int | None], now: float) -> None:
         for scheduled, token in zip(plan.scheduled, tokens):
             seq = scheduled.seq
-            if seq.num_computed_tokens == 0:
-                self._count_prompt(seq)
-            seq.num_computed_tokens += scheduled.num_tokens
+            seq.num_computed_tokens = scheduled.context_start + scheduled.num_tokens
+            self.block_manager.commit(seq)  # before a finish frees them: full blocks stay cached
             if token is not None:
                 self._on_token(self._tracked[seq.request_id], token, now)
-
-    def _count_prompt(self, seq: Sequence) -> None:
-        self._num_prompt_tokens += seq.num_prompt_tokens
-        self._num_cached_tokens += seq.num_cached_tokens
 
     def _on_token(self, tracked: _Tracked, token: int, now: float) -> None:
         seq = tracked.seq

@@ -64,6 +64,9 @@ class Meter:
         """Charges a step's device time to its sequences by their share of its FLOPs."""
         gpu_seconds = wall_seconds * self.num_devices
         total = sum(flops for _, flops in work)
+        if total == 0:  # a step that computed nothing kept the device idle
+            self.idle_gpu_seconds += gpu_seconds
+            return
         for seq, flops in work:
             seq.gpu_seconds += gpu_seconds * flops / total
         self.attributed_gpu_seconds += gpu_seconds

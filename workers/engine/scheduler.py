@@ -1,15 +1,23 @@
 """Which sequences run in the next step, and how many of their tokens.
 
-Every step is one forward pass over a mix of tokens: first one token for each
-running sequence that is decoding (so a long prompt never stalls them), then
-chunks of prompts being prefilled, up to a token budget. Waiting sequences are
-admitted in arrival order while there is room in the batch and in the KV pool.
-A sequence reserves blocks for its prompt plus max_tokens when admitted, so a
-running sequence never runs out of cache.
+Every step is one forward pass over a mix of tokens (continuous batching):
+first one token for each running sequence that is decoding, so a long prompt
+never stalls them, then chunks of prompts being prefilled, up to a token
+budget (chunked prefill). Waiting sequences are admitted in arrival order
+while there is room in the batch and in the KV pool.
+
+KV blocks are taken as they are needed: a prompt's blocks when it is admitted
+(its cached prefix reused), then one block at a time as it decodes. When a
+decoding sequence needs a block and the pool has none, the youngest running
+sequence is preempted: its blocks are freed and it goes back to the head of
+the queue, to be recomputed later (its full blocks stay in the prefix cache,
+so that is often cheap). The oldest sequence is never preempted for a younger
+one, so every request finishes.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -19,7 +27,7 @@ from workers.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16
+    max_num_seqs: int = 64
     """Most sequences in one step."""
     max_num_batched_tokens: int = 1024
     """Most tokens computed in one step, decodes and prefill chunks together."""
@@ -36,25 +44,42 @@ class SchedulerConfig:
 class ScheduledSequence:
     seq: Sequence
     num_tokens: int
-    """Tokens of the sequence computed in this step, from seq.num_computed_tokens on."""
-
-    @property
-    def context_start(self) -> int:
-        return self.seq.num_computed_tokens
+    """Tokens of the sequence computed in this step."""
+    context_start: int
+    """Tokens of the sequence already in the KV cache; this step computes [context_start, +num_tokens)."""
 
     @property
     def samples(self) -> bool:
         """The step reaches the end of the sequence, so a next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.context_start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
 class StepPlan:
     scheduled: tuple[ScheduledSequence, ...]
+    preempted: tuple[Sequence, ...] = ()
+    """Sequences sent back to the queue to make room in this step."""
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
+
+
+@dataclass
+class SchedulerStats:
+    num_prompt_tokens: int = 0
+    """Prompt tokens of every admitted request (counted once, on first admission)."""
+    num_cached_tokens: int = 0
+    """Of those, the tokens served from the prefix cache."""
+    num_preemptions: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+
+def _arrival(seq: Sequence) -> float:
+    return seq.arrival_time
 
 
 class Scheduler:
@@ -63,6 +88,10 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        """Oldest first (by arrival), so the youngest is last: the one preempted first."""
+        self.stats = SchedulerStats()
+        # Free blocks kept back when admitting, so decodes rarely preempt right after an admission.
+        self._watermark_blocks = max(1, block_manager.num_blocks // 100)
 
     @property
     def has_work(self) -> bool:
@@ -77,26 +106,74 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         plan: list[ScheduledSequence] = []
-        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        for seq in (*decoding, *prefilling):
+        preempted: list[Sequence] = []
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
             if budget == 0:
                 break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if not self._make_room(seq, preempted):
+                continue
+            plan.append(ScheduledSequence(seq, 1, seq.num_computed_tokens))
+            budget -= 1
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            if budget == 0:
+                break
+            # A prefilling sequence holds blocks for all its tokens since admission.
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            plan.append(ScheduledSequence(seq, num_tokens))
+            plan.append(ScheduledSequence(seq, num_tokens, seq.num_computed_tokens))
             budget -= num_tokens
+        if not preempted:
+            budget = self._admit(plan, budget)
+        return StepPlan(tuple(plan), tuple(preempted))
+
+    def _make_room(self, seq: Sequence, preempted: list[Sequence]) -> bool:
+        """Gives a decoding sequence the block for its next token, preempting the
+        youngest running sequences if need be; False if seq itself was preempted."""
+        target = seq.num_computed_tokens + 1
+        while not self.block_manager.can_allocate(seq, target):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.block_manager.allocate(seq, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)  # the youngest is preempted first, so the oldest ends up in front
+        self.stats.num_preemptions += 1
+
+    def _admit(self, plan: list[ScheduledSequence], budget: int) -> int:
+        """Admits waiting sequences in arrival order while they fit; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq, seq.max_total_tokens):
+            if not self._can_admit(seq):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.max_total_tokens)
+            cached_tokens = self.block_manager.allocate(seq, seq.num_tokens)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached_tokens
+                self.stats.num_prompt_tokens += seq.num_prompt_tokens
+                self.stats.num_cached_tokens += cached_tokens
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=_arrival)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            plan.append(ScheduledSequence(seq, num_tokens))
+            plan.append(ScheduledSequence(seq, num_tokens, seq.num_computed_tokens))
             budget -= num_tokens
-        return StepPlan(tuple(plan))
+        return budget
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        bm = self.block_manager
+        if not self.running:
+            return bm.can_allocate(seq, seq.num_tokens)
+        # Keep a few blocks back so running sequences can grow without preempting at once.
+        return bm.can_allocate(seq, seq.num_tokens + self._watermark_blocks * bm.block_size)
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence and returns its blocks to the pool."""

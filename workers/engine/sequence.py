@@ -58,7 +58,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions,
-                 arrival_time: float, cache_salt: str = "") -> None:
+                 arrival_time: float, cache_salt: str = "", num_shared_prefix_tokens: int = 0) -> None:
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.request_id = request_id
@@ -66,6 +66,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.cache_salt = cache_salt
+        """Scopes prefix-cache reuse: only sequences with equal salts share cached blocks."""
+        self.num_shared_prefix_tokens = num_shared_prefix_tokens
+        """Leading tokens inside an operator-marked shared prefix: cached for every salt."""
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_sequence = ""
@@ -73,6 +76,9 @@ class Sequence:
         self.num_cached_tokens = 0
         """Prompt tokens whose KV came from the prefix cache instead of being computed."""
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []
+        """Prefix-cache hashes of the leading blocks that are full and computed."""
+        self.num_preemptions = 0
         self.gpu_seconds = 0.0
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None

@@ -1,10 +1,11 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is a flat pool of slots, [num_slots, num_kv_heads,
-head_dim], where slot = block * block_size + offset. A step processes the new
-tokens of several sequences at once; each token's K and V are written to its
-slot (`slot_mapping`), then each sequence attends over its whole context,
-gathered from the slots its block table names.
+The cache of one layer is a pool of blocks, [num_blocks, block_size,
+num_kv_heads, head_dim]; slot = block * block_size + offset. A step processes
+the new tokens of several sequences at once; each token's K and V are written
+to its slot (`slot_mapping`), then each sequence attends over its whole
+context, gathered from the blocks its block table names. Sequences decoding
+one token are attended together in one batched call; prefill chunks one by one.
 """
 
 from __future__ import annotations
@@ -20,18 +21,32 @@ from workers.models.config import LlamaConfig
 
 
 @dataclass(frozen=True)
-class SequenceSlice:
-    """One sequence's part of a step."""
+class DecodeBatch:
+    """The step's single-token sequences, attended in one batched call.
+
+    Their query rows come first in the step: rows [0, B).
+    """
+
+    block_tables: torch.Tensor
+    """[B, max_blocks] each sequence's blocks, padded with block 0."""
+    mask: torch.Tensor
+    """[B, 1, 1, max_blocks * block_size] True for the slots that hold the sequence's context."""
+
+
+@dataclass(frozen=True)
+class PrefillSlice:
+    """One sequence computing several tokens (a prompt, or a chunk of one)."""
 
     query_start: int
     query_end: int
     """Rows [query_start, query_end) of the step's tokens belong to this sequence."""
-    kv_slots: torch.Tensor
-    """[context_len] cache slots of the sequence's whole context, new tokens included, in order."""
+    block_ids: torch.Tensor
+    """[num_blocks] the blocks holding the sequence's context, new tokens included."""
+    context_len: int
     mask: torch.Tensor | None
-    """[num_query, context_len] True where a query may attend; None when every key is visible."""
+    """[num_query, context_len] True where a query may attend; None with is_causal."""
     is_causal: bool
-    """The queries are the whole context (a first prefill): plain causal attention."""
+    """The queries are the whole context (a prompt with nothing cached): plain causal attention."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,9 @@ class AttentionMetadata:
     """Shared by every layer in one step; built once by the ModelRunner."""
 
     slot_mapping: torch.Tensor
-    """[N] the cache slot each new token's K and V are written to."""
-    sequences: tuple[SequenceSlice, ...]
+    """[N] the cache slot (block * block_size + offset) each new token's K and V are written to."""
+    decode: DecodeBatch | None
+    prefills: tuple[PrefillSlice, ...]
 
 
 def causal_mask(num_query: int, context_len: int, device: torch.device) -> torch.Tensor:
@@ -59,13 +75,31 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out[0].transpose(0, 1)
 
 
+def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    decode: DecodeBatch) -> torch.Tensor:
+    # q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D] -> [B, H, D]
+    # One gather and one SDPA call for the whole batch: per-sequence calls cost
+    # more in dispatch than in arithmetic at decode sizes.
+    b, num_kv_heads, head_dim = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+    blocks = decode.block_tables.flatten()
+    k = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
+    v = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=decode.mask, enable_gqa=True)  # [B, H, 1, D]
+    return out[:, :, 0]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     metadata: AttentionMetadata) -> torch.Tensor:
-    # q: [N, H, D]; caches: [S, Hkv, D] -> [N, H, D]
+    # q: [N, H, D]; caches: [num_blocks, block_size, Hkv, D] -> [N, H, D]
     out = torch.empty_like(q)
-    for seq in metadata.sequences:
-        k = k_cache.index_select(0, seq.kv_slots)
-        v = v_cache.index_select(0, seq.kv_slots)
+    if metadata.decode is not None:
+        b = metadata.decode.block_tables.shape[0]
+        out[:b] = _attend_decodes(q[:b], k_cache, v_cache, metadata.decode)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for seq in metadata.prefills:
+        k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+        v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
         rows = slice(seq.query_start, seq.query_end)
         out[rows] = _attend(q[rows], k, v, seq.mask, seq.is_causal)
     return out
@@ -86,7 +120,7 @@ class Attention(nn.Module):
         qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
-        # Bound by the ModelRunner to this layer's share of the KV pool: [S, Hkv, D].
+        # Bound by the ModelRunner to this layer's share of the KV pool: [num_blocks, block_size, Hkv, D].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -103,7 +137,7 @@ class Attention(nn.Module):
             # One sequence, no cache: used for scoring whole texts (tests, perplexity).
             out = _attend(q, k, v, None, is_causal=True)
         else:
-            self.k_cache.index_copy_(0, metadata.slot_mapping, k)
-            self.v_cache.index_copy_(0, metadata.slot_mapping, v)
+            self.k_cache.view(-1, *k.shape[1:]).index_copy_(0, metadata.slot_mapping, k)
+            self.v_cache.view(-1, *v.shape[1:]).index_copy_(0, metadata.slot_mapping, v)
             out = paged_attention(q, self.k_cache, self.v_cache, metadata)
         return self.o_proj(out.reshape(n, -1))

@@ -38,11 +38,13 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[_inference_pb2.Usage, _Mapping]] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("sequence_length",)
+    SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    sequence_length: int
+    def __init__(self, sequence_length: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "parameter_count", "weight_bytes", "compute_dtype", "hardware_class", "device_type", "device_count", "tensor_parallel_size", "kv_bytes_per_token", "kv_capacity_tokens")
+    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "parameter_count", "weight_bytes", "compute_dtype", "hardware_class", "device_type", "device_count", "tensor_parallel_size", "kv_bytes_per_token", "kv_capacity_tokens", "kv_block_size", "kv_cache_bytes", "max_sequences_at_length", "prefix_caching", "max_num_seqs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +58,11 @@ class GetModelInfoResponse(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_AT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     context_length: int
@@ -69,14 +76,19 @@ class GetModelInfoResponse(_message.Message):
     tensor_parallel_size: int
     kv_bytes_per_token: int
     kv_capacity_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., parameter_count: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_type: _Optional[str] = ..., device_count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_cache_bytes: int
+    max_sequences_at_length: int
+    prefix_caching: bool
+    max_num_seqs: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., parameter_count: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_type: _Optional[str] = ..., device_count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_sequences_at_length: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_tokens_used", "kv_tokens_capacity", "prefix_cache_hit_rate", "attributed_gpu_seconds", "idle_gpu_seconds")
+    __slots__ = ("num_running", "num_waiting", "kv_tokens_used", "kv_tokens_capacity", "prefix_cache_hit_rate", "attributed_gpu_seconds", "idle_gpu_seconds", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "num_preemptions")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +96,10 @@ class GetLoadResponse(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTED_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_tokens_used: int
@@ -91,7 +107,11 @@ class GetLoadResponse(_message.Message):
     prefix_cache_hit_rate: float
     attributed_gpu_seconds: float
     idle_gpu_seconds: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., attributed_gpu_seconds: _Optional[float] = ..., idle_gpu_seconds: _Optional[float] = ...) -> None: ...
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    num_preemptions: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., attributed_gpu_seconds: _Optional[float] = ..., idle_gpu_seconds: _Optional[float] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
     __slots__ = ("model", "prompt", "chat")
