@@ -77,7 +77,10 @@ class ModelRunner:
                       checkpoint.config.max_position_embeddings)
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
+        self.parameter_count = _count_parameters(self.model)
         select_linear_kernels(self.model, self.device)
+        self.weight_bytes = _tensor_bytes(self.model)
+        """Bytes the weights take on the device, as the kernels hold them (packed copies included)."""
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = min(context, self.num_kv_blocks * self.block_size)
@@ -91,21 +94,6 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         c = self.model_config
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
-
-    def _unique_parameters(self) -> list[torch.Tensor]:
-        """Parameters counted once per storage (a tied embedding may be a view of the head)."""
-        seen: dict[int, torch.Tensor] = {}
-        for param in self.model.parameters():
-            seen.setdefault(param.untyped_storage().data_ptr(), param)
-        return list(seen.values())
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self._unique_parameters())
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._unique_parameters())
 
     def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory_bytes
@@ -220,3 +208,26 @@ class ModelRunner:
 def _padded(block_ids: list[int], length: int) -> list[int]:
     """A block table padded with block 0 to length (the padding is masked out)."""
     return block_ids + [0] * (length - len(block_ids))
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    """The model's parameters, a tied embedding and head counted once (before any kernel swap)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, each storage once.
+
+    Opaque tensors (oneDNN's packed weights) have no storage to look through,
+    so each is counted whole.
+    """
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.parameters():
+        if tensor.layout == torch.strided:
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in seen:
+                continue
+            seen.add(storage)
+        total += tensor.numel() * tensor.element_size()
+    return total

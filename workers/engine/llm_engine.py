@@ -267,7 +267,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.append_token(token)
-        if token in self.config.eos_token_ids:
+        if token in self.config.eos_token_ids and not seq.sampling.ignore_eos:
             self._finish(tracked, FinishReason.STOP, "", (token,), now)
             return
         text, matched = tracked.stop.feed(tracked.detokenizer.push(token))

@@ -34,6 +34,8 @@ class SamplingOptions:
     """0 is off."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence, up to max_tokens (benchmarks; not exposed in the API)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
