@@ -200,6 +200,37 @@ def test_a_request_id_still_running_is_aborted(stack, gateway, auth, team) -> No
     assert len(stack.records(team)) == 1
 
 
+def test_the_prefix_cache_is_shared_within_a_team_and_never_across_teams(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    handbook = "Expense policy. " + " ".join(f"Section {n}: receipts over {n * 10} euros need a manager's approval."
+                                             for n in range(30))
+    request = chat_request(messages=[("system", handbook), ("user", "Summarise section 3.")], max_tokens=4)
+    first = gateway.Generate(request, metadata=auth)
+    same_team = (("authorization", f"Bearer {stack.create_key(team, 'other-project')}"),)
+    other_team = (("authorization", f"Bearer {stack.create_key(f'{team}-rival', 'app')}"),)
+    block = stack.worker.runner.block_size
+    assert first.usage.cached_tokens == 0 and first.usage.prompt_tokens > 20 * block
+    assert gateway.Generate(request, metadata=other_team).usage.cached_tokens == 0
+    again = gateway.Generate(request, metadata=same_team)
+    assert again.usage.cached_tokens == (first.usage.prompt_tokens - 1) // block * block
+    assert again.text == first.text
+    records = {r.request_id: r for r in stack.records(team)}
+    assert records[again.request_id].cached_tokens == again.usage.cached_tokens
+
+
+def test_the_worker_reports_its_kv_capacity_and_load(stack, worker_stub) -> None:  # noqa: ANN001
+    info = worker_stub.GetModelInfo(wpb.GetModelInfoRequest(sequence_length=1000))
+    runner = stack.worker.runner
+    assert info.kv_capacity_tokens == runner.num_kv_blocks * info.kv_block_size
+    assert info.kv_cache_bytes == info.kv_capacity_tokens * info.kv_bytes_per_token <= 128 << 20
+    # 1,000 tokens take 63 blocks of 16; the pool holds that many such conversations at once.
+    assert info.max_sequences_at_length == runner.num_kv_blocks // 63
+    assert info.prefix_caching and info.max_num_seqs >= 1
+    assert worker_stub.GetModelInfo(wpb.GetModelInfoRequest()).max_sequences_at_length == 0
+    load = worker_stub.GetLoad(wpb.GetLoadRequest())
+    assert load.kv_blocks_used + load.kv_blocks_free == runner.num_kv_blocks
+    assert load.kv_tokens_capacity == info.kv_capacity_tokens
+
+
 def test_list_models_and_count_tokens(stack, gateway, auth) -> None:  # noqa: ANN001
     models = gateway.ListModels(pb.ListModelsRequest(), metadata=auth).models
     # The test worker's 128 MiB KV pool caps its context below the model's 8,192.

@@ -138,3 +138,65 @@ def test_gpu_seconds_add_up_to_wall_time(tiny_checkpoint) -> None:  # noqa: ANN0
     assert sum(per_request) == pytest.approx(meter.attributed_gpu_seconds, rel=1e-9)
     # Longer prompts and more tokens do more work, so they are charged more.
     assert per_request[-1] > per_request[0]
+
+
+def test_an_exhausted_pool_preempts_and_every_request_still_gets_its_tokens(tiny_checkpoint) -> None:  # noqa: ANN001
+    """Many long requests against a pool far too small for them all: sequences are
+    preempted and recomputed, none is dropped, and each output equals the unconstrained run."""
+    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
+    roomy = Worker(WorkerConfig(worker_id="roomy", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20),
+                                scheduler=scheduler), tiny_checkpoint)
+    # 12 blocks of 16 tokens: room for about two of these requests at a time.
+    cramped = Worker(WorkerConfig(worker_id="cramped", scheduler=scheduler,
+                                  runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=12 * 16 * 512)),
+                     tiny_checkpoint)
+    assert cramped.runner.num_kv_blocks == 12
+    prompts = [prompt(roomy, f"Story {i}: " + "once upon a time " * (2 + i)) for i in range(8)]
+
+    async def all_at_once(worker: Worker) -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(collect(worker, ids, SamplingOptions(60, temperature=0)) for ids in prompts))
+    results = {}
+    for worker in (roomy, cramped):
+        worker.start()
+        try:
+            results[worker.worker_id] = asyncio.run(all_at_once(worker))
+        finally:
+            worker.stop()
+    assert [tokens(r) for r in results["cramped"]] == [tokens(r) for r in results["roomy"]]
+    assert all(len(tokens(r)) == 60 for r in results["cramped"])
+    load = cramped.engine.load()
+    assert load.num_preemptions > 0 and load.kv_blocks_used == 0
+    # Recomputation is charged too, and the books still balance.
+    per_request = [r[-1].usage.gpu_seconds for r in results["cramped"]]
+    assert sum(per_request) == pytest.approx(cramped.engine.meter.attributed_gpu_seconds, rel=1e-9)
+
+
+def test_a_prefix_marked_shared_is_reused_across_tenants(tiny_checkpoint) -> None:  # noqa: ANN001
+    system = "You are the support assistant of Example Corp. " * 12
+    question = "How do I reset my password?"
+    shared = Worker(WorkerConfig(worker_id="shared", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20),
+                                 shared_system_prompts=(system,)), tiny_checkpoint)
+    private = Worker(WorkerConfig(worker_id="private", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20)),
+                     tiny_checkpoint)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    ids = shared.tokenizer.encode_chat(messages)
+
+    async def cached_tokens(worker: Worker, salt: str) -> int:
+        async for output in worker.async_engine.generate(ids, SamplingOptions(2, temperature=0), salt):
+            pass
+        return output.usage.cached_tokens
+
+    def first_then_other_team(worker: Worker) -> tuple[int, int, int]:
+        worker.start()
+        try:
+            return (asyncio.run(cached_tokens(worker, "team:a")), asyncio.run(cached_tokens(worker, "team:b")),
+                    asyncio.run(cached_tokens(worker, "team:a")))
+        finally:
+            worker.stop()
+    block = shared.runner.block_size
+    system_tokens = shared.shared_prefixes.match(ids)
+    assert system_tokens > 4 * block
+    # Unmarked: team b computes everything again; team a reuses all its full blocks.
+    assert first_then_other_team(private) == (0, 0, (len(ids) - 1) // block * block)
+    # Marked: team b reuses the system prompt's blocks, not team a's question.
+    assert first_then_other_team(shared) == (0, system_tokens // block * block, (len(ids) - 1) // block * block)
