@@ -139,3 +139,13 @@ def test_invalid_configs_are_refused() -> None:
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError):
         SamplingOptions(max_tokens=1, top_p=0.0)
+
+
+def test_the_control_plane_imports_no_torch() -> None:
+    """Sequence, BlockManager, Scheduler, the meter and the engine loop run without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workers.engine.llm_engine, workers.engine.shared_prefix; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
