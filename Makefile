@@ -31,6 +31,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.worker_decode
+	$(BIN)/python -m bench.engine
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py

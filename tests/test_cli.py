@@ -422,6 +422,30 @@ def test_worker_reports_a_bad_kv_cache_size_as_a_usage_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_worker_flags_shape_the_engine(tmp_path: Path) -> None:
+    from workers.cli import add_arguments, config_from_args
+
+    system = tmp_path / "system.txt"
+    system.write_text("You are the assistant of Example Corp.", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args([
+        "--no-prefix-caching", "--shared-system-prompt-file", str(system), "--kv-cache-memory", "2GiB",
+        "--kv-cache-free-memory-fraction", "0.5", "--max-num-seqs", "32", "--max-num-batched-tokens", "512"]))
+    assert not config.enable_prefix_caching
+    assert config.shared_system_prompts == ("You are the assistant of Example Corp.",)
+    assert (config.runner.kv_cache_memory_bytes, config.runner.kv_cache_free_memory_fraction) == (2 << 30, 0.5)
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (32, 512)
+    assert config_from_args(parser.parse_args([])).enable_prefix_caching
+
+
+def test_worker_reports_an_unreadable_shared_prefix_file_in_one_line(tmp_path: Path) -> None:
+    result = fareway("worker", "--shared-prefix-file", str(tmp_path / "missing.txt"))
+    assert result.returncode != 0
+    assert "cannot read" in result.stderr and "missing.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- help -------------------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ and the forward pass and sampling of each engine step."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,12 @@ class ModelRunner:
                                  dtype=self.dtype, max_positions=context)
         self.parameter_count = _count_parameters(self.model)
         select_linear_kernels(self.model, self.device)
-        self.weight_bytes = _tensor_bytes(self.model)
+        self.weight_bytes = _tensor_bytes(self.model.parameters())
         """Bytes the weights take on the device, as the kernels hold them (packed copies included)."""
+        self.decode_bytes_per_step = _tensor_bytes(
+            p for m in self.model.modules() if not isinstance(m, torch.nn.Embedding)
+            for p in m.parameters(recurse=False))
+        """Weight bytes a decode step reads: all but the embedding tables, of which it reads a row per token."""
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = min(context, self.num_kv_blocks * self.block_size)
@@ -215,15 +220,15 @@ def _count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters, each storage once.
+def _tensor_bytes(parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the parameters, each storage once.
 
     Opaque tensors (oneDNN's packed weights) have no storage to look through,
     so each is counted whole.
     """
     seen: set[int] = set()
     total = 0
-    for tensor in model.parameters():
+    for tensor in parameters:
         if tensor.layout == torch.strided:
             storage = tensor.untyped_storage().data_ptr()
             if storage in seen:

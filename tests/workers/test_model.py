@@ -75,3 +75,16 @@ def test_greedy_decoding_gives_transformers_tokens(stack, smollm2: Checkpoint, h
             tokens.extend(output.token_ids)
         return tokens
     assert stack.loop.run(ours()) == expected
+
+
+def test_the_runner_counts_parameters_and_the_bytes_its_kernels_hold(smollm2: Checkpoint) -> None:
+    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 20))
+    tied = smollm2.config.tie_word_embeddings
+    expected = sum(t.numel() for name, t in smollm2.tensors.items() if not (tied and name == "lm_head.weight"))
+    assert runner.parameter_count == expected
+    embedding = smollm2.config.vocab_size * smollm2.config.hidden_size * 4
+    # Every weight once in fp32, plus the head's packed copy when the kernels keep one apart from the embedding.
+    assert runner.weight_bytes in (expected * 4, expected * 4 + embedding)
+    # A decode step reads every weight once (the tied embedding table as the head), never the packed copy twice.
+    assert runner.decode_bytes_per_step == expected * 4
+    assert runner.max_sequences_at(1000) == runner.num_kv_blocks // 63
