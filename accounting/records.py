@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-_INT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "device_count")
+_INT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "device_count", "cost_nusd", "list_nusd")
 _FLOAT_FIELDS = ("gpu_seconds", "queue_ms", "ttft_ms", "total_ms", "started_at", "ended_at")
 
 
@@ -36,6 +36,19 @@ class UsageRecord:
     """Unix seconds."""
     ended_at: float
     tags: dict[str, str] = field(default_factory=dict)
+    cost_nusd: int = 0
+    """Cost to serve in nano-dollars: GPU-seconds (every device counted) x the hardware's price."""
+    list_nusd: int = 0
+    """List price in nano-dollars: tokens x the model's prices, cached prompt tokens at their own."""
+    price_version: str = ""
+    """The price book version that priced the record ("" until priced)."""
+    budget_period: str = ""
+    """The month (YYYY-MM) whose budget reserved this request's maximum cost at admission, if any."""
+
+    @property
+    def gpu_nanoseconds(self) -> int:
+        """GPU-seconds as an integer, for exact sums."""
+        return round(self.gpu_seconds * 1e9)
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry."""
@@ -48,7 +61,7 @@ class UsageRecord:
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, object] = {k: v for k, v in values.items() if k in known}
         for name in _INT_FIELDS:
-            kwargs[name] = int(values[name])
+            kwargs[name] = int(values.get(name, 0))
         for name in _FLOAT_FIELDS:
             kwargs[name] = float(values[name])
         kwargs["tags"] = json.loads(values.get("tags") or "{}")

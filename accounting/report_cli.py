@@ -9,11 +9,13 @@ import datetime as dt
 import json
 import re
 import sys
+from decimal import Decimal
 
 from rich.console import Console
 
 from accounting.ledger import Ledger
-from accounting.reports import DIMENSIONS, UsageReport, UsageTotals, usage_report
+from accounting.reports import DIMENSIONS, UsageReport, usage_report
+from accounting.rollups import Totals
 from fareway.config import RedisConfig
 from fareway.console import USAGE_COLUMNS, totals_table
 from fareway.errors import FarewayError
@@ -47,8 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
 
-def _figures(totals: UsageTotals) -> list[float]:
+def _figures(totals: Totals) -> list[object]:
     return [getattr(totals, name) for name in USAGE_COLUMNS]
+
+
+def _plain(value: object) -> object:
+    """A figure for CSV and JSON: money as its exact decimal string, rates rounded."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, float):
+        return round(value, 9)
+    return value
 
 
 def write_report(report: UsageReport, fmt: str, out=None) -> None:  # noqa: ANN001 - a text stream
@@ -60,11 +71,12 @@ def write_report(report: UsageReport, fmt: str, out=None) -> None:  # noqa: ANN0
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([*report.group_by, *USAGE_COLUMNS])
         for group, totals in report.rows:
-            writer.writerow([*group, *_figures(totals)])
+            writer.writerow([*group, *map(_plain, _figures(totals))])
     else:
-        rows = [{**dict(zip(report.group_by, group)), **dict(zip(USAGE_COLUMNS, _figures(totals)))}
+        rows = [{**dict(zip(report.group_by, group)), **dict(zip(USAGE_COLUMNS, map(_plain, _figures(totals))))}
                 for group, totals in report.rows]
-        json.dump({"rows": rows, "total": dict(zip(USAGE_COLUMNS, _figures(report.total)))}, out, indent=2)
+        json.dump({"rows": rows, "total": dict(zip(USAGE_COLUMNS, map(_plain, _figures(report.total))))},
+                  out, indent=2)
         out.write("\n")
 
 

@@ -1,4 +1,11 @@
-"""Usage reports: the ledger grouped by any mix of dimensions."""
+"""Usage and cost reports: totals grouped by any mix of dimensions.
+
+Reports over whole hours (every range whose ends fall on the hour, or are
+open) read the hourly rollups, a few hashes per team and hour whatever the
+number of records; other ranges, and groupings the rollups do not keep
+(several tags at once), read the ledger record by record. Both give the same
+exact integers.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +13,125 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from accounting.ledger import Ledger
 from accounting.records import UsageRecord
+from accounting.rollups import (GROUP_DIMENSIONS, METRICS, RollupCell, Totals, bucket_start, group_of, hours_key,
+                                parse, rollup_key)
 from fareway.errors import InvalidArgument
 
-_DIMENSIONS: dict[str, Callable[[UsageRecord], str]] = {
-    "team": lambda r: r.team,
-    "project": lambda r: r.project,
-    "model": lambda r: r.model,
-    "hardware_class": lambda r: r.hardware_class,
-    "worker": lambda r: r.worker_id,
-    "status": lambda r: r.status,
-    "day": lambda r: dt.datetime.fromtimestamp(r.ended_at, dt.UTC).date().isoformat(),
+TIME_DIMENSIONS = ("day", "week", "month")
+DIMENSIONS = ("team", *GROUP_DIMENSIONS, *TIME_DIMENSIONS, "tag:<name>")
+_HOUR_S = 3600
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What a dimension can read: one record, or one rollup cell."""
+
+    team: str
+    group: tuple[str, ...]
+    """Values of GROUP_DIMENSIONS."""
+    ended_at: float
+    """The record's end, or the rollup hour's start."""
+    tags: dict[str, str]
+
+
+def _time_key(fmt: str) -> Callable[[Cell], str]:
+    return lambda c: dt.datetime.fromtimestamp(c.ended_at, dt.UTC).strftime(fmt)
+
+
+_KEYS: dict[str, Callable[[Cell], str]] = {
+    "team": lambda c: c.team,
+    **{name: (lambda i: lambda c: c.group[i])(i) for i, name in enumerate(GROUP_DIMENSIONS)},
+    "day": _time_key("%Y-%m-%d"),
+    "week": _time_key("%G-W%V"),
+    "month": _time_key("%Y-%m"),
 }
-DIMENSIONS = (*_DIMENSIONS, "tag:<name>")
 
 
-def dimension(name: str) -> Callable[[UsageRecord], str]:
+def dimension(name: str) -> Callable[[Cell], str]:
     if name.startswith("tag:") and len(name) > 4:
         tag = name[4:]
-        return lambda r: r.tags.get(tag, "")
-    if name not in _DIMENSIONS:
+        return lambda c: c.tags.get(tag, "")
+    if name not in _KEYS:
         raise InvalidArgument(f"cannot group by {name!r}; use any of {', '.join(DIMENSIONS)}", field="group_by")
-    return _DIMENSIONS[name]
-
-
-@dataclass
-class UsageTotals:
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    gpu_seconds: float = 0.0
-
-    def add(self, record: UsageRecord) -> None:
-        self.requests += 1
-        self.prompt_tokens += record.prompt_tokens
-        self.cached_tokens += record.cached_tokens
-        self.completion_tokens += record.completion_tokens
-        self.gpu_seconds += record.gpu_seconds
+    return _KEYS[name]
 
 
 @dataclass(frozen=True)
 class UsageReport:
     group_by: tuple[str, ...]
-    rows: list[tuple[tuple[str, ...], UsageTotals]]
+    rows: list[tuple[tuple[str, ...], Totals]]
     """Sorted by group values."""
-    total: UsageTotals
+    total: Totals
+
+
+def _on_the_hour(instant: float | None) -> bool:
+    return instant is None or instant % _HOUR_S == 0
 
 
 async def usage_report(ledger: Ledger, group_by: Sequence[str], *, since: float | None = None,
                        until: float | None = None, teams: Sequence[str] | None = None) -> UsageReport:
     """Totals per group over records that ended in [since, until), for the given teams (None: all)."""
     keys = [dimension(name) for name in group_by]
-    groups: dict[tuple[str, ...], UsageTotals] = {}
-    total = UsageTotals()
-    for team in teams if teams is not None else await ledger.teams():
-        async for record in ledger.records(team, since, until):
-            groups.setdefault(tuple(key(record) for key in keys), UsageTotals()).add(record)
-            total.add(record)
+    tag_dimensions = [name[4:] for name in group_by if name.startswith("tag:")]
+    teams = list(teams) if teams is not None else await ledger.teams()
+    if _on_the_hour(since) and _on_the_hour(until) and len(tag_dimensions) <= 1:
+        cells = _rollup_cells(ledger.redis, teams, since, until, tag_dimensions[0] if tag_dimensions else None)
+    else:
+        cells = _ledger_cells(ledger, teams, since, until)
+    groups: dict[tuple[str, ...], Totals] = {}
+    total = Totals()
+    async for cell, totals in cells:
+        groups.setdefault(tuple(key(cell) for key in keys), Totals()).add(totals)
+        total.add(totals)
     return UsageReport(tuple(group_by), sorted(groups.items()), total)
+
+
+async def _ledger_cells(ledger: Ledger, teams: Sequence[str], since: float | None, until: float | None):  # noqa: ANN202
+    for team in teams:
+        async for record in ledger.records(team, since, until):
+            yield _record_cell(record), Totals.of(record)
+
+
+def _record_cell(record: UsageRecord) -> Cell:
+    return Cell(record.team, group_of(record), record.ended_at, record.tags)
+
+
+async def _rollup_cells(redis: aioredis.Redis, teams: Sequence[str], since: float | None, until: float | None,  # noqa: ANN202
+                        tag: str | None):
+    """Cells of every rollup hour in [since, until). With a tag dimension, a group's
+    records without that tag appear once with the tag empty."""
+    for team in teams:
+        hours = await redis.zrangebyscore(hours_key(team), "-inf" if since is None else since,
+                                          f"({until}" if until is not None else "+inf")
+        async with redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(rollup_key(team, hour))
+            contents = await pipe.execute()
+        for hour, fields in zip(hours, contents):
+            start = bucket_start(hour)
+            for cell, totals in _hour_cells(parse(fields), tag):
+                yield Cell(team, cell[0], start, cell[1]), totals
+
+
+def _hour_cells(cells: dict[RollupCell, Totals], tag: str | None) -> list[tuple[tuple[tuple[str, ...], dict[str, str]], Totals]]:
+    plain = [(c.group, t) for c, t in cells.items() if c.tag is None]
+    if tag is None:
+        return [((group, {}), totals) for group, totals in plain]
+    tagged: dict[tuple[str, ...], list[tuple[str, Totals]]] = {}
+    for cell, totals in cells.items():
+        if cell.tag is not None and cell.tag[0] == tag:
+            tagged.setdefault(cell.group, []).append((cell.tag[1], totals))
+    out = []
+    for group, totals in plain:
+        untagged = Totals()
+        untagged.add(totals)
+        for value, part in tagged.get(group, []):
+            out.append(((group, {tag: value}), part))
+            untagged.add(Totals(*(-getattr(part, name) for name in METRICS)))
+        if untagged.requests:
+            out.append(((group, {}), untagged))
+    return out

@@ -6,7 +6,8 @@ import grpc
 import redis.asyncio as aioredis
 
 from accounting.ledger import Ledger
-from accounting.reports import UsageTotals, usage_report
+from accounting.reports import usage_report
+from accounting.rollups import Totals
 from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
 from fareway.auth import KeyStore
@@ -37,10 +38,11 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             total=_row((), report.total))
 
 
-def _row(group: tuple[str, ...], totals: UsageTotals) -> pb.UsageRow:
+def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
     return pb.UsageRow(group=group, requests=totals.requests, prompt_tokens=totals.prompt_tokens,
                        cached_tokens=totals.cached_tokens, completion_tokens=totals.completion_tokens,
-                       gpu_seconds=totals.gpu_seconds)
+                       gpu_seconds=totals.gpu_seconds, cache_hit_rate=totals.cache_hit_rate,
+                       cost_to_serve_nano_usd=totals.cost_nusd, list_price_nano_usd=totals.list_nusd)
 
 
 async def create_accounting_server(redis: aioredis.Redis, address: str) -> RunningServer:

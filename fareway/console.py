@@ -8,7 +8,9 @@ from rich.table import Table
 
 from fareway.inference.v1 import inference_pb2 as pb
 
-USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds")
+USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cache_hit_rate",
+                 "gpu_seconds", "cost_usd", "list_usd")
+"""A report's columns: counts, the cache hit rate, GPU-seconds, then cost to serve and list price in USD."""
 
 
 def usage_table(usage: pb.Usage, finish_reason: int) -> Table:
@@ -27,8 +29,8 @@ def usage_table(usage: pb.Usage, finish_reason: int) -> Table:
     return table
 
 
-def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Sequence[str], Sequence[float]]],
-                 total: Sequence[float]) -> Table:
+def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Sequence[str], Sequence[object]]],
+                 total: Sequence[object]) -> Table:
     """A report: one row per group, USAGE_COLUMNS figures, and a total row."""
     table = Table(title=title, title_justify="left")
     for name in group_by:
@@ -42,6 +44,7 @@ def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Seque
     return table
 
 
-def _format(figures: Sequence[float]) -> list[str]:
-    *counts, gpu_seconds = figures
-    return [f"{int(c):,}" for c in counts] + [f"{gpu_seconds:.3f}"]
+def _format(figures: Sequence[object]) -> list[str]:
+    *counts, hit_rate, gpu_seconds, cost_usd, list_usd = figures
+    return ([f"{int(c):,}" for c in counts] + [f"{float(hit_rate):.1%}", f"{float(gpu_seconds):.3f}"]
+            + [f"${float(usd):,.6f}" for usd in (cost_usd, list_usd)])

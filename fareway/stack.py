@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         children = [
             _spawn("worker", worker_args, args.worker_listen, env, logs),
             _spawn("accounting", ["--listen", args.accounting_listen], args.accounting_listen, env, logs),
-            _spawn("gateway", ["--listen", args.gateway_listen, "--worker", args.worker_listen],
+            _spawn("gateway", ["--listen", args.gateway_listen, "--worker", args.worker_listen,
+                               "--spool-dir", str(args.data_dir / "spool")],
                    args.gateway_listen, env, logs),
         ]
         try:

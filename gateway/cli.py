@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+from pathlib import Path
 
-from fareway.config import RedisConfig, TelemetryConfig
+from fareway.config import DEFAULT_DATA_DIR, RedisConfig, TelemetryConfig
 from fareway.process import wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FAREWAY_WORKERS, comma-separated, or 127.0.0.1:50052)")
     parser.add_argument("--max-attempts", type=int, default=3,
                         help="workers tried per request before its first token (default: %(default)s)")
+    parser.add_argument("--spool-dir", type=Path, default=None,
+                        help="where usage records wait while Redis is unreachable "
+                             "(default: $FAREWAY_DATA_DIR/spool, i.e. var/spool)")
+    parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
+                        help="what a cost-to-serve budget holds per token of a running request "
+                             "(default: %(default)s)")
 
 
 def _workers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from gateway.config import GatewayConfig
 
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway"))
-    config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts)
+    spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
+    config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts,
+                           spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

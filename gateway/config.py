@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,18 @@ class GatewayConfig:
     """How long a request_id's outcome is kept for replays."""
     idempotency_lease_s: int = 15 * 60
     """How long a request_id stays claimed by a run that never reports back (a crashed gateway)."""
+    spool_dir: Path | None = None
+    """Where usage records wait while Redis is unreachable (replayed when it is back); None: no spool,
+    and a record that cannot be written fails its request."""
+    budget_cost_reserve_usd_per_million_tokens: float = 10.0
+    """What a cost-to-serve budget holds per token of a running request (list-price budgets hold exact bounds)."""
 
     def __post_init__(self) -> None:
         if not self.workers:
             raise ValueError("a gateway needs at least one worker address")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.budget_cost_reserve_usd_per_million_tokens < 0:
+            raise ValueError("budget_cost_reserve_usd_per_million_tokens must be >= 0")
         if self.worker_refresh_interval_s <= 0:
             raise ValueError(f"worker_refresh_interval_s must be positive, got {self.worker_refresh_interval_s}")

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from accounting.ledger import Ledger
+from accounting.budgets import Reservation
+from accounting.recorder import UNREACHABLE, UsageRecorder
 from accounting.records import UsageRecord
 from fareway.auth import Tenant
 from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
+from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
 from gateway.pool import WorkerEndpoint, WorkerPool
@@ -63,6 +65,7 @@ class _Run:
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     stop_sequence: str = ""
     ttft_ms: float = 0.0
+    reservation: Reservation | None = None
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
@@ -99,7 +102,8 @@ class _Run:
             prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
             gpu_seconds=u.gpu_seconds, queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms,
             status=status.name, finish_reason=_FINISH_NAMES[finish_reason],
-            started_at=self.started_at, ended_at=time.time(), tags=dict(self.request.tags))
+            started_at=self.started_at, ended_at=time.time(), tags=dict(self.request.tags),
+            budget_period=self.reservation.month if self.reservation else "")
 
 
 def _expired(context: grpc.aio.ServicerContext) -> bool:
@@ -126,12 +130,13 @@ def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, reque
 
 
 class Dispatcher:
-    def __init__(self, config: GatewayConfig, pool: WorkerPool, ledger: Ledger,
-                 idempotency: IdempotencyStore) -> None:
+    def __init__(self, config: GatewayConfig, pool: WorkerPool, recorder: UsageRecorder,
+                 idempotency: IdempotencyStore, budget_guard: BudgetGuard) -> None:
         self.config = config
         self.pool = pool
-        self.ledger = ledger
+        self.recorder = recorder
         self.idempotency = idempotency
+        self.budget_guard = budget_guard
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
@@ -144,13 +149,27 @@ class Dispatcher:
                 yield Final(replay(outcome, request.request_id), replayed=True)
                 return
         try:
+            run.reservation = await self._admit(run)
             call = await self._open(run, context)
         except BaseException:
-            if request.request_id:
-                await asyncio.shield(self.idempotency.release(tenant, request.request_id))
+            await asyncio.shield(self._never_ran(run))
             raise
         async for event in self._stream(run, call, context):
             yield event
+
+    async def _admit(self, run: _Run) -> Reservation:
+        """Holds the request's maximum cost against its budgets (RESOURCE_EXHAUSTED past a hard one)."""
+        endpoints = self.pool.candidates(run.request.model)
+        context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
+        book = await self.recorder.prices.get()
+        return await self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)
+
+    async def _never_ran(self, run: _Run) -> None:
+        """Undoes the claims of a request refused before it reached a worker: it leaves no record."""
+        if run.reservation is not None:
+            await self.budget_guard.budgets.release(run.tenant.team, run.reservation)
+        if run.request.request_id:
+            await self.idempotency.release(run.tenant, run.request.request_id)
 
     async def _open(self, run: _Run, context: grpc.aio.ServicerContext) -> grpc.aio.UnaryStreamCall:
         """A worker call that has admitted the request (sent its first message)."""
@@ -207,8 +226,12 @@ class Dispatcher:
 
     async def _finish(self, run: _Run, status: grpc.StatusCode, finish_reason: int,
                       response: pb.GenerateResponse | None, message: str = "") -> None:
-        """Writes the usage record, then the idempotency outcome."""
-        await self.ledger.record(run.record(status, finish_reason))
+        """Writes the usage record (spooled if Redis is down), then the idempotency outcome."""
+        await self.recorder.record(run.record(status, finish_reason))
         if run.request.request_id:
-            await self.idempotency.complete(run.tenant, run.request.request_id,
-                                            Outcome(status, message, response))
+            try:
+                await self.idempotency.complete(run.tenant, run.request.request_id,
+                                                Outcome(status, message, response))
+            except UNREACHABLE as exc:
+                # The usage is safe in the spool; a retry of this id waits out the claim's lease.
+                log.warning("could not store the outcome of request_id %s: %s", run.request.request_id, exc)

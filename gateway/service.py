@@ -9,7 +9,10 @@ import grpc
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
+from accounting.budgets import Budgets
 from accounting.ledger import Ledger
+from accounting.recorder import UsageRecorder
+from accounting.spool import Spool
 from fareway.auth import KeyStore
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
@@ -17,6 +20,7 @@ from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
+from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.dispatch import Delta, Dispatcher, Final, copy_input
 from gateway.idempotency import IdempotencyStore
@@ -103,15 +107,19 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     SERVING only while at least one worker can be reached."""
     pool = WorkerPool(config.workers, config.worker_refresh_interval_s)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
-    servicer = InferenceServicer(KeyStore(redis), pool, Dispatcher(config, pool, Ledger(redis), idempotency))
+    recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
+    guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
+    servicer = InferenceServicer(KeyStore(redis), pool, Dispatcher(config, pool, recorder, idempotency, guard))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
         credentials=credentials, serving=False)
     pool.on_refresh = server.set_serving
     await pool.start()
+    recorder.start_replaying()
     try:
         yield server
     finally:
         await server.stop()
+        await recorder.stop()
         await pool.close()

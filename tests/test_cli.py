@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -293,11 +294,12 @@ def usage(stack) -> tuple[str, dict[tuple[str, str], dict[str, float]]]:  # noqa
                 stub.Generate(pb.GenerateRequest(model=MODEL, prompt=prompt,
                                                  sampling=pb.SamplingParams(max_tokens=3, temperature=0.0)),
                               metadata=bearer(key), timeout=60)
-    totals: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys([*FIGURES, "gpu_seconds"], 0))
+    totals: dict[tuple[str, str], dict[str, float]] = defaultdict(
+        lambda: dict.fromkeys([*FIGURES, "gpu_seconds", "cost_nusd", "list_nusd"], 0))
     for record in stack.records(team):
         row = totals[(record.team, record.project)]
         row["requests"] += 1
-        for name in [*FIGURES[1:], "gpu_seconds"]:
+        for name in [*FIGURES[1:], "gpu_seconds", "cost_nusd", "list_nusd"]:
             row[name] += getattr(record, name)
     assert sorted(totals) == [(team, "alpha"), (team, "beta")]
     return team, dict(totals)
@@ -313,12 +315,15 @@ def test_report_csv_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
 
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(rows[0]) == ["team", "project", *FIGURES, "gpu_seconds"]
+    assert list(rows[0]) == ["team", "project", *FIGURES, "cache_hit_rate", "gpu_seconds", "cost_usd", "list_usd"]
     by_group = {(row["team"], row["project"]): row for row in rows}
     assert by_group.keys() == totals.keys()
     for group, expected in totals.items():
         assert {name: int(by_group[group][name]) for name in FIGURES} == {name: expected[name] for name in FIGURES}
         assert float(by_group[group]["gpu_seconds"]) == pytest.approx(expected["gpu_seconds"])
+        # Money to the nano-dollar, as exact decimals.
+        assert Decimal(by_group[group]["cost_usd"]) == Decimal(expected["cost_nusd"]).scaleb(-9) > 0
+        assert Decimal(by_group[group]["list_usd"]) == Decimal(expected["list_nusd"]).scaleb(-9) > 0
     assert totals[(team, "beta")]["requests"] == 2
 
 

@@ -22,20 +22,26 @@ class GetUsageReportRequest(_message.Message):
     def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("group", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds")
+    __slots__ = ("group", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds", "cache_hit_rate", "cost_to_serve_nano_usd", "list_price_nano_usd")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    COST_TO_SERVE_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    LIST_PRICE_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     group: _containers.RepeatedScalarFieldContainer[str]
     requests: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     gpu_seconds: float
-    def __init__(self, group: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ...) -> None: ...
+    cache_hit_rate: float
+    cost_to_serve_nano_usd: int
+    list_price_nano_usd: int
+    def __init__(self, group: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., cost_to_serve_nano_usd: _Optional[int] = ..., list_price_nano_usd: _Optional[int] = ...) -> None: ...
 
 class GetUsageReportResponse(_message.Message):
     __slots__ = ("group_by", "rows", "total")

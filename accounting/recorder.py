@@ -1,0 +1,105 @@
+"""Where usage records enter accounting: priced with the price book in force,
+written to the ledger in one atomic step, or spooled to disk while Redis is
+unreachable and replayed when it is back. Nothing is lost and nothing is
+counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import redis.exceptions
+
+from accounting.ledger import Ledger
+from accounting.pricebook import PriceBook, price_record
+from accounting.pricebook_store import PriceBookCache, PriceBookStore
+from accounting.records import UsageRecord
+from accounting.spool import Spool
+
+log = logging.getLogger(__name__)
+
+REPLAY_INTERVAL_S = 2.0
+_REPLAY_BATCH = 500
+# Redis failures that mean "not reachable now": the record is spooled and replayed.
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+                OSError)
+
+
+class UsageRecorder:
+    def __init__(self, ledger: Ledger, spool: Spool | None = None, prices: PriceBookCache | None = None) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self.prices = prices or PriceBookCache(PriceBookStore(ledger.redis))
+        self._replayer: asyncio.Task[None] | None = None
+
+    async def _price(self, record: UsageRecord) -> UsageRecord:
+        book: PriceBook | None = self.prices.book
+        try:
+            book = await self.prices.get()
+        except UNREACHABLE:
+            if book is None:
+                return record  # priced when it is replayed
+        return price_record(book, record)
+
+    async def record(self, record: UsageRecord) -> bool:
+        """Prices and writes one record; True if it is now in the ledger or safe in the spool.
+
+        With no spool configured, an unreachable Redis raises.
+        """
+        priced = await self._price(record)
+        try:
+            await self.ledger.record(priced)
+            return True
+        except UNREACHABLE as exc:
+            if self.spool is None:
+                raise
+            log.warning("Redis unreachable (%s); spooling usage of %s to %s", exc, record.request_id,
+                        self.spool.path)
+            await asyncio.to_thread(self.spool.append, priced)
+            return True
+
+    async def replay(self) -> int:
+        """Writes every spooled record to the ledger; returns how many were new.
+
+        Raises on an unreachable Redis; what was not written stays spooled.
+        """
+        if self.spool is None:
+            return 0
+        added = 0
+        for path in await asyncio.to_thread(self.spool.take):
+            records = await asyncio.to_thread(lambda p=path: list(Spool.read(p)))
+            for start in range(0, len(records), _REPLAY_BATCH):
+                batch = [await self._price(r) if not r.price_version else r
+                         for r in records[start:start + _REPLAY_BATCH]]
+                added += await self.ledger.record_many(batch)
+            await asyncio.to_thread(path.unlink)
+            log.info("replayed %d spooled usage records from %s (%d new)", len(records), path, added)
+        return added
+
+    def start_replaying(self, interval_s: float = REPLAY_INTERVAL_S) -> None:
+        """Replays the spool now and whenever it has records, in the background."""
+        if self.spool is not None and self._replayer is None:
+            self._replayer = asyncio.get_running_loop().create_task(self._replay_forever(interval_s))
+
+    async def stop(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            try:
+                await self._replayer
+            except asyncio.CancelledError:
+                pass
+            self._replayer = None
+
+    async def _replay_forever(self, interval_s: float) -> None:
+        while True:
+            if self.spool is not None and self.spool.has_pending:
+                try:
+                    await self.replay()
+                except UNREACHABLE as exc:
+                    log.info("spool replay waits for Redis: %s", exc)
+            await asyncio.sleep(interval_s)
+
+
+def default_spool(data_dir: Path) -> Spool:
+    return Spool(data_dir / "spool")
