@@ -1,0 +1,145 @@
+"""Nothing is lost, nothing counts twice: usage recorded while Redis is down
+waits in the spool, survives the gateway being killed, and is replayed once
+Redis is back, however often the replay runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from accounting.ledger import Ledger
+from accounting.recorder import UsageRecorder
+from accounting.records import UsageRecord
+from accounting.spool import Spool
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.redis_store import EmbeddedRedis, connect, free_port
+
+
+def usage(request_id: str) -> UsageRecord:
+    now = time.time()
+    return UsageRecord(
+        request_id=request_id, team="search", project="ranking", key_id="k", model="smollm2-135m-instruct",
+        worker_id="w", hardware_class="cpu", device_count=1, prompt_tokens=12, cached_tokens=0,
+        completion_tokens=4, gpu_seconds=0.25, queue_ms=0, ttft_ms=0, total_ms=0, status="OK",
+        finish_reason="stop", started_at=now - 1, ended_at=now)
+
+
+def test_records_spool_while_redis_is_down_and_replay_exactly_once(tmp_path: Path, redis_url: str) -> None:
+    spool = Spool(tmp_path / "spool")
+
+    async def body() -> tuple[int, int, list[UsageRecord]]:
+        down = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+        recorder = UsageRecorder(Ledger(down), spool)
+        for i in range(3):
+            assert await recorder.record(usage(f"r{i}"))
+        await down.aclose()
+        # A copy of the spool, as if a replay had crashed after writing but before deleting it.
+        shutil.copy(spool.path, spool.directory / "usage.spool.copy.replaying")
+        with spool.path.open("a") as torn:
+            torn.write('{"request_id": "half-writ')  # the writer was killed mid-line
+        up = connect(redis_url)
+        recorder = UsageRecorder(Ledger(up), spool)
+        first = await recorder.replay()
+        again = await recorder.replay()
+        stored = [r async for r in Ledger(up).records("search")]
+        await up.aclose()
+        return first, again, stored
+    first, again, stored = asyncio.run(body())
+    assert (first, again) == (3, 0)
+    assert sorted(r.request_id for r in stored) == ["r0", "r1", "r2"]
+    assert all(r.price_version and r.cost_nusd > 0 for r in stored), "records are priced on replay"
+    assert not spool.has_pending
+
+
+def _wait_serving(address: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"gateway at {address} did not become SERVING")
+
+
+def _gateway(address: str, worker: str, redis_url: str, spool_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "fareway.cli", "gateway", "--listen", address,
+                                 "--worker", worker, "--spool-dir", str(spool_dir)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_a_killed_gateway_and_a_restarted_redis_lose_no_usage(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    """Redis stops mid-stream; the request still completes and its usage is spooled; the gateway
+    is killed with SIGKILL; Redis comes back from its append-only file; a new gateway replays
+    the spool: the ledger holds the request once, with the tokens the caller received."""
+    from fareway.auth import KeyStore, Role
+
+    redis_server = EmbeddedRedis(tmp_path / "redis", port=free_port())
+    redis_url = redis_server.start()
+    spool_dir, log = tmp_path / "spool", tmp_path / "gateway.log"
+    address = f"127.0.0.1:{free_port()}"
+    gateway = _gateway(address, stack.worker_address, redis_url, spool_dir, log)
+    try:
+        async def create_key() -> str:
+            client = connect(redis_url)
+            try:
+                return (await KeyStore(client).create("spooled", "main", Role.TENANT))[0]
+            finally:
+                await client.aclose()
+        key = asyncio.run(create_key())
+        _wait_serving(address)
+        with grpc.insecure_channel(address) as channel:
+            stream = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream(
+                pb.GenerateStreamRequest(model="smollm2-135m-instruct", prompt="1, 2, 3, 4, 5,",
+                                         sampling=pb.SamplingParams(max_tokens=40, temperature=0.0)),
+                metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+            first = next(stream)
+            redis_server.stop()
+            rest = list(stream)
+        received = [first, *rest]
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        deadline = time.monotonic() + 10
+        while not (spool_dir / "usage.spool").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(timeout=10)
+        assert len(list(Spool.read(spool_dir / "usage.spool"))) == 1
+
+        redis_server.start()
+        gateway = _gateway(address, stack.worker_address, redis_url, spool_dir, log)
+        deadline = time.monotonic() + 30
+        while Spool(spool_dir).has_pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Spool(spool_dir).has_pending, log.read_text()[-2000:]
+
+        async def stored() -> list[UsageRecord]:
+            client = connect(redis_url)
+            try:
+                return [r async for r in Ledger(client).records("spooled")]
+            finally:
+                await client.aclose()
+        records = asyncio.run(stored())
+        assert len(records) == 1
+        assert records[0].completion_tokens == received[-1].usage.completion_tokens == 40
+        assert records[0].cost_nusd > 0 and records[0].status == "OK"
+    finally:
+        gateway.kill()
+        gateway.wait(timeout=10)
+        redis_server.stop()
