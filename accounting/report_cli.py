@@ -14,7 +14,7 @@ from decimal import Decimal
 from rich.console import Console
 
 from accounting.ledger import Ledger
-from accounting.reports import DIMENSIONS, UsageReport, usage_report
+from accounting.reports import DIMENSIONS, IDLE_MODES, UsageReport, usage_report
 from accounting.rollups import Totals
 from fareway.config import RedisConfig
 from fareway.console import USAGE_COLUMNS, totals_table
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", type=parse_time, default=None, help="end (exclusive)")
     parser.add_argument("--team", action="append", default=None, help="only this team; repeat for several")
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    parser.add_argument("--idle", choices=IDLE_MODES, default="separate",
+                        help="workers' idle device time, with all teams only: as rows of team (idle), shared "
+                             "over the rows by cost, or left out (default: %(default)s)")
 
 
 def _figures(totals: Totals) -> list[object]:
@@ -85,7 +88,8 @@ async def _run(args: argparse.Namespace) -> UsageReport:
     with resolve_url(RedisConfig.from_env()) as url:
         redis = connect(url)
         try:
-            return await usage_report(Ledger(redis), group_by, since=args.since, until=args.until, teams=args.team)
+            return await usage_report(Ledger(redis), group_by, since=args.since, until=args.until, teams=args.team,
+                                      idle=args.idle)
         finally:
             await redis.aclose()
 

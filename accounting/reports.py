@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from accounting.capacity import CapacityCell, CapacityStore
 from accounting.ledger import Ledger
+from accounting.pricebook import PriceBook
+from accounting.pricebook_store import PriceBookStore
 from accounting.records import UsageRecord
 from accounting.rollups import (GROUP_DIMENSIONS, METRICS, RollupCell, Totals, bucket_start, group_of, hours_key,
                                 parse, rollup_key)
@@ -72,9 +75,37 @@ def _on_the_hour(instant: float | None) -> bool:
     return instant is None or instant % _HOUR_S == 0
 
 
+IDLE_MODES = ("separate", "share", "none")
+IDLE_TEAM = "(idle)"
+"""The team of idle rows: device time no request used."""
+
+
 async def usage_report(ledger: Ledger, group_by: Sequence[str], *, since: float | None = None,
-                       until: float | None = None, teams: Sequence[str] | None = None) -> UsageReport:
-    """Totals per group over records that ended in [since, until), for the given teams (None: all)."""
+                       until: float | None = None, teams: Sequence[str] | None = None,
+                       idle: str = "none") -> UsageReport:
+    """Totals per group over records that ended in [since, until), for the given teams (None: all).
+
+    idle: "separate" adds the workers' idle device time as rows of team
+    "(idle)"; "share" spreads its cost over the rows in proportion to their
+    cost to serve (as OpenCost shares idle cost); "none" leaves it out. Idle
+    time is counted per whole hour (the hours that start in the range), and
+    only with all teams (an idle device belongs to no team).
+    """
+    if idle not in IDLE_MODES:
+        raise InvalidArgument(f"idle must be one of {', '.join(IDLE_MODES)}, got {idle!r}", field="idle")
+    report = await _records_report(ledger, group_by, since, until, teams)
+    if idle == "none" or teams is not None:
+        return report
+    cells = await CapacityStore(ledger.redis).cells(since, until)
+    book = await PriceBookStore(ledger.redis).ensure()
+    idle_rows = _idle_rows(group_by, cells, book)
+    if idle == "share" and report.total.cost_nusd > 0:
+        return _share_idle(report, sum(t.idle_nusd for _, t in idle_rows))
+    return _with_rows(report, idle_rows)
+
+
+async def _records_report(ledger: Ledger, group_by: Sequence[str], since: float | None, until: float | None,
+                          teams: Sequence[str] | None) -> UsageReport:
     keys = [dimension(name) for name in group_by]
     tag_dimensions = [name[4:] for name in group_by if name.startswith("tag:")]
     teams = list(teams) if teams is not None else await ledger.teams()
@@ -135,3 +166,49 @@ def _hour_cells(cells: dict[RollupCell, Totals], tag: str | None) -> list[tuple[
         if untagged.requests:
             out.append(((group, {}), untagged))
     return out
+
+
+def idle_cost_nusd(book: PriceBook, cell: CapacityCell) -> int:
+    price = book.hardware_price(cell.worker.hardware_class, bucket_start(cell.hour))
+    return price.cost_nusd(cell.idle_ns / 1e9) if price else 0
+
+
+def _idle_rows(group_by: Sequence[str], cells: Sequence[CapacityCell],
+               book: PriceBook) -> list[tuple[tuple[str, ...], Totals]]:
+    keys = [dimension(name) for name in group_by]
+    rows: dict[tuple[str, ...], Totals] = {}
+    for cell in cells:
+        if not cell.idle_ns:
+            continue
+        view = Cell(IDLE_TEAM, ("", "", cell.worker.hardware_class, cell.worker.worker_id, ""),
+                    bucket_start(cell.hour), {})
+        totals = rows.setdefault(tuple(key(view) for key in keys), Totals())
+        totals.gpu_ns += cell.idle_ns
+        totals.idle_nusd += idle_cost_nusd(book, cell)
+    return list(rows.items())
+
+
+def _with_rows(report: UsageReport, extra: list[tuple[tuple[str, ...], Totals]]) -> UsageReport:
+    groups = dict(report.rows)
+    total = Totals()
+    total.add(report.total)
+    for group, totals in extra:
+        groups.setdefault(group, Totals()).add(totals)
+        total.add(totals)
+    return UsageReport(report.group_by, sorted(groups.items()), total)
+
+
+def _share_idle(report: UsageReport, idle_nusd: int) -> UsageReport:
+    """Spreads idle_nusd over the rows by their cost to serve; the shares add up to it exactly
+    (largest remainders get the leftover nano-dollars)."""
+    weights = [t.cost_nusd for _, t in report.rows]
+    total_weight = sum(weights)
+    parts = [divmod(idle_nusd * w, total_weight) for w in weights]  # integers: exact at any size
+    shares = [quotient for quotient, _ in parts]
+    by_remainder = sorted(range(len(parts)), key=lambda i: parts[i][1], reverse=True)
+    for i in by_remainder[: idle_nusd - sum(shares)]:
+        shares[i] += 1
+    for (_, totals), share in zip(report.rows, shares):
+        totals.idle_nusd += share
+    report.total.idle_nusd += idle_nusd
+    return report

@@ -39,6 +39,8 @@ class Totals:
     gpu_ns: int = 0
     cost_nusd: int = 0
     list_nusd: int = 0
+    idle_nusd: int = 0
+    """Idle device time's cost: on idle rows, or a row's share of it (never in the rollups)."""
 
     @property
     def gpu_seconds(self) -> float:
@@ -48,6 +50,10 @@ class Totals:
     def cost_usd(self) -> Decimal:
         """Cost to serve, exact."""
         return Decimal(self.cost_nusd).scaleb(-9)
+
+    @property
+    def idle_usd(self) -> Decimal:
+        return Decimal(self.idle_nusd).scaleb(-9)
 
     @property
     def list_usd(self) -> Decimal:

@@ -31,7 +31,8 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             teams = [tenant.team]
         since = request.since.ToMicroseconds() / 1e6 if request.HasField("since") else None
         until = request.until.ToMicroseconds() / 1e6 if request.HasField("until") else None
-        report = await usage_report(self.ledger, list(request.group_by), since=since, until=until, teams=teams)
+        report = await usage_report(self.ledger, list(request.group_by), since=since, until=until, teams=teams,
+                                    idle=request.idle or "none")
         return pb.GetUsageReportResponse(
             group_by=report.group_by,
             rows=[_row(group, totals) for group, totals in report.rows],
@@ -42,7 +43,8 @@ def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
     return pb.UsageRow(group=group, requests=totals.requests, prompt_tokens=totals.prompt_tokens,
                        cached_tokens=totals.cached_tokens, completion_tokens=totals.completion_tokens,
                        gpu_seconds=totals.gpu_seconds, cache_hit_rate=totals.cache_hit_rate,
-                       cost_to_serve_nano_usd=totals.cost_nusd, list_price_nano_usd=totals.list_nusd)
+                       cost_to_serve_nano_usd=totals.cost_nusd, list_price_nano_usd=totals.list_nusd,
+                       idle_nano_usd=totals.idle_nusd)
 
 
 async def create_accounting_server(redis: aioredis.Redis, address: str) -> RunningServer:

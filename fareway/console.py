@@ -9,8 +9,9 @@ from rich.table import Table
 from fareway.inference.v1 import inference_pb2 as pb
 
 USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cache_hit_rate",
-                 "gpu_seconds", "cost_usd", "list_usd")
-"""A report's columns: counts, the cache hit rate, GPU-seconds, then cost to serve and list price in USD."""
+                 "gpu_seconds", "cost_usd", "idle_usd", "list_usd")
+"""A report's columns: counts, the cache hit rate, GPU-seconds, then cost to serve, idle cost and list
+price in USD."""
 
 
 def usage_table(usage: pb.Usage, finish_reason: int) -> Table:
@@ -45,6 +46,6 @@ def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Seque
 
 
 def _format(figures: Sequence[object]) -> list[str]:
-    *counts, hit_rate, gpu_seconds, cost_usd, list_usd = figures
+    *counts, hit_rate, gpu_seconds, cost_usd, idle_usd, list_usd = figures
     return ([f"{int(c):,}" for c in counts] + [f"{float(hit_rate):.1%}", f"{float(gpu_seconds):.3f}"]
-            + [f"${float(usd):,.6f}" for usd in (cost_usd, list_usd)])
+            + [f"${float(usd):,.6f}" for usd in (cost_usd, idle_usd, list_usd)])

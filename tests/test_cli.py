@@ -315,7 +315,8 @@ def test_report_csv_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
 
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(rows[0]) == ["team", "project", *FIGURES, "cache_hit_rate", "gpu_seconds", "cost_usd", "list_usd"]
+    assert list(rows[0]) == ["team", "project", *FIGURES, "cache_hit_rate", "gpu_seconds", "cost_usd", "idle_usd",
+                            "list_usd"]
     by_group = {(row["team"], row["project"]): row for row in rows}
     assert by_group.keys() == totals.keys()
     for group, expected in totals.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from fareway.config import TelemetryConfig
@@ -78,11 +79,32 @@ async def serve(config) -> None:  # noqa: ANN001 - WorkerConfig
     worker = await asyncio.to_thread(Worker, config)
     server = await create_worker_server(worker, config.listen)
     log.info("worker %s listening on port %d", config.worker_id, server.port)
+    reporter, redis = await _capacity_reporter(worker)
     try:
         await wait_for_shutdown_signal()
     finally:
         await server.stop()
         worker.stop()
+        if reporter is not None:
+            await reporter.stop()
+            await redis.aclose()
+
+
+async def _capacity_reporter(worker):  # noqa: ANN001, ANN202 - (CapacityReporter, Redis) or (None, None)
+    """Reports device time to accounting when REDIS_URL names the shared Redis (a worker never
+    starts the embedded one: without REDIS_URL its idle time is simply not reported)."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        log.info("REDIS_URL is not set: this worker's idle device time is not reported to accounting")
+        return None, None
+    from accounting.capacity import CapacityStore
+    from fareway.redis_store import connect
+    from workers.capacity_reporter import CapacityReporter
+
+    redis = connect(url)
+    reporter = CapacityReporter(worker, CapacityStore(redis))
+    await reporter.start()
+    return reporter, redis
 
 
 def run(args: argparse.Namespace) -> int:

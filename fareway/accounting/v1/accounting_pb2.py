@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\"\xde\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow2\x82\x01\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0c\n\x04idle\x18\x05 \x01(\t\"\xf5\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\x12\x15\n\ridle_nano_usd\x18\n \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow2\x82\x01\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fareway.accounting.v1.accou
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETUSAGEREPORTREQUEST']._serialized_start=99
-  _globals['_GETUSAGEREPORTREQUEST']._serialized_end=240
-  _globals['_USAGEROW']._serialized_start=243
-  _globals['_USAGEROW']._serialized_end=465
-  _globals['_GETUSAGEREPORTRESPONSE']._serialized_start=468
-  _globals['_GETUSAGEREPORTRESPONSE']._serialized_end=605
-  _globals['_ACCOUNTINGSERVICE']._serialized_start=608
-  _globals['_ACCOUNTINGSERVICE']._serialized_end=738
+  _globals['_GETUSAGEREPORTREQUEST']._serialized_end=254
+  _globals['_USAGEROW']._serialized_start=257
+  _globals['_USAGEROW']._serialized_end=502
+  _globals['_GETUSAGEREPORTRESPONSE']._serialized_start=505
+  _globals['_GETUSAGEREPORTRESPONSE']._serialized_end=642
+  _globals['_ACCOUNTINGSERVICE']._serialized_start=645
+  _globals['_ACCOUNTINGSERVICE']._serialized_end=775
 # @@protoc_insertion_point(module_scope)

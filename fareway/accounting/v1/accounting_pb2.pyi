@@ -10,19 +10,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetUsageReportRequest(_message.Message):
-    __slots__ = ("group_by", "since", "until", "team")
+    __slots__ = ("group_by", "since", "until", "team", "idle")
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
     group_by: _containers.RepeatedScalarFieldContainer[str]
     since: _timestamp_pb2.Timestamp
     until: _timestamp_pb2.Timestamp
     team: str
-    def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., team: _Optional[str] = ...) -> None: ...
+    idle: str
+    def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., team: _Optional[str] = ..., idle: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("group", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds", "cache_hit_rate", "cost_to_serve_nano_usd", "list_price_nano_usd")
+    __slots__ = ("group", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds", "cache_hit_rate", "cost_to_serve_nano_usd", "list_price_nano_usd", "idle_nano_usd")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +34,7 @@ class UsageRow(_message.Message):
     CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     COST_TO_SERVE_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     LIST_PRICE_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    IDLE_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     group: _containers.RepeatedScalarFieldContainer[str]
     requests: int
     prompt_tokens: int
@@ -41,7 +44,8 @@ class UsageRow(_message.Message):
     cache_hit_rate: float
     cost_to_serve_nano_usd: int
     list_price_nano_usd: int
-    def __init__(self, group: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., cost_to_serve_nano_usd: _Optional[int] = ..., list_price_nano_usd: _Optional[int] = ...) -> None: ...
+    idle_nano_usd: int
+    def __init__(self, group: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., cost_to_serve_nano_usd: _Optional[int] = ..., list_price_nano_usd: _Optional[int] = ..., idle_nano_usd: _Optional[int] = ...) -> None: ...
 
 class GetUsageReportResponse(_message.Message):
     __slots__ = ("group_by", "rows", "total")

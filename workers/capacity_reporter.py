@@ -1,0 +1,75 @@
+"""Reports the worker's device time to accounting: every few seconds, the
+device-seconds its engine metered since the last report, and how many of
+them were idle (accounting/capacity.py prices the idle part)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis.exceptions
+
+from accounting.capacity import CapacityStore, WorkerInfo
+from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 10.0
+
+
+class CapacityReporter:
+    def __init__(self, worker: Worker, store: CapacityStore, interval_s: float = REPORT_INTERVAL_S) -> None:
+        self.worker = worker
+        self.store = store
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._last: tuple[float, int, int] | None = None
+        """(wall time, cumulative device ns, cumulative idle ns) at the last report."""
+        self._pending = (0, 0)
+        """Device and idle ns metered but not yet written (Redis was unreachable)."""
+
+    def _totals(self) -> tuple[int, int]:
+        meter = self.worker.engine.meter
+        return round(meter.total_gpu_seconds * 1e9), round(meter.idle_gpu_seconds * 1e9)
+
+    async def start(self) -> None:
+        runner = self.worker.runner
+        await self.store.register(WorkerInfo(self.worker.worker_id, runner.hardware.hardware_class,
+                                             runner.num_devices, self.worker.model_name))
+        self._last = (time.time(), *self._totals())
+        self._task = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def report(self) -> None:
+        """Writes the device time metered since the last report."""
+        if self._last is None:
+            raise RuntimeError("start() the reporter first")
+        now = time.time()
+        device_total, idle_total = self._totals()
+        last_time, last_device, last_idle = self._last
+        device = device_total - last_device + self._pending[0]
+        idle = idle_total - last_idle + self._pending[1]
+        self._last = (now, device_total, idle_total)
+        try:
+            await self.store.add(self.worker.worker_id, last_time, now, device, idle)
+            self._pending = (0, 0)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            # Kept and added to the next report: device time is late, never lost while the worker runs.
+            self._pending = (device, idle)
+            log.warning("could not report device time to Redis: %s", exc)
+
+    async def stop(self) -> None:
+        """Stops reporting after a last report (call after the engine has stopped)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._last is not None:
+            await self.report()
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.report()
