@@ -46,6 +46,7 @@ class HardwarePrice:
     def __post_init__(self) -> None:
         if not self.hardware_class:
             raise ValueError("a hardware price needs its class")
+        _check_on_the_hour(self.effective_from, self.hardware_class)
         if not self.usd_per_device_hour >= 0:
             raise ValueError(f"{self.hardware_class}: usd_per_device_hour must be >= 0")
 
@@ -66,6 +67,7 @@ class ModelPrice:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("a model price needs its model name (or '*')")
+        _check_on_the_hour(self.effective_from, self.model)
         for name in ("usd_per_million_prompt_tokens", "usd_per_million_cached_prompt_tokens",
                      "usd_per_million_completion_tokens"):
             if not getattr(self, name) >= 0:
@@ -165,6 +167,13 @@ class PriceBook:
             return cls.from_toml(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ValueError(f"cannot read price book {path}: {exc}") from None
+
+
+def _check_on_the_hour(instant: float, item: str) -> None:
+    # Rollups and exports are hourly: one price per item and hour keeps quantity x price = cost per row.
+    if instant % 3600:
+        raise ValueError(f"{item}: prices take effect on the hour (UTC), got effective_from "
+                         f"{dt.datetime.fromtimestamp(instant, dt.UTC).isoformat()}")
 
 
 def _first_in_force(index: dict[str, _Timeline[P]], names: tuple[str, ...], at: float) -> P | None:

@@ -1,34 +1,43 @@
-"""The AccountingService: usage reports over gRPC, scoped by the caller's key."""
+"""The AccountingService: reports, budgets and chargeback exports over gRPC,
+scoped by the caller's key (a tenant key sees its own team, an admin key all)."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import redis.asyncio as aioredis
 
+from accounting.budgets import Budget, Budgets, month_of
+from accounting.exports import Period, charge_rows, render
 from accounting.ledger import Ledger
 from accounting.reports import usage_report
 from accounting.rollups import Totals
 from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
-from fareway.auth import KeyStore
-from fareway.errors import PermissionDenied
+from fareway.auth import KeyStore, Tenant
+from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
-    def __init__(self, keys: KeyStore, ledger: Ledger) -> None:
+    def __init__(self, keys: KeyStore, ledger: Ledger, budgets: Budgets) -> None:
         self.keys = keys
         self.ledger = ledger
+        self.budgets = budgets
+
+    async def _teams(self, context: grpc.aio.ServicerContext, team: str) -> tuple[Tenant, list[str] | None]:
+        """The caller, and the teams it may read: the one named (None: all) for admins, its own for tenants."""
+        tenant = await self.keys.authenticate(context.invocation_metadata())
+        if tenant.is_admin:
+            return tenant, [team] if team else None
+        if team and team != tenant.team:
+            raise PermissionDenied(f"a tenant key of team {tenant.team!r} cannot read team {team!r}")
+        return tenant, [tenant.team]
 
     async def GetUsageReport(self, request: pb.GetUsageReportRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> pb.GetUsageReportResponse:
-        tenant = await self.keys.authenticate(context.invocation_metadata())
-        if tenant.is_admin:
-            teams = [request.team] if request.team else None
-        elif request.team and request.team != tenant.team:
-            raise PermissionDenied(f"a tenant key of team {tenant.team!r} cannot read team {request.team!r}")
-        else:
-            teams = [tenant.team]
+        _, teams = await self._teams(context, request.team)
         since = request.since.ToMicroseconds() / 1e6 if request.HasField("since") else None
         until = request.until.ToMicroseconds() / 1e6 if request.HasField("until") else None
         report = await usage_report(self.ledger, list(request.group_by), since=since, until=until, teams=teams,
@@ -37,6 +46,44 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             group_by=report.group_by,
             rows=[_row(group, totals) for group, totals in report.rows],
             total=_row((), report.total))
+
+
+    async def SetBudget(self, request: pb.SetBudgetRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> pb.SetBudgetResponse:
+        tenant = await self.keys.authenticate(context.invocation_metadata())
+        if not tenant.is_admin:
+            raise PermissionDenied("only admin keys can set budgets")
+        b = request.budget
+        try:
+            budget = Budget(b.team, b.project, b.hard_usd if b.HasField("hard_usd") else None,
+                            b.soft_usd if b.HasField("soft_usd") else None, b.basis or "list")
+        except ValueError as error:
+            raise InvalidArgument(str(error), field="budget") from None
+        await self.budgets.set(budget)
+        return pb.SetBudgetResponse(budget=await self._budget_pb(budget))
+
+    async def ListBudgets(self, request: pb.ListBudgetsRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.ListBudgetsResponse:
+        _, teams = await self._teams(context, request.team)
+        if teams is None:
+            raise InvalidArgument("name the team whose budgets to list", field="team")
+        return pb.ListBudgetsResponse(budgets=[await self._budget_pb(b) for b in await self.budgets.list(teams[0])])
+
+    async def ExportChargeback(self, request: pb.ExportChargebackRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> pb.ExportChargebackResponse:
+        _, teams = await self._teams(context, "")
+        period = Period.parse(request.period)
+        fmt = request.format or "csv"
+        rows = await charge_rows(self.ledger, period, teams=teams)
+        return pb.ExportChargebackResponse(content=render(rows, period, fmt),
+                                           content_type="application/jsonl" if fmt == "jsonl" else "text/csv")
+
+    async def _budget_pb(self, budget: Budget) -> pb.Budget:
+        spend = await self.budgets.spend(budget.team, month_of(time.time()))
+        return pb.Budget(team=budget.team, project=budget.project, hard_usd=budget.hard_usd,
+                         soft_usd=budget.soft_usd, basis=budget.basis,
+                         spent_nano_usd=spend.get(f"{budget.scope}:{budget.basis}", 0),
+                         reserved_nano_usd=spend.get(f"{budget.scope}:reserved_{budget.basis}", 0))
 
 
 def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
@@ -48,7 +95,7 @@ def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
 
 
 async def create_accounting_server(redis: aioredis.Redis, address: str) -> RunningServer:
-    servicer = AccountingServicer(KeyStore(redis), Ledger(redis))
+    servicer = AccountingServicer(KeyStore(redis), Ledger(redis), Budgets(redis))
     return await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["AccountingService"].full_name,
         lambda server: accounting_pb2_grpc.add_AccountingServiceServicer_to_server(servicer, server))])

@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("fareway.keys_cli", "create, list or revoke API keys"),
     "generate": ("fareway.client_cli", "send one generation request to a gateway"),
     "chat": ("fareway.chat_cli", "chat with a model through a gateway"),
-    "report": ("accounting.report_cli", "print usage per team, project, model, ..."),
+    "report": ("accounting.report_cli", "print usage and cost per team, project, model, ..."),
+    "export": ("accounting.export_cli", "a month's chargeback as CSV, JSON Lines or FinOps FOCUS"),
+    "reconcile": ("accounting.reconcile_cli", "check that ledger, rollups and export agree for a month"),
+    "budget": ("accounting.budget_cli", "set, list or delete monthly team and project budgets"),
+    "prices": ("accounting.prices_cli", "load a price book version, or show the prices in force"),
 }
 
 

@@ -12,7 +12,7 @@ import logging
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import redis
@@ -132,3 +132,14 @@ def resolve_url(config: RedisConfig) -> Iterator[str]:
         return
     with embedded:
         yield embedded.url
+
+
+@contextlib.asynccontextmanager
+async def redis_session(config: RedisConfig) -> AsyncIterator[aioredis.Redis]:
+    """A client for the command-line tools: REDIS_URL, or the embedded server for the block."""
+    with resolve_url(config) as url:
+        client = connect(url)
+        try:
+            yield client
+        finally:
+            await client.aclose()

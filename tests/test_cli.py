@@ -309,6 +309,47 @@ def report(stack, team: str, *args: str) -> subprocess.CompletedProcess[str]:  #
     return fareway("report", "--team", team, *args, redis_url=stack.redis_url)
 
 
+def test_export_and_reconcile_the_month(stack, usage, tmp_path: Path) -> None:  # noqa: ANN001
+    team, totals = usage
+    month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    out = tmp_path / "focus.csv"
+    result = fareway("export", "--period", month, "--format", "focus", "--output", str(out),
+                     redis_url=stack.redis_url)
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in csv.DictReader(io.StringIO(out.read_text())) if r["SubAccountId"] == team]
+    billed = sum(Decimal(r["BilledCost"]) for r in rows)
+    assert billed == sum(Decimal(t["cost_nusd"]).scaleb(-9) for t in totals.values()) > 0
+    again = fareway("export", "--period", month, "--format", "focus", redis_url=stack.redis_url)
+    assert again.stdout == out.read_text()
+
+    checked = fareway("reconcile", "--period", month, redis_url=stack.redis_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "reconciled" in checked.stdout and team in checked.stdout
+
+
+def test_a_bad_period_is_a_usage_error(stack) -> None:  # noqa: ANN001
+    result = fareway("export", "--period", "November", redis_url=stack.redis_url)
+    assert result.returncode == 2 and "period must be a month like 2026-11" in result.stderr
+
+
+def test_budgets_and_prices_from_the_command_line(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    team = new_team()
+    assert fareway("budget", "set", "--team", team, "--hard", "12.5", "--soft", "10",
+                   redis_url=stack.redis_url).returncode == 0
+    listed = fareway("budget", "list", "--team", team, redis_url=stack.redis_url)
+    assert listed.returncode == 0 and "$12.50" in listed.stdout and "$10.00" in listed.stdout
+    refused = fareway("budget", "set", "--team", team, "--basis", "list", redis_url=stack.redis_url)
+    assert refused.returncode == 1 and "hard limit, a soft threshold or both" in refused.stderr
+
+    shown = fareway("prices", "show", redis_url=stack.redis_url)
+    assert shown.returncode == 0 and "nvidia-h100" in shown.stdout and "smollm2-135m-instruct" in shown.stdout
+    backdated = tmp_path / "prices.toml"
+    backdated.write_text('version = "cli-test"\n[[hardware]]\nclass = "cpu"\nusd_per_device_hour = 9\n'
+                         'effective_from = 2020-01-01\n')
+    result = fareway("prices", "load", str(backdated), redis_url=stack.redis_url)
+    assert result.returncode == 1 and "changes prices in force before" in result.stderr
+
+
 def test_report_csv_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
     team, totals = usage
     result = report(stack, team, "--by", "team,project", "--format", "csv")

@@ -85,6 +85,8 @@ def test_unknown_hardware_and_models_take_the_catch_all_prices() -> None:
     ("version = 'v'\n[[hardware]]\nclass = 'x'\nusd_per_device_hour = 1\neffective_from = 2026-01-01\n"
      "[[hardware]]\nclass = 'x'\nusd_per_device_hour = 2\neffective_from = 2026-01-01", "same instant"),
     ("not toml at all [", "not a valid price book"),
+    ("version = 'v'\n[[hardware]]\nclass = 'x'\nusd_per_device_hour = 1\neffective_from = 2026-01-01T09:30:00Z",
+     "on the hour"),
 ])
 def test_bad_price_books_are_refused_with_a_reason(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -124,13 +126,14 @@ def test_loaded_versions_never_reprice_the_past(with_redis) -> None:  # noqa: AN
 
 
 def test_a_new_price_needs_notice(with_redis) -> None:  # noqa: ANN001
-    soon = dt.datetime.fromtimestamp(NOV_1 + PRICE_CHANGE_NOTICE_S / 2, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = dt.datetime.fromtimestamp(NOV_1 + 3600, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = NOV_1 + 3600 - PRICE_CHANGE_NOTICE_S / 2
     text = BOOK.replace('version = "v1"', 'version = "v2"') + (
         f'[[hardware]]\nclass = "cpu"\nusd_per_device_hour = 0.5\neffective_from = {soon}\n')
 
     async def body(client):  # noqa: ANN001, ANN202
         store = PriceBookStore(client)
-        await store.load(PriceBook.from_toml(BOOK), now=NOV_1)
+        await store.load(PriceBook.from_toml(BOOK), now=now)
         with pytest.raises(PriceBookError):
-            await store.load(PriceBook.from_toml(text), now=NOV_1)
+            await store.load(PriceBook.from_toml(text), now=now)
     with_redis(body)

@@ -5,44 +5,20 @@ the nano-dollar, and duplicates never count twice."""
 from __future__ import annotations
 
 import dataclasses
-import random
 
 from accounting.budgets import Budgets, month_of
 from accounting.ledger import Ledger
-from accounting.pricebook import DEFAULT_PRICE_BOOK, PriceBook, price_record
-from accounting.records import UsageRecord
 from accounting.reports import usage_report
 
 HOUR = 3600.0
 BASE = 1_793_491_200.0  # 2026-11-01T00:00:00Z, on the hour
 
 
-def random_records(count: int, seed: int = 7) -> list[UsageRecord]:
-    rng = random.Random(seed)
-    book = PriceBook.load(DEFAULT_PRICE_BOOK)
-    records = []
-    for i in range(count):
-        prompt = rng.randint(1, 4000)
-        ended = BASE + rng.uniform(0, 30 * 24 * HOUR)
-        tags = {k: v for k, v in (("feature", rng.choice(["faq", "search", "summary"])),
-                                  ("env", rng.choice(["prod", "dev"]))) if rng.random() < 0.6}
-        record = UsageRecord(
-            request_id=f"r{i}", team=rng.choice(["search", "ads", "infra"]), project=rng.choice(["a", "b"]),
-            key_id="k", model=rng.choice(["smollm2-135m-instruct", "llama-3.1-8b"]),
-            worker_id=rng.choice(["w1", "w2"]), hardware_class=rng.choice(["cpu", "nvidia-h100", "amd-mi300x"]),
-            device_count=1, prompt_tokens=prompt, cached_tokens=rng.randint(0, prompt - 1),
-            completion_tokens=rng.randint(1, 500), gpu_seconds=rng.uniform(0.001, 30.0), queue_ms=1, ttft_ms=2,
-            total_ms=3, status=rng.choice(["OK", "OK", "OK", "CANCELLED"]), finish_reason="stop",
-            started_at=ended - 1, ended_at=ended, tags=tags)
-        records.append(price_record(book, record))
-    return records
-
-
 def summary(report) -> list[tuple]:  # noqa: ANN001
     return [(group, dataclasses.astuple(totals)) for group, totals in report.rows]
 
 
-def test_rollup_reports_equal_the_ledger_recomputed_record_by_record(with_redis) -> None:  # noqa: ANN001
+def test_rollup_reports_equal_the_ledger_recomputed_record_by_record(with_redis, random_records) -> None:  # noqa: ANN001
     records = random_records(400)
     groupings = [["team"], ["team", "project", "model"], ["hardware_class", "day"], ["month", "worker"],
                  ["team", "tag:feature"], ["week", "status"], []]
@@ -72,7 +48,7 @@ def test_rollup_reports_equal_the_ledger_recomputed_record_by_record(with_redis)
                                            < BASE + 48 * HOUR - 0.5])
 
 
-def test_duplicate_deliveries_count_once_everywhere(with_redis) -> None:  # noqa: ANN001
+def test_duplicate_deliveries_count_once_everywhere(with_redis, random_records) -> None:  # noqa: ANN001
     records = random_records(30, seed=3)
     again = [dataclasses.replace(r, completion_tokens=r.completion_tokens + 1) for r in records[:10]]
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
 import uuid
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
+from fareway.errors import status_details
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.inference.v1 import inference_pb2_grpc
 
@@ -60,3 +65,51 @@ def test_bad_queries_and_keys_are_refused(stack) -> None:  # noqa: ANN001
     with pytest.raises(grpc.RpcError) as no_key:
         report(stack, "fw_unknown_key", group_by=["team"])
     assert no_key.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def accounting(stack):  # noqa: ANN001, ANN201
+    return accounting_pb2_grpc.AccountingServiceStub(grpc.insecure_channel(stack.accounting_address))
+
+
+def test_a_hard_budget_set_by_an_admin_stops_the_gateway(stack) -> None:  # noqa: ANN001
+    team = f"d-{uuid.uuid4().hex[:6]}"
+    key = usage_for(stack, team, 1)
+    admin = stack.create_key("platform", "ops", admin=True)
+    stub, tenant_auth = accounting(stack), (("authorization", f"Bearer {key}"),)
+    with pytest.raises(grpc.RpcError) as tenant_sets:
+        stub.SetBudget(pb.SetBudgetRequest(budget=pb.Budget(team=team, hard_usd=100)), metadata=tenant_auth)
+    assert tenant_sets.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.SetBudget(pb.SetBudgetRequest(budget=pb.Budget(team=team, hard_usd=1, basis="vibes")),
+                       metadata=(("authorization", f"Bearer {admin}"),))
+    assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    # A hard budget below what has been spent already: the next request is refused, naming the budget.
+    set_ = stub.SetBudget(pb.SetBudgetRequest(budget=pb.Budget(team=team, hard_usd=1e-9, basis="list")),
+                          metadata=(("authorization", f"Bearer {admin}"),))
+    assert set_.budget.spent_nano_usd > 0
+    with pytest.raises(grpc.RpcError) as refused:
+        usage_for(stack, team, 1)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"monthly list budget of team {team}" in refused.value.details()
+    [quota] = [d for d in status_details(refused.value) if isinstance(d, error_details_pb2.QuotaFailure)]
+    assert quota.violations[0].subject == f"budget:{team}"
+    listed = stub.ListBudgets(pb.ListBudgetsRequest(), metadata=tenant_auth).budgets
+    assert [(b.team, b.hard_usd, b.reserved_nano_usd) for b in listed] == [(team, 1e-9, 0)]
+    # Refused requests leave no usage record and hold nothing.
+    assert len(stack.records(team)) == 1
+
+
+def test_a_tenant_exports_only_its_own_team(stack) -> None:  # noqa: ANN001
+    ours = f"e-{uuid.uuid4().hex[:6]}"
+    key = usage_for(stack, ours, 1)
+    usage_for(stack, f"f-{uuid.uuid4().hex[:6]}", 1)
+    month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    exported = accounting(stack).ExportChargeback(pb.ExportChargebackRequest(period=month, format="focus"),
+                                                  metadata=(("authorization", f"Bearer {key}"),))
+    rows = list(csv.DictReader(io.StringIO(exported.content)))
+    assert rows and {r["SubAccountId"] for r in rows} == {ours}
+    with pytest.raises(grpc.RpcError) as bad:
+        accounting(stack).ExportChargeback(pb.ExportChargebackRequest(period="soon"),
+                                           metadata=(("authorization", f"Bearer {key}"),))
+    assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0c\n\x04idle\x18\x05 \x01(\t\"\xf5\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\x12\x15\n\ridle_nano_usd\x18\n \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow2\x82\x01\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0c\n\x04idle\x18\x05 \x01(\t\"\xf5\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\x12\x15\n\ridle_nano_usd\x18\n \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\"\xb1\x01\n\x06\x42udget\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x15\n\x08hard_usd\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08soft_usd\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x62\x61sis\x18\x05 \x01(\t\x12\x16\n\x0espent_nano_usd\x18\x06 \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x07 \x01(\x03\x42\x0b\n\t_hard_usdB\x0b\n\t_soft_usd\"A\n\x10SetBudgetRequest\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"B\n\x11SetBudgetResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"\"\n\x12ListBudgetsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"E\n\x13ListBudgetsResponse\x12.\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1d.fareway.accounting.v1.Budget\"9\n\x17\x45xportChargebackRequest\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"A\n\x18\x45xportChargebackResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t2\xbd\x03\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponse\x12^\n\tSetBudget\x12\'.fareway.accounting.v1.SetBudgetRequest\x1a(.fareway.accounting.v1.SetBudgetResponse\x12\x64\n\x0bListBudgets\x12).fareway.accounting.v1.ListBudgetsRequest\x1a*.fareway.accounting.v1.ListBudgetsResponse\x12s\n\x10\x45xportChargeback\x12..fareway.accounting.v1.ExportChargebackRequest\x1a/.fareway.accounting.v1.ExportChargebackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGEROW']._serialized_end=502
   _globals['_GETUSAGEREPORTRESPONSE']._serialized_start=505
   _globals['_GETUSAGEREPORTRESPONSE']._serialized_end=642
-  _globals['_ACCOUNTINGSERVICE']._serialized_start=645
-  _globals['_ACCOUNTINGSERVICE']._serialized_end=775
+  _globals['_BUDGET']._serialized_start=645
+  _globals['_BUDGET']._serialized_end=822
+  _globals['_SETBUDGETREQUEST']._serialized_start=824
+  _globals['_SETBUDGETREQUEST']._serialized_end=889
+  _globals['_SETBUDGETRESPONSE']._serialized_start=891
+  _globals['_SETBUDGETRESPONSE']._serialized_end=957
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=959
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=993
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=995
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=1064
+  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_start=1066
+  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_end=1123
+  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_start=1125
+  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_end=1190
+  _globals['_ACCOUNTINGSERVICE']._serialized_start=1193
+  _globals['_ACCOUNTINGSERVICE']._serialized_end=1638
 # @@protoc_insertion_point(module_scope)

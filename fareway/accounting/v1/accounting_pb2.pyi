@@ -56,3 +56,61 @@ class GetUsageReportResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     total: UsageRow
     def __init__(self, group_by: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., total: _Optional[_Union[UsageRow, _Mapping]] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("team", "project", "hard_usd", "soft_usd", "basis", "spent_nano_usd", "reserved_nano_usd")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    HARD_USD_FIELD_NUMBER: _ClassVar[int]
+    SOFT_USD_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    SPENT_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    project: str
+    hard_usd: float
+    soft_usd: float
+    basis: str
+    spent_nano_usd: int
+    reserved_nano_usd: int
+    def __init__(self, team: _Optional[str] = ..., project: _Optional[str] = ..., hard_usd: _Optional[float] = ..., soft_usd: _Optional[float] = ..., basis: _Optional[str] = ..., spent_nano_usd: _Optional[int] = ..., reserved_nano_usd: _Optional[int] = ...) -> None: ...
+
+class SetBudgetRequest(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: Budget
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class SetBudgetResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: Budget
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class ListBudgetsRequest(_message.Message):
+    __slots__ = ("team",)
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    def __init__(self, team: _Optional[str] = ...) -> None: ...
+
+class ListBudgetsResponse(_message.Message):
+    __slots__ = ("budgets",)
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[Budget]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ...) -> None: ...
+
+class ExportChargebackRequest(_message.Message):
+    __slots__ = ("period", "format")
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    period: str
+    format: str
+    def __init__(self, period: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class ExportChargebackResponse(_message.Message):
+    __slots__ = ("content", "content_type")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    content_type: str
+    def __init__(self, content: _Optional[str] = ..., content_type: _Optional[str] = ...) -> None: ...

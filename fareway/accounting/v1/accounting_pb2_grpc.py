@@ -42,6 +42,21 @@ class AccountingServiceStub:
                 request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportRequest.SerializeToString,
                 response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportResponse.FromString,
                 _registered_method=True)
+        self.SetBudget = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/SetBudget',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetResponse.FromString,
+                _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/ListBudgets',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
+        self.ExportChargeback = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/ExportChargeback',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.FromString,
+                _registered_method=True)
 
 
 class AccountingServiceServicer:
@@ -56,6 +71,28 @@ class AccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBudget(self, request, context):
+        """Sets a team's or project's monthly budget (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """A team's budgets with this month's spend (tenant keys: their own team).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportChargeback(self, request, context):
+        """A month's chargeback as CSV, JSON Lines or FinOps FOCUS 1.2 (tenant keys:
+        their own team's rows, without idle time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +100,21 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.GetUsageReport,
                     request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportRequest.FromString,
                     response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportResponse.SerializeToString,
+            ),
+            'SetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudget,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetResponse.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'ExportChargeback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportChargeback,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +147,87 @@ class AccountingService:
             '/fareway.accounting.v1.AccountingService/GetUsageReport',
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportRequest.SerializeToString,
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.GetUsageReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/SetBudget',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/ListBudgets',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportChargeback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/ExportChargeback',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.FromString,
             options,
             channel_credentials,
             insecure,
