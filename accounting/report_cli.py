@@ -10,9 +10,11 @@ import json
 import re
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 from rich.console import Console
 
+from accounting.chart import cost_chart
 from accounting.ledger import Ledger
 from accounting.reports import DIMENSIONS, IDLE_MODES, UsageReport, usage_report
 from accounting.rollups import Totals
@@ -47,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", type=parse_time, default=None, help="end (exclusive)")
     parser.add_argument("--team", action="append", default=None, help="only this team; repeat for several")
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    parser.add_argument("--chart", type=Path, default=None, metavar="FILE.png",
+                        help="also draw cost per team per day (a stacked bar chart) into this PNG file")
     parser.add_argument("--idle", choices=IDLE_MODES, default="separate",
                         help="workers' idle device time, with all teams only: as rows of team (idle), shared "
                              "over the rows by cost, or left out (default: %(default)s)")
@@ -97,8 +101,13 @@ async def _run(args: argparse.Namespace) -> UsageReport:
 def run(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(_run(args))
+        if args.chart is not None:
+            chart_args = argparse.Namespace(**{**vars(args), "by": "day,team"})
+            cost_chart(asyncio.run(_run(chart_args)), args.chart)
     except FarewayError as error:
         Console(stderr=True).print(f"[red]error:[/red] {error.message}")
         return 2
     write_report(report, args.format)
+    if args.chart is not None:
+        Console(stderr=True).print(f"chart written to {args.chart}")
     return 0

@@ -327,6 +327,15 @@ def test_export_and_reconcile_the_month(stack, usage, tmp_path: Path) -> None:  
     assert "reconciled" in checked.stdout and team in checked.stdout
 
 
+def test_report_draws_cost_per_team_per_day(stack, usage, tmp_path: Path) -> None:  # noqa: ANN001
+    team, _ = usage
+    chart = tmp_path / "cost.png"
+    result = fareway("report", "--by", "team", "--chart", str(chart), redis_url=stack.redis_url)
+    assert result.returncode == 0, result.stderr
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
+    assert team in result.stdout
+
+
 def test_a_bad_period_is_a_usage_error(stack) -> None:  # noqa: ANN001
     result = fareway("export", "--period", "November", redis_url=stack.redis_url)
     assert result.returncode == 2 and "period must be a month like 2026-11" in result.stderr
