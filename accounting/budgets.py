@@ -170,6 +170,7 @@ for _, scope in ipairs(scopes) do
   end
 end
 table.insert(held, 'at=' .. ARGV[5])
+table.insert(held, 'month=' .. ARGV[6])
 redis.call('HSET', KEYS[3], ARGV[1], table.concat(held, ';'))
 return {1}
 """
@@ -183,7 +184,7 @@ local function release(reservations, spend, field)
   end
   redis.call('HDEL', reservations, field)
   for name, amount in string.gmatch(reserved, '([^=;]+)=([^;]+)') do
-    if name ~= 'at' then
+    if name ~= 'at' and name ~= 'month' then
       redis.call('HINCRBY', spend, name, -tonumber(amount))
     end
   end
@@ -248,6 +249,17 @@ class Budgets:
             return False
         return bool(await self._release(keys=[reservations_key(team), spend_key(team, reservation.month)],
                                         args=[reservation.field]))
+
+    async def release_stale(self, team: str, max_age_s: float, now: float | None = None) -> int:
+        """Releases reservations older than max_age_s: their gateway died before recording the
+        request, and they would otherwise hold the budget for ever. Returns how many."""
+        now = time.time() if now is None else now
+        released = 0
+        for field, value in (await self._redis.hgetall(reservations_key(team))).items():
+            parts = dict(part.split("=", 1) for part in value.split(";"))
+            if now - float(parts.get("at", now)) > max_age_s and "month" in parts:
+                released += await self.release(team, Reservation(parts["month"], field))
+        return released
 
     async def alerts(self, team: str) -> list[dict[str, str]]:
         return [values for _, values in await self._redis.xrange(alerts_key(team))]

@@ -3,9 +3,12 @@ scoped by the caller's key (a tenant key sees its own team, an admin key all).""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import grpc
+import redis.exceptions as redis_exceptions
 import redis.asyncio as aioredis
 
 from accounting.budgets import Budget, Budgets, month_of
@@ -18,6 +21,8 @@ from fareway.accounting.v1 import accounting_pb2_grpc
 from fareway.auth import KeyStore, Tenant
 from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
+
+log = logging.getLogger(__name__)
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
@@ -99,3 +104,21 @@ async def create_accounting_server(redis: aioredis.Redis, address: str) -> Runni
     return await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["AccountingService"].full_name,
         lambda server: accounting_pb2_grpc.add_AccountingServiceServicer_to_server(servicer, server))])
+
+
+SWEEP_INTERVAL_S = 60.0
+
+
+async def sweep_stale_reservations(redis: aioredis.Redis, max_age_s: float,
+                                   interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Forever: releases budget reservations whose gateway died before recording their request."""
+    budgets, ledger = Budgets(redis), Ledger(redis)
+    while True:
+        try:
+            for team in await ledger.teams():
+                released = await budgets.release_stale(team, max_age_s)
+                if released:
+                    log.warning("released %d stale budget reservations of team %s", released, team)
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+            log.info("stale reservation sweep waits for Redis: %s", exc)
+        await asyncio.sleep(interval_s)

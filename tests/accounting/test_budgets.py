@@ -106,3 +106,19 @@ def test_budgets_are_validated() -> None:
         Budget("search", hard_usd=-1)
     assert Budget.decode("t", "project:p", Budget("t", "p", 2.5, None, "cost").encode()) == \
         dataclasses.replace(Budget("t", "p", 2.5, None, "cost"))
+
+
+def test_reservations_of_a_dead_gateway_are_released_after_their_max_age(with_redis) -> None:  # noqa: ANN001
+    async def body(client):  # noqa: ANN001, ANN202
+        budgets = Budgets(client)
+        await budgets.set(Budget("search", hard_usd=1, basis="list"))
+        old = await budgets.reserve("search", "ranking", "orphan", max_cost_nusd=0, max_list_nusd=900_000_000,
+                                    now=NOW - 7200)
+        await budgets.reserve("search", "ranking", "running", max_cost_nusd=0, max_list_nusd=50_000_000, now=NOW)
+        released = await budgets.release_stale("search", max_age_s=3600, now=NOW)
+        return released, old.month, await budgets.spend("search", old.month), await budgets.spend("search", month_of(NOW))
+    released, orphan_month, orphan_spend, this_month = with_redis(body)
+    assert released == 1
+    assert this_month["team:reserved_list"] == 50_000_000  # the running request still holds its part
+    # The orphan's month (this one, or the last if the test runs just after midnight on the 1st) holds nothing more.
+    assert orphan_spend["team:reserved_list"] == (50_000_000 if orphan_month == month_of(NOW) else 0)

@@ -17,7 +17,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from accounting.exports import Period
 from accounting.ledger import Ledger
+from accounting.reconcile import reconcile
 from accounting.recorder import UsageRecorder
 from accounting.records import UsageRecord
 from accounting.spool import Spool
@@ -53,10 +55,11 @@ def test_records_spool_while_redis_is_down_and_replay_exactly_once(tmp_path: Pat
         first = await recorder.replay()
         again = await recorder.replay()
         stored = [r async for r in Ledger(up).records("search")]
+        reconciled = (await reconcile(Ledger(up), Period.parse(time.strftime("%Y-%m", time.gmtime())))).ok
         await up.aclose()
-        return first, again, stored
-    first, again, stored = asyncio.run(body())
-    assert (first, again) == (3, 0)
+        return first, again, stored, reconciled
+    first, again, stored, reconciled = asyncio.run(body())
+    assert (first, again) == (3, 0) and reconciled
     assert sorted(r.request_id for r in stored) == ["r0", "r1", "r2"]
     assert all(r.price_version and r.cost_nusd > 0 for r in stored), "records are priced on replay"
     assert not spool.has_pending
@@ -129,13 +132,16 @@ def test_a_killed_gateway_and_a_restarted_redis_lose_no_usage(stack, tmp_path: P
             time.sleep(0.1)
         assert not Spool(spool_dir).has_pending, log.read_text()[-2000:]
 
-        async def stored() -> list[UsageRecord]:
+        async def stored() -> tuple[list[UsageRecord], bool]:
             client = connect(redis_url)
             try:
-                return [r async for r in Ledger(client).records("spooled")]
+                ledger = Ledger(client)
+                month = Period.parse(time.strftime("%Y-%m", time.gmtime()))
+                return [r async for r in ledger.records("spooled")], (await reconcile(ledger, month)).ok
             finally:
                 await client.aclose()
-        records = asyncio.run(stored())
+        records, reconciled = asyncio.run(stored())
+        assert reconciled
         assert len(records) == 1
         assert records[0].completion_tokens == received[-1].usage.completion_tokens == 40
         assert records[0].cost_nusd > 0 and records[0].status == "OK"
