@@ -32,6 +32,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.worker_decode
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.accounting
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py
