@@ -27,14 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import redis.asyncio as aioredis
-
 from accounting.capacity import CapacityStore
 from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.reports import idle_cost_nusd
-from accounting.rollups import Totals, bucket_start, hours_key, parse, rollup_key
+from accounting.rollups import Totals, bucket_start, read_rollups
 from fareway.errors import InvalidArgument
 
 FORMATS = ("csv", "jsonl", "focus")
@@ -118,20 +116,15 @@ def _unit_price(book: PriceBook, hardware_class: str, at: float) -> Decimal:
 async def charge_rows(ledger: Ledger, period: Period, *, idle: bool = True,
                       teams: Sequence[str] | None = None) -> list[ChargeRow]:
     """The period's rows, in their export order."""
-    redis: aioredis.Redis = ledger.redis
+    redis = ledger.redis
     book = await PriceBookStore(redis).ensure()
     rows: dict[tuple, ChargeRow] = {}
     for team in teams if teams is not None else await ledger.teams():
-        hours = await redis.zrangebyscore(hours_key(team), period.start, f"({period.end}")
-        async with redis.pipeline(transaction=False) as pipe:
-            for hour in hours:
-                pipe.hgetall(rollup_key(team, hour))
-            contents = await pipe.execute()
-        for hour, fields in zip(hours, contents):
-            start = bucket_start(hour)
-            for cell, totals in parse(fields).items():
-                if cell.tag is not None:
-                    continue
+        # Hour buckets: prices change only on the hour, so each has one price per hardware class.
+        buckets = await read_rollups(redis, team, period.start, period.end, coarsest="h")
+        for name, cells in buckets:
+            start = bucket_start(name)
+            for cell, totals in cells.items():
                 project, model, hardware, _worker, _status = cell.group
                 price = _unit_price(book, hardware, start)
                 key = (_day(start), team, project, model, hardware, "", price)

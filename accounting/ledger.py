@@ -3,19 +3,18 @@
 Per team (hash-tagged, so one team's keys share a Redis Cluster slot):
   fw:{team}:ledger                      a stream of usage records (trimmed after the retention)
   fw:{team}:usage:<project>:<request>   the ledger entry id of a recorded request (expires with it)
-  fw:{team}:rollup:<YYYY-MM-DDTHH>      hourly rollups (accounting/rollups.py)
+  fw:{team}:rollup:… fw:{team}:tags:…   rollups by hour and month (accounting/rollups.py)
   fw:{team}:spend:<YYYY-MM>             the month's spend per budget scope (accounting/budgets.py)
   fw:{team}:reservations                budget reservations of requests still running
 
-One Lua script records a usage record atomically, in one round trip:
-deduplicate by request id (a retry or a replayed spool stays one record),
-append to the ledger, add to the hour's rollup and the month's spend, and
-release the request's budget reservation.
+One Lua script records usage records atomically (one record, or a batch of
+one team's), in one round trip: deduplicate by request id (a retry or a
+replayed spool stays one record), append to the ledger, add to the rollups
+and the month's spend, and release the request's budget reservation.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -23,37 +22,81 @@ import redis.asyncio as aioredis
 
 from accounting import budgets
 from accounting.records import UsageRecord
-from accounting.rollups import bucket_start, hour_bucket, hours_key, increments, rollup_key
+from accounting.rollups import METRICS, bucket, bucket_start, cell_fields, metric_values
 
 TEAMS_KEY = "fw:teams"
 DEFAULT_RETENTION_DAYS = 400
+_ARGS_PER_RECORD = 13
 
-# KEYS: 1 dedupe, 2 ledger, 3 rollup hash, 4 spend hash (the record's month),
-#       5 reservations hash, 6 spend hash (the reservation's month), 7 index of rollup hours
-# ARGV: 1 retention seconds, 2 trim: ledger ids below this are dropped,
-#       3 reservation field ('' if none), 4 #record args, 5 #rollup args, 6 #spend args,
-#       7 the rollup hour, 8 its start (unix seconds),
-#       then the record's field/value pairs, rollup field/amount pairs, spend field/amount pairs.
-_RECORD_SCRIPT = budgets.RELEASE_FUNCTION + """
-if ARGV[3] ~= '' then
-  release(KEYS[5], KEYS[6], ARGV[3])  -- the request is over, recorded before or not
+# Records a batch of one team's usage records. KEYS[1] is the team's key
+# prefix, fw:{team}: — every key the script touches is built under it, so all
+# of them share the prefix's Cluster slot.
+# ARGV: 1 retention seconds, 2 trim (ledger ids below it are dropped), 3 #records, then per record:
+#   project, request id, JSON, hour, month, hour start, month start,
+#   group cell, tag cells (joined by \x1d), metrics (comma-separated, METRICS order),
+#   spend fields and amounts ("field=amount;..."), reservation field ('' if none), its month.
+_RECORD_SCRIPT = budgets.RELEASE_FUNCTION + r"""
+local prefix = KEYS[1]
+local ttl, trim, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local metric_names = {%(metrics)s}
+local levels = {'h', 'm'}
+local indexed = {}
+local added = 0
+local i = 4
+for _ = 1, n do
+  local project, request_id, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local buckets = {ARGV[i + 3], ARGV[i + 4]}
+  local starts = {ARGV[i + 5], ARGV[i + 6]}
+  local group, tags, metrics, spend = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9], ARGV[i + 10]
+  local reservation, reservation_month = ARGV[i + 11], ARGV[i + 12]
+  i = i + %(per_record)d
+  if reservation ~= '' then
+    release(prefix .. 'reservations', prefix .. 'spend:' .. reservation_month, reservation)
+  end
+  local dedupe = prefix .. 'usage:' .. project .. ':' .. request_id
+  if redis.call('EXISTS', dedupe) == 0 then
+    local entry = redis.call('XADD', prefix .. 'ledger', 'MINID', '~', trim, '*', 'json', body)
+    redis.call('SET', dedupe, entry, 'EX', ttl)
+    -- Each cell's field names and amounts, built once and added at both levels.
+    local cells = {group}
+    for tag in string.gmatch(tags, '[^\29]+') do
+      table.insert(cells, tag)
+    end
+    local increments = {}
+    local m = 0
+    for amount in string.gmatch(metrics, '[^,]+') do
+      m = m + 1
+      if amount ~= '0' then
+        table.insert(increments, {'\30' .. metric_names[m], amount})
+      end
+    end
+    for l = 1, 2 do
+      local rollup = prefix .. 'rollup:' .. levels[l] .. ':' .. buckets[l]
+      if not indexed[rollup] then
+        redis.call('ZADD', prefix .. 'rollup:' .. levels[l], starts[l], buckets[l])
+        indexed[rollup] = true
+      end
+      local tagged = prefix .. 'tags:' .. levels[l] .. ':' .. buckets[l]
+      -- Tag cells by month only: grouping by a tag over parts of a month reads the ledger.
+      for c = 1, levels[l] == 'm' and #cells or 1 do
+        local key = c == 1 and rollup or tagged
+        for _, increment in ipairs(increments) do
+          redis.call('HINCRBY', key, cells[c] .. increment[1], increment[2])
+        end
+      end
+    end
+    for field, amount in string.gmatch(spend, '([^=;]+)=([^;]+)') do
+      redis.call('HINCRBY', prefix .. 'spend:' .. buckets[2], field, amount)
+    end
+    added = added + 1
+  end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-local n_record, n_rollup, n_spend = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local first = 9
-local entry = redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', unpack(ARGV, first, first + n_record - 1))
-redis.call('SET', KEYS[1], entry, 'EX', ARGV[1])
-redis.call('ZADD', KEYS[7], ARGV[8], ARGV[7])
-for i = first + n_record, first + n_record + n_rollup - 1, 2 do
-  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
-end
-for i = first + n_record + n_rollup, first + n_record + n_rollup + n_spend - 1, 2 do
-  redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
-end
-return 1
-"""
+return added
+""" % {"metrics": ", ".join(f"'{m}'" for m in METRICS), "per_record": _ARGS_PER_RECORD}
+
+
+def team_prefix(team: str) -> str:
+    return f"fw:{{{team}}}:"
 
 
 def ledger_key(team: str) -> str:
@@ -74,10 +117,6 @@ class LedgerConfig:
             raise ValueError(f"retention_days must be at least 1, got {self.retention_days}")
 
 
-def _flat(pairs: Sequence[tuple[str, object]]) -> list[object]:
-    return [item for pair in pairs for item in pair]
-
-
 class Ledger:
     def __init__(self, redis: aioredis.Redis, config: LedgerConfig | None = None) -> None:
         self._redis = redis
@@ -88,43 +127,45 @@ class Ledger:
     def redis(self) -> aioredis.Redis:
         return self._redis
 
-    def _script_call(self, record: UsageRecord, now: float) -> tuple[list[str], list[object]]:
+    def _header(self, now: float, count: int) -> list[object]:
         retention_s = self.config.retention_days * 86400
-        month = dt.datetime.fromtimestamp(record.ended_at, dt.UTC).strftime("%Y-%m")
-        reservation_month = record.budget_period or month
-        hour = hour_bucket(record.ended_at)
-        keys = [dedupe_key(record.team, record.project, record.request_id), ledger_key(record.team),
-                rollup_key(record.team, hour), budgets.spend_key(record.team, month),
-                budgets.reservations_key(record.team), budgets.spend_key(record.team, reservation_month),
-                hours_key(record.team)]
-        fields = list(record.to_fields().items())
-        rollup = increments(record)
-        spend = budgets.spend_increments(record)
+        return [retention_s, f"{int((now - retention_s) * 1000)}-0", count]
+
+    @staticmethod
+    def _args(record: UsageRecord) -> list[object]:
+        names = [bucket(level, record.ended_at) for level in ("h", "m")]
+        group, tags = cell_fields(record)
+        spend = ";".join(f"{field}={amount}" for field, amount in budgets.spend_increments(record))
         reservation = budgets.reservation_field(record.project, record.request_id) if record.budget_period else ""
-        args: list[object] = [retention_s, f"{int((now - retention_s) * 1000)}-0", reservation,
-                              2 * len(fields), 2 * len(rollup), 2 * len(spend), hour, int(bucket_start(hour)),
-                              *_flat(fields), *_flat(rollup), *_flat(spend)]
-        return keys, args
+        return [record.project, record.request_id, record.to_json(), *names, *(int(bucket_start(n)) for n in names),
+                group, "\x1d".join(tags), ",".join(map(str, metric_values(record))), spend, reservation,
+                record.budget_period]
 
     async def record(self, record: UsageRecord, now: float | None = None) -> bool:
         """Records a priced usage record unless its request was already recorded; True if it was new."""
-        keys, args = self._script_call(record, now if now is not None else record.ended_at)
-        added = await self._record(keys=keys, args=args)
+        args = self._header(now if now is not None else record.ended_at, 1) + self._args(record)
+        added = await self._record(keys=[team_prefix(record.team)], args=args)
         # Outside the script: a global key would put the script across Cluster slots.
         await self._redis.sadd(TEAMS_KEY, record.team)
         return bool(added)
 
     async def record_many(self, records: Sequence[UsageRecord], now: float | None = None) -> int:
-        """Records a batch in one pipelined round trip; returns how many were new."""
+        """Records a batch, one script call per team, in one pipelined round trip; returns how many were new."""
         if not records:
             return 0
+        by_team: dict[str, list[UsageRecord]] = {}
+        for record in records:
+            by_team.setdefault(record.team, []).append(record)
         # Load the script first: a pipeline cannot fall back from EVALSHA to EVAL.
         await self._redis.script_load(_RECORD_SCRIPT)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                keys, args = self._script_call(record, now if now is not None else record.ended_at)
-                await self._record(keys=keys, args=args, client=pipe)
-            pipe.sadd(TEAMS_KEY, *{r.team for r in records})
+            for team, batch in by_team.items():
+                at = now if now is not None else max(r.ended_at for r in batch)
+                args = self._header(at, len(batch))
+                for record in batch:
+                    args.extend(self._args(record))
+                await self._record(keys=[team_prefix(team)], args=args, client=pipe)
+            pipe.sadd(TEAMS_KEY, *by_team)
             results = await pipe.execute()
         return sum(int(r) for r in results[:-1])
 

@@ -50,6 +50,11 @@ class UsageRecord:
         """GPU-seconds as an integer, for exact sums."""
         return round(self.gpu_seconds * 1e9)
 
+    def to_json(self) -> str:
+        """The record as the ledger stores it: one compact JSON object."""
+        # Not dataclasses.asdict: it deep-copies every value, and this is on the hot path.
+        return json.dumps({name: getattr(self, name) for name in _FIELD_NAMES}, separators=(",", ":"))
+
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry."""
         values = asdict(self)
@@ -58,6 +63,9 @@ class UsageRecord:
 
     @classmethod
     def from_fields(cls, values: dict[str, str]) -> UsageRecord:
+        """A ledger entry: {"json": ...} as written now, or one field per attribute as written before."""
+        if "json" in values:
+            return cls(**json.loads(values["json"]))
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, object] = {k: v for k, v in values.items() if k in known}
         for name in _INT_FIELDS:
@@ -66,3 +74,6 @@ class UsageRecord:
             kwargs[name] = float(values[name])
         kwargs["tags"] = json.loads(values.get("tags") or "{}")
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(UsageRecord))

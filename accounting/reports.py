@@ -20,8 +20,8 @@ from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.records import UsageRecord
-from accounting.rollups import (GROUP_DIMENSIONS, METRICS, RollupCell, Totals, bucket_start, group_of, hours_key,
-                                parse, rollup_key)
+from accounting.rollups import (GROUP_DIMENSIONS, METRICS, RollupCell, Totals, bucket, bucket_start, group_of,
+                                read_rollups)
 from fareway.errors import InvalidArgument
 
 TIME_DIMENSIONS = ("day", "week", "month")
@@ -75,6 +75,10 @@ def _on_the_hour(instant: float | None) -> bool:
     return instant is None or instant % _HOUR_S == 0
 
 
+def _on_the_month(instant: float | None) -> bool:
+    return instant is None or bucket_start(bucket("m", instant)) == instant
+
+
 IDLE_MODES = ("separate", "share", "none")
 IDLE_TEAM = "(idle)"
 """The team of idle rows: device time no request used."""
@@ -109,8 +113,13 @@ async def _records_report(ledger: Ledger, group_by: Sequence[str], since: float 
     keys = [dimension(name) for name in group_by]
     tag_dimensions = [name[4:] for name in group_by if name.startswith("tag:")]
     teams = list(teams) if teams is not None else await ledger.teams()
-    if _on_the_hour(since) and _on_the_hour(until) and len(tag_dimensions) <= 1:
-        cells = _rollup_cells(ledger.redis, teams, since, until, tag_dimensions[0] if tag_dimensions else None)
+    # Tags are rolled up by month only, and one at a time.
+    months_only = not tag_dimensions or (_on_the_month(since) and _on_the_month(until)
+                                         and not {"day", "week"} & set(group_by))
+    if _on_the_hour(since) and _on_the_hour(until) and len(tag_dimensions) <= 1 and months_only:
+        coarsest = "h" if {"day", "week"} & set(group_by) else "m"
+        cells = _rollup_cells(ledger.redis, teams, since, until, tag_dimensions[0] if tag_dimensions else None,
+                              coarsest)
     else:
         cells = _ledger_cells(ledger, teams, since, until)
     groups: dict[tuple[str, ...], Totals] = {}
@@ -132,19 +141,16 @@ def _record_cell(record: UsageRecord) -> Cell:
 
 
 async def _rollup_cells(redis: aioredis.Redis, teams: Sequence[str], since: float | None, until: float | None,  # noqa: ANN202
-                        tag: str | None):
-    """Cells of every rollup hour in [since, until). With a tag dimension, a group's
+                        tag: str | None, coarsest: str):
+    """Cells of the rollup buckets tiling [since, until). With a tag dimension, a group's
     records without that tag appear once with the tag empty."""
     for team in teams:
-        hours = await redis.zrangebyscore(hours_key(team), "-inf" if since is None else since,
-                                          f"({until}" if until is not None else "+inf")
-        async with redis.pipeline(transaction=False) as pipe:
-            for hour in hours:
-                pipe.hgetall(rollup_key(team, hour))
-            contents = await pipe.execute()
-        for hour, fields in zip(hours, contents):
-            start = bucket_start(hour)
-            for cell, totals in _hour_cells(parse(fields), tag):
+        plain = await read_rollups(redis, team, since, until, coarsest=coarsest)
+        tagged = (dict(await read_rollups(redis, team, since, until, tags=True, coarsest=coarsest))
+                  if tag is not None else {})
+        for name, cells in plain:
+            start = bucket_start(name)
+            for cell, totals in _hour_cells({**cells, **tagged.get(name, {})}, tag):
                 yield Cell(team, cell[0], start, cell[1]), totals
 
 

@@ -1,17 +1,26 @@
-"""Hourly rollups: the ledger summed per team, hour and group, kept up to date
+"""Rollups: the ledger summed per team, time bucket and group, kept up to date
 by the same atomic script that appends each record, so reports over any
 number of records read a few hashes instead of the ledger.
 
-  fw:{team}:rollup:<YYYY-MM-DDTHH>   a hash per team and UTC hour of request end
-    <project>␟<model>␟<hardware>␟<worker>␟<status>␞<metric>       -> integer
-    tag␟<key>␟<value>␟<project>␟...␟<status>␞<metric>             -> integer
+Two levels of buckets, by the UTC time the request ended: hours and months.
+A report over a range reads the months that fit in it whole, and hours for
+the rest (and hours only when it groups by day or week).
 
-Every metric is an integer (tokens, nanoseconds of GPU time, nano-dollars),
-so sums are exact and the rollups equal a recomputation from the ledger.
+  fw:{team}:rollup:<level>:<bucket>   level h or m; bucket 2026-11-24T09 or 2026-11
+    <project>␟<model>␟<hardware>␟<worker>␟<status>␞<metric>           -> integer
+  fw:{team}:tags:m:<bucket>           the same per tag and month, read only to group by a tag
+    <key>␟<value>␟<project>␟<model>␟<hardware>␟<worker>␟<status>␞<metric>
+  fw:{team}:rollup:<level>            the level's buckets, scored by their start
+
+Every metric is an integer added with HINCRBY (tokens, nanoseconds of GPU
+time, nano-dollars), so sums are exact and the rollups equal a recomputation
+from the ledger.
 """
 
 from __future__ import annotations
 
+import calendar
+import re
 import datetime as dt
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -22,10 +31,10 @@ UNIT = "\x1f"
 """Separates the values of a group (no team, model or tag value contains a control character)."""
 RECORD = "\x1e"
 """Separates the group from the metric name."""
-TAG = "tag"
 GROUP_DIMENSIONS = ("project", "model", "hardware_class", "worker", "status")
-"""The dimensions a rollup keeps, after the team (which is in the key) and the hour (the bucket)."""
-HOUR_FORMAT = "%Y-%m-%dT%H"
+"""The dimensions a rollup keeps, after the team (which is in the key) and the time (the bucket)."""
+LEVELS = {"m": "%Y-%m", "h": "%Y-%m-%dT%H"}
+"""Bucket levels, coarsest first, and their bucket names."""
 
 
 @dataclass
@@ -78,21 +87,57 @@ class Totals:
 METRICS = tuple(f.name for f in fields(Totals))
 
 
+def bucket(level: str, unix_seconds: float) -> str:
+    return dt.datetime.fromtimestamp(unix_seconds, dt.UTC).strftime(LEVELS[level])
+
+
 def hour_bucket(unix_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(unix_seconds, dt.UTC).strftime(HOUR_FORMAT)
+    return bucket("h", unix_seconds)
 
 
-def bucket_start(bucket: str) -> float:
-    return dt.datetime.strptime(bucket, HOUR_FORMAT).replace(tzinfo=dt.UTC).timestamp()
+def bucket_start(name: str) -> float:
+    """The start of a bucket of any level, from its name."""
+    level = {7: "m", 13: "h"}[len(name)]
+    return dt.datetime.strptime(name, LEVELS[level]).replace(tzinfo=dt.UTC).timestamp()
 
 
-def rollup_key(team: str, bucket: str) -> str:
-    return f"fw:{{{team}}}:rollup:{bucket}"
+def bucket_end(level: str, start: float) -> float:
+    moment = dt.datetime.fromtimestamp(start, dt.UTC)
+    if level == "m":
+        return start + calendar.monthrange(moment.year, moment.month)[1] * 86400
+    return start + 3600
 
 
-def hours_key(team: str) -> str:
-    """A sorted set of the team's rollup hours, scored by their start."""
-    return f"fw:{{{team}}}:rollup:hours"
+def rollup_key(team: str, level: str, name: str) -> str:
+    return f"fw:{{{team}}}:rollup:{level}:{name}"
+
+
+def tags_key(team: str, level: str, name: str) -> str:
+    return f"fw:{{{team}}}:tags:{level}:{name}"
+
+
+def index_key(team: str, level: str) -> str:
+    return f"fw:{{{team}}}:rollup:{level}"
+
+
+def tiles(since: float, until: float, finest_time: str = "m") -> list[tuple[str, float, float]]:
+    """The coarsest buckets (level, start, end) that exactly cover [since, until), both on the hour.
+
+    finest_time is the coarsest level the caller may see ("h" when it groups by day or week):
+    a record in a month bucket only knows its month.
+    """
+    levels = list(LEVELS)[list(LEVELS).index(finest_time):]
+    out: list[tuple[str, float, float]] = []
+    at = since
+    while at < until:
+        for level in levels:  # coarsest first
+            start = bucket_start(bucket(level, at))
+            end = bucket_end(level, start)
+            if start == at and end <= until:
+                out.append((level, start, end))
+                at = end
+                break
+    return out
 
 
 def group_of(record: UsageRecord) -> tuple[str, ...]:
@@ -100,19 +145,24 @@ def group_of(record: UsageRecord) -> tuple[str, ...]:
                                      record.status))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def _clean(value: str) -> str:
     """Separators cannot appear inside a value (names are validated; this is the last line of defence)."""
-    return value.replace(UNIT, " ").replace(RECORD, " ")
+    return _CONTROL.sub(" ", value)
 
 
-def increments(record: UsageRecord) -> list[tuple[str, int]]:
-    """The (field, amount) pairs one record adds to its hour's rollup: its group, then each of its tags."""
-    amounts = Totals.of(record)
+def cell_fields(record: UsageRecord) -> tuple[str, list[str]]:
+    """The record's group cell, and its tag cells (key, value, group)."""
     group = UNIT.join(group_of(record))
-    prefixes = [group] + [UNIT.join((TAG, _clean(key), _clean(value), group))
-                          for key, value in sorted(record.tags.items())]
-    return [(f"{prefix}{RECORD}{metric}", getattr(amounts, metric))
-            for prefix in prefixes for metric in METRICS if getattr(amounts, metric)]
+    return group, [UNIT.join((_clean(k), _clean(v), group)) for k, v in sorted(record.tags.items())]
+
+
+def metric_values(record: UsageRecord) -> list[int]:
+    """The record's amounts, in METRICS order."""
+    amounts = Totals.of(record)
+    return [getattr(amounts, name) for name in METRICS]
 
 
 @dataclass(frozen=True)
@@ -123,16 +173,37 @@ class RollupCell:
     """(key, value) for a tag cell; None for the plain group."""
 
 
-def parse(hash_fields: dict[str, str]) -> dict[RollupCell, Totals]:
-    """A rollup hash -> totals per cell."""
+def parse(hash_fields: dict[str, str], tags: bool = False) -> dict[RollupCell, Totals]:
+    """A rollup hash (or, with tags, a tags hash) -> totals per cell."""
     cells: dict[RollupCell, Totals] = {}
     for name, value in hash_fields.items():
         prefix, _, metric = name.rpartition(RECORD)
         parts = tuple(prefix.split(UNIT))
-        if parts[0] == TAG and len(parts) == len(GROUP_DIMENSIONS) + 3:
-            cell = RollupCell(parts[3:], (parts[1], parts[2]))
-        else:
-            cell = RollupCell(parts, None)
-        totals = cells.setdefault(cell, Totals())
+        cell = RollupCell(parts[2:], (parts[0], parts[1])) if tags else RollupCell(parts, None)
+        totals = cells.get(cell)
+        if totals is None:
+            totals = cells[cell] = Totals()
         setattr(totals, metric, getattr(totals, metric) + int(value))
     return cells
+
+
+async def read_rollups(redis, team: str, since: float | None, until: float | None,  # noqa: ANN001 - a Redis client
+                       tags: bool = False, coarsest: str = "m") -> list[tuple[str, dict[RollupCell, Totals]]]:
+    """(bucket, cells) of the team's rollups that tile [since, until) (None: open), coarsest
+    buckets first where they fit, but none coarser than `coarsest` ("h": hours only)."""
+    hours = await redis.zrangebyscore(index_key(team, "h"), "-inf" if since is None else since,
+                                      f"({until}" if until is not None else "+inf", withscores=True)
+    if not hours:
+        return []
+    # Open ends widen to whole months around the data, so the month buckets can tile them.
+    lo = bucket_start(bucket("m", hours[0][1])) if since is None else since
+    hi = bucket_end("m", bucket_start(bucket("m", hours[-1][1]))) if until is None else until
+    wanted = tiles(lo, hi, coarsest)
+    existing = {name for name, _ in hours}
+    names = [(level, bucket(level, start)) for level, start, _ in wanted
+             if level != "h" or bucket("h", start) in existing]
+    async with redis.pipeline(transaction=False) as pipe:
+        for level, name in names:
+            pipe.hgetall((tags_key if tags else rollup_key)(team, level, name))
+        contents = await pipe.execute()
+    return [(name, parse(fields, tags)) for (_, name), fields in zip(names, contents) if fields]
