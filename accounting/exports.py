@@ -1,6 +1,6 @@
 """Chargeback exports for a billing period (a calendar month, UTC).
 
-One row per team, project, model, hardware class, charge day and unit price
+One row per team, project, model, hardware class, tag set, charge day and unit price
 (prices change only on the hour, so a day has at most a few), plus one row
 per worker, day and price for idle device time. Rows are read from the
 hourly rollups, sorted, and written with exact decimals, so the same ledger
@@ -13,7 +13,8 @@ Formats:
   price per device-hour, which is both the list and the contracted price of
   an internal platform), with PricingQuantity in device-hours and the unit
   price per device-hour; the token list price of the same usage is the
-  custom column x_TokenListCost.
+  custom column x_TokenListCost. Tags holds the requests' tags and the
+  project (under "fareway.project").
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.reports import idle_cost_nusd
-from accounting.rollups import Totals, bucket_start, read_rollups
+from accounting.rollups import Totals, bucket_start, read_rollups, tags_of
 from fareway.errors import InvalidArgument
 
 FORMATS = ("csv", "jsonl", "focus")
+PROJECT_TAG = "fareway.project"
 IDLE_SUBACCOUNT = "(idle)"
 _NS_PER_HOUR = Decimal(3600 * 10**9)
 _QUANTITY_PLACES = Decimal("1e-15")
@@ -89,6 +91,8 @@ class ChargeRow:
     worker: str
     """Set on idle rows only."""
     usd_per_device_hour: Decimal
+    tags: str = ""
+    """The requests' tags as canonical JSON ("" for none)."""
     totals: Totals = field(default_factory=Totals)
 
     @property
@@ -101,7 +105,7 @@ class ChargeRow:
 
     def sort_key(self) -> tuple:
         return (self.day, self.is_idle, self.team, self.project, self.model, self.hardware_class, self.worker,
-                self.usd_per_device_hour)
+                self.usd_per_device_hour, self.tags)
 
 
 def _day(instant: float) -> str:
@@ -124,10 +128,10 @@ async def charge_rows(ledger: Ledger, period: Period, *, idle: bool = True,
         buckets = await read_rollups(redis, team, period.start, period.end, coarsest="h")
         for name, cells in buckets:
             start = bucket_start(name)
-            for cell, totals in cells.items():
-                project, model, hardware, _worker, _status = cell.group
+            for group, totals in cells.items():
+                project, model, hardware, _worker, _status, tags = group
                 price = _unit_price(book, hardware, start)
-                key = (_day(start), team, project, model, hardware, "", price)
+                key = (_day(start), team, project, model, hardware, "", price, tags)
                 rows.setdefault(key, ChargeRow(*key)).totals.add(totals)
     if idle and teams is None:
         for capacity in await CapacityStore(redis).cells(period.start, period.end):
@@ -136,7 +140,7 @@ async def charge_rows(ledger: Ledger, period: Period, *, idle: bool = True,
             start = bucket_start(capacity.hour)
             hardware = capacity.worker.hardware_class
             key = (_day(start), "", "", capacity.worker.model, hardware, capacity.worker.worker_id,
-                   _unit_price(book, hardware, start))
+                   _unit_price(book, hardware, start), "")
             totals = rows.setdefault(key, ChargeRow(*key)).totals
             totals.gpu_ns += capacity.idle_ns
             totals.idle_nusd += idle_cost_nusd(book, capacity)
@@ -155,7 +159,8 @@ def _gpu_seconds(gpu_ns: int) -> str:
     return format(Decimal(gpu_ns).scaleb(-9), "f")
 
 
-PLAIN_COLUMNS = ("charge_day", "team", "project", "model", "hardware_class", "worker", "requests", "prompt_tokens",
+PLAIN_COLUMNS = ("charge_day", "team", "project", "model", "hardware_class", "worker", "tags", "requests",
+                 "prompt_tokens",
                  "cached_tokens", "completion_tokens", "gpu_seconds", "usd_per_device_hour", "cost_usd", "idle_usd",
                  "list_usd")
 
@@ -163,7 +168,7 @@ PLAIN_COLUMNS = ("charge_day", "team", "project", "model", "hardware_class", "wo
 def _plain(row: ChargeRow) -> dict[str, object]:
     t = row.totals
     return {"charge_day": row.day, "team": row.team or IDLE_SUBACCOUNT, "project": row.project, "model": row.model,
-            "hardware_class": row.hardware_class, "worker": row.worker, "requests": t.requests,
+            "hardware_class": row.hardware_class, "worker": row.worker, "tags": row.tags, "requests": t.requests,
             "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
             "completion_tokens": t.completion_tokens, "gpu_seconds": _gpu_seconds(t.gpu_ns),
             "usd_per_device_hour": format(row.usd_per_device_hour, "f"), "cost_usd": _usd(t.cost_nusd),
@@ -204,7 +209,8 @@ def _focus(row: ChargeRow, period: Period, config: ExportConfig) -> dict[str, st
         description = f"GPU time of {t.requests} {row.model} requests on {row.hardware_class}"
         resource = (row.model, row.model, "Model")
         account = (row.team, row.team)
-        tags = json.dumps({"project": row.project}, sort_keys=True, separators=(",", ":"))
+        # Request tags are the user's tag scheme, unprefixed; ours carry the provider's prefix, as FOCUS asks.
+        tags = json.dumps({**tags_of(row.tags), PROJECT_TAG: row.project}, sort_keys=True, separators=(",", ":"))
     return {
         "BilledCost": cost, "BillingAccountId": config.billing_account_id,
         "BillingAccountName": config.billing_account_name, "BillingCurrency": "USD",

@@ -3,7 +3,7 @@
 Per team (hash-tagged, so one team's keys share a Redis Cluster slot):
   fw:{team}:ledger                      a stream of usage records (trimmed after the retention)
   fw:{team}:usage:<project>:<request>   the ledger entry id of a recorded request (expires with it)
-  fw:{team}:rollup:… fw:{team}:tags:…   rollups by hour and month (accounting/rollups.py)
+  fw:{team}:rollup:…                    rollups by hour and month (accounting/rollups.py)
   fw:{team}:spend:<YYYY-MM>             the month's spend per budget scope (accounting/budgets.py)
   fw:{team}:reservations                budget reservations of requests still running
 
@@ -22,18 +22,18 @@ import redis.asyncio as aioredis
 
 from accounting import budgets
 from accounting.records import UsageRecord
-from accounting.rollups import METRICS, bucket, bucket_start, cell_fields, metric_values
+from accounting.rollups import METRICS, bucket, bucket_start, cell_field, metric_values
 
 TEAMS_KEY = "fw:teams"
 DEFAULT_RETENTION_DAYS = 400
-_ARGS_PER_RECORD = 13
+_ARGS_PER_RECORD = 12
 
 # Records a batch of one team's usage records. KEYS[1] is the team's key
 # prefix, fw:{team}: — every key the script touches is built under it, so all
 # of them share the prefix's Cluster slot.
 # ARGV: 1 retention seconds, 2 trim (ledger ids below it are dropped), 3 #records, then per record:
 #   project, request id, JSON, hour, month, hour start, month start,
-#   group cell, tag cells (joined by \x1d), metrics (comma-separated, METRICS order),
+#   rollup cell, metrics (comma-separated, METRICS order),
 #   spend fields and amounts ("field=amount;..."), reservation field ('' if none), its month.
 _RECORD_SCRIPT = budgets.RELEASE_FUNCTION + r"""
 local prefix = KEYS[1]
@@ -47,8 +47,8 @@ for _ = 1, n do
   local project, request_id, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local buckets = {ARGV[i + 3], ARGV[i + 4]}
   local starts = {ARGV[i + 5], ARGV[i + 6]}
-  local group, tags, metrics, spend = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9], ARGV[i + 10]
-  local reservation, reservation_month = ARGV[i + 11], ARGV[i + 12]
+  local cell, metrics, spend = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local reservation, reservation_month = ARGV[i + 10], ARGV[i + 11]
   i = i + %(per_record)d
   if reservation ~= '' then
     release(prefix .. 'reservations', prefix .. 'spend:' .. reservation_month, reservation)
@@ -57,31 +57,17 @@ for _ = 1, n do
   if redis.call('EXISTS', dedupe) == 0 then
     local entry = redis.call('XADD', prefix .. 'ledger', 'MINID', '~', trim, '*', 'json', body)
     redis.call('SET', dedupe, entry, 'EX', ttl)
-    -- Each cell's field names and amounts, built once and added at both levels.
-    local cells = {group}
-    for tag in string.gmatch(tags, '[^\29]+') do
-      table.insert(cells, tag)
-    end
-    local increments = {}
-    local m = 0
-    for amount in string.gmatch(metrics, '[^,]+') do
-      m = m + 1
-      if amount ~= '0' then
-        table.insert(increments, {'\30' .. metric_names[m], amount})
-      end
-    end
     for l = 1, 2 do
       local rollup = prefix .. 'rollup:' .. levels[l] .. ':' .. buckets[l]
       if not indexed[rollup] then
         redis.call('ZADD', prefix .. 'rollup:' .. levels[l], starts[l], buckets[l])
         indexed[rollup] = true
       end
-      local tagged = prefix .. 'tags:' .. levels[l] .. ':' .. buckets[l]
-      -- Tag cells by month only: grouping by a tag over parts of a month reads the ledger.
-      for c = 1, levels[l] == 'm' and #cells or 1 do
-        local key = c == 1 and rollup or tagged
-        for _, increment in ipairs(increments) do
-          redis.call('HINCRBY', key, cells[c] .. increment[1], increment[2])
+      local m = 0
+      for amount in string.gmatch(metrics, '[^,]+') do
+        m = m + 1
+        if amount ~= '0' then
+          redis.call('HINCRBY', rollup, cell .. '\30' .. metric_names[m], amount)
         end
       end
     end
@@ -134,11 +120,10 @@ class Ledger:
     @staticmethod
     def _args(record: UsageRecord) -> list[object]:
         names = [bucket(level, record.ended_at) for level in ("h", "m")]
-        group, tags = cell_fields(record)
         spend = ";".join(f"{field}={amount}" for field, amount in budgets.spend_increments(record))
         reservation = budgets.reservation_field(record.project, record.request_id) if record.budget_period else ""
         return [record.project, record.request_id, record.to_json(), *names, *(int(bucket_start(n)) for n in names),
-                group, "\x1d".join(tags), ",".join(map(str, metric_values(record))), spend, reservation,
+                cell_field(record), ",".join(map(str, metric_values(record))), spend, reservation,
                 record.budget_period]
 
     async def record(self, record: UsageRecord, now: float | None = None) -> bool:

@@ -1,10 +1,10 @@
 """Usage and cost reports: totals grouped by any mix of dimensions.
 
 Reports over whole hours (every range whose ends fall on the hour, or are
-open) read the hourly rollups, a few hashes per team and hour whatever the
-number of records; other ranges, and groupings the rollups do not keep
-(several tags at once), read the ledger record by record. Both give the same
-exact integers.
+open) read the rollups, a few hashes per team whatever the number of
+records (months where they fit, hours for the rest, hours only to group by
+day or week); other ranges read the ledger record by record. Both give the
+same exact integers.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.records import UsageRecord
-from accounting.rollups import (GROUP_DIMENSIONS, METRICS, RollupCell, Totals, bucket, bucket_start, group_of,
-                                read_rollups)
+from accounting.rollups import GROUP_DIMENSIONS, Totals, bucket_start, group_of, read_rollups, tags_of
 from fareway.errors import InvalidArgument
 
 TIME_DIMENSIONS = ("day", "week", "month")
-DIMENSIONS = ("team", *GROUP_DIMENSIONS, *TIME_DIMENSIONS, "tag:<name>")
+DIMENSIONS = ("team", *GROUP_DIMENSIONS[:-1], *TIME_DIMENSIONS, "tag:<name>")
 _HOUR_S = 3600
 
 
@@ -47,7 +46,7 @@ def _time_key(fmt: str) -> Callable[[Cell], str]:
 
 _KEYS: dict[str, Callable[[Cell], str]] = {
     "team": lambda c: c.team,
-    **{name: (lambda i: lambda c: c.group[i])(i) for i, name in enumerate(GROUP_DIMENSIONS)},
+    **{name: (lambda i: lambda c: c.group[i])(i) for i, name in enumerate(GROUP_DIMENSIONS[:-1])},
     "day": _time_key("%Y-%m-%d"),
     "week": _time_key("%G-W%V"),
     "month": _time_key("%Y-%m"),
@@ -73,10 +72,6 @@ class UsageReport:
 
 def _on_the_hour(instant: float | None) -> bool:
     return instant is None or instant % _HOUR_S == 0
-
-
-def _on_the_month(instant: float | None) -> bool:
-    return instant is None or bucket_start(bucket("m", instant)) == instant
 
 
 IDLE_MODES = ("separate", "share", "none")
@@ -111,15 +106,10 @@ async def usage_report(ledger: Ledger, group_by: Sequence[str], *, since: float 
 async def _records_report(ledger: Ledger, group_by: Sequence[str], since: float | None, until: float | None,
                           teams: Sequence[str] | None) -> UsageReport:
     keys = [dimension(name) for name in group_by]
-    tag_dimensions = [name[4:] for name in group_by if name.startswith("tag:")]
     teams = list(teams) if teams is not None else await ledger.teams()
-    # Tags are rolled up by month only, and one at a time.
-    months_only = not tag_dimensions or (_on_the_month(since) and _on_the_month(until)
-                                         and not {"day", "week"} & set(group_by))
-    if _on_the_hour(since) and _on_the_hour(until) and len(tag_dimensions) <= 1 and months_only:
+    if _on_the_hour(since) and _on_the_hour(until):
         coarsest = "h" if {"day", "week"} & set(group_by) else "m"
-        cells = _rollup_cells(ledger.redis, teams, since, until, tag_dimensions[0] if tag_dimensions else None,
-                              coarsest)
+        cells = _rollup_cells(ledger.redis, teams, since, until, coarsest)
     else:
         cells = _ledger_cells(ledger, teams, since, until)
     groups: dict[tuple[str, ...], Totals] = {}
@@ -141,37 +131,13 @@ def _record_cell(record: UsageRecord) -> Cell:
 
 
 async def _rollup_cells(redis: aioredis.Redis, teams: Sequence[str], since: float | None, until: float | None,  # noqa: ANN202
-                        tag: str | None, coarsest: str):
-    """Cells of the rollup buckets tiling [since, until). With a tag dimension, a group's
-    records without that tag appear once with the tag empty."""
+                        coarsest: str):
+    """Cells of the rollup buckets tiling [since, until)."""
     for team in teams:
-        plain = await read_rollups(redis, team, since, until, coarsest=coarsest)
-        tagged = (dict(await read_rollups(redis, team, since, until, tags=True, coarsest=coarsest))
-                  if tag is not None else {})
-        for name, cells in plain:
+        for name, cells in await read_rollups(redis, team, since, until, coarsest=coarsest):
             start = bucket_start(name)
-            for cell, totals in _hour_cells({**cells, **tagged.get(name, {})}, tag):
-                yield Cell(team, cell[0], start, cell[1]), totals
-
-
-def _hour_cells(cells: dict[RollupCell, Totals], tag: str | None) -> list[tuple[tuple[tuple[str, ...], dict[str, str]], Totals]]:
-    plain = [(c.group, t) for c, t in cells.items() if c.tag is None]
-    if tag is None:
-        return [((group, {}), totals) for group, totals in plain]
-    tagged: dict[tuple[str, ...], list[tuple[str, Totals]]] = {}
-    for cell, totals in cells.items():
-        if cell.tag is not None and cell.tag[0] == tag:
-            tagged.setdefault(cell.group, []).append((cell.tag[1], totals))
-    out = []
-    for group, totals in plain:
-        untagged = Totals()
-        untagged.add(totals)
-        for value, part in tagged.get(group, []):
-            out.append(((group, {tag: value}), part))
-            untagged.add(Totals(*(-getattr(part, name) for name in METRICS)))
-        if untagged.requests:
-            out.append(((group, {}), untagged))
-    return out
+            for group, totals in cells.items():
+                yield Cell(team, group, start, tags_of(group[-1])), totals
 
 
 def idle_cost_nusd(book: PriceBook, cell: CapacityCell) -> int:
@@ -186,7 +152,7 @@ def _idle_rows(group_by: Sequence[str], cells: Sequence[CapacityCell],
     for cell in cells:
         if not cell.idle_ns:
             continue
-        view = Cell(IDLE_TEAM, ("", "", cell.worker.hardware_class, cell.worker.worker_id, ""),
+        view = Cell(IDLE_TEAM, ("", "", cell.worker.hardware_class, cell.worker.worker_id, "", ""),
                     bucket_start(cell.hour), {})
         totals = rows.setdefault(tuple(key(view) for key in keys), Totals())
         totals.gpu_ns += cell.idle_ns

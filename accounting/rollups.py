@@ -20,6 +20,7 @@ from the ledger.
 from __future__ import annotations
 
 import calendar
+import json
 import re
 import datetime as dt
 from dataclasses import dataclass, fields
@@ -31,7 +32,7 @@ UNIT = "\x1f"
 """Separates the values of a group (no team, model or tag value contains a control character)."""
 RECORD = "\x1e"
 """Separates the group from the metric name."""
-GROUP_DIMENSIONS = ("project", "model", "hardware_class", "worker", "status")
+GROUP_DIMENSIONS = ("project", "model", "hardware_class", "worker", "status", "tags")
 """The dimensions a rollup keeps, after the team (which is in the key) and the time (the bucket)."""
 LEVELS = {"m": "%Y-%m", "h": "%Y-%m-%dT%H"}
 """Bucket levels, coarsest first, and their bucket names."""
@@ -85,6 +86,7 @@ class Totals:
 
 
 METRICS = tuple(f.name for f in fields(Totals))
+_METRIC_INDEX = {name: i for i, name in enumerate(METRICS)}
 
 
 def bucket(level: str, unix_seconds: float) -> str:
@@ -112,10 +114,6 @@ def rollup_key(team: str, level: str, name: str) -> str:
     return f"fw:{{{team}}}:rollup:{level}:{name}"
 
 
-def tags_key(team: str, level: str, name: str) -> str:
-    return f"fw:{{{team}}}:tags:{level}:{name}"
-
-
 def index_key(team: str, level: str) -> str:
     return f"fw:{{{team}}}:rollup:{level}"
 
@@ -140,9 +138,18 @@ def tiles(since: float, until: float, finest_time: str = "m") -> list[tuple[str,
     return out
 
 
+def tags_text(tags: dict[str, str]) -> str:
+    """Canonical JSON of a tag set ("" for none); json escapes control characters."""
+    return json.dumps(tags, sort_keys=True, separators=(",", ":")) if tags else ""
+
+
+def tags_of(text: str) -> dict[str, str]:
+    return json.loads(text) if text else {}
+
+
 def group_of(record: UsageRecord) -> tuple[str, ...]:
-    return tuple(_clean(v) for v in (record.project, record.model, record.hardware_class, record.worker_id,
-                                     record.status))
+    return (*(_clean(v) for v in (record.project, record.model, record.hardware_class, record.worker_id,
+                                  record.status)), tags_text(record.tags))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
@@ -153,10 +160,9 @@ def _clean(value: str) -> str:
     return _CONTROL.sub(" ", value)
 
 
-def cell_fields(record: UsageRecord) -> tuple[str, list[str]]:
-    """The record's group cell, and its tag cells (key, value, group)."""
-    group = UNIT.join(group_of(record))
-    return group, [UNIT.join((_clean(k), _clean(v), group)) for k, v in sorted(record.tags.items())]
+def cell_field(record: UsageRecord) -> str:
+    """The record's cell in a rollup hash (before the metric name)."""
+    return UNIT.join(group_of(record))
 
 
 def metric_values(record: UsageRecord) -> list[int]:
@@ -165,30 +171,20 @@ def metric_values(record: UsageRecord) -> list[int]:
     return [getattr(amounts, name) for name in METRICS]
 
 
-@dataclass(frozen=True)
-class RollupCell:
-    group: tuple[str, ...]
-    """Values of GROUP_DIMENSIONS."""
-    tag: tuple[str, str] | None
-    """(key, value) for a tag cell; None for the plain group."""
-
-
-def parse(hash_fields: dict[str, str], tags: bool = False) -> dict[RollupCell, Totals]:
-    """A rollup hash (or, with tags, a tags hash) -> totals per cell."""
-    cells: dict[RollupCell, Totals] = {}
+def parse(hash_fields: dict[str, str]) -> dict[tuple[str, ...], Totals]:
+    """A rollup hash -> totals per group (values of GROUP_DIMENSIONS)."""
+    sums: dict[str, list[int]] = {}
     for name, value in hash_fields.items():
         prefix, _, metric = name.rpartition(RECORD)
-        parts = tuple(prefix.split(UNIT))
-        cell = RollupCell(parts[2:], (parts[0], parts[1])) if tags else RollupCell(parts, None)
-        totals = cells.get(cell)
-        if totals is None:
-            totals = cells[cell] = Totals()
-        setattr(totals, metric, getattr(totals, metric) + int(value))
-    return cells
+        amounts = sums.get(prefix)
+        if amounts is None:
+            amounts = sums[prefix] = [0] * len(METRICS)
+        amounts[_METRIC_INDEX[metric]] += int(value)
+    return {tuple(prefix.split(UNIT)): Totals(*amounts) for prefix, amounts in sums.items()}
 
 
 async def read_rollups(redis, team: str, since: float | None, until: float | None,  # noqa: ANN001 - a Redis client
-                       tags: bool = False, coarsest: str = "m") -> list[tuple[str, dict[RollupCell, Totals]]]:
+                       coarsest: str = "m") -> list[tuple[str, dict[tuple[str, ...], Totals]]]:
     """(bucket, cells) of the team's rollups that tile [since, until) (None: open), coarsest
     buckets first where they fit, but none coarser than `coarsest` ("h": hours only)."""
     hours = await redis.zrangebyscore(index_key(team, "h"), "-inf" if since is None else since,
@@ -204,6 +200,6 @@ async def read_rollups(redis, team: str, since: float | None, until: float | Non
              if level != "h" or bucket("h", start) in existing]
     async with redis.pipeline(transaction=False) as pipe:
         for level, name in names:
-            pipe.hgetall((tags_key if tags else rollup_key)(team, level, name))
+            pipe.hgetall(rollup_key(team, level, name))
         contents = await pipe.execute()
-    return [(name, parse(fields, tags)) for (_, name), fields in zip(names, contents) if fields]
+    return [(name, parse(fields)) for (_, name), fields in zip(names, contents) if fields]

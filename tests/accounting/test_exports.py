@@ -79,7 +79,9 @@ def test_the_focus_export_follows_the_specification(with_redis, random_records) 
         if row["x_Idle"] == "true":
             assert row["SubAccountId"] == "" and row["ResourceType"] == "Worker" and row["Tags"] == ""
         else:
-            assert row["SubAccountId"] and json.loads(row["Tags"]).keys() == {"project"}
+            tags = json.loads(row["Tags"])
+            assert row["SubAccountId"] and tags["fareway.project"] in ("a", "b")
+            assert set(tags) - {"fareway.project"} <= {"feature", "env"}
         total_billed += Decimal(row["BilledCost"])
     # BilledCost adds up to the report's cost to serve plus its idle cost.
     assert total_billed == report.total.cost_usd + report.total.idle_usd
