@@ -38,7 +38,7 @@ from fareway.errors import InvalidArgument
 
 FORMATS = ("csv", "jsonl", "focus")
 PROJECT_TAG = "fareway.project"
-IDLE_SUBACCOUNT = "(idle)"
+IDLE_SUBACCOUNT = "(unallocated)"
 _NS_PER_HOUR = Decimal(3600 * 10**9)
 _QUANTITY_PLACES = Decimal("1e-15")
 

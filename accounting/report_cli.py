@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chart", type=Path, default=None, metavar="FILE.png",
                         help="also draw cost per team per day (a stacked bar chart) into this PNG file")
     parser.add_argument("--idle", choices=IDLE_MODES, default="separate",
-                        help="workers' idle device time, with all teams only: as rows of team (idle), shared "
+                        help="workers' idle device time, with all teams only: as rows of team (unallocated), shared "
                              "over the rows by cost, or left out (default: %(default)s)")
 
 

@@ -75,7 +75,7 @@ def _on_the_hour(instant: float | None) -> bool:
 
 
 IDLE_MODES = ("separate", "share", "none")
-IDLE_TEAM = "(idle)"
+IDLE_TEAM = "(unallocated)"
 """The team of idle rows: device time no request used."""
 
 
@@ -85,7 +85,7 @@ async def usage_report(ledger: Ledger, group_by: Sequence[str], *, since: float 
     """Totals per group over records that ended in [since, until), for the given teams (None: all).
 
     idle: "separate" adds the workers' idle device time as rows of team
-    "(idle)"; "share" spreads its cost over the rows in proportion to their
+    "(unallocated)"; "share" spreads its cost over the rows in proportion to their
     cost to serve (as OpenCost shares idle cost); "none" leaves it out. Idle
     time is counted per whole hour (the hours that start in the range), and
     only with all teams (an idle device belongs to no team).
