@@ -13,6 +13,10 @@ from fareway.process import parse_bytes, wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
 
+# The choices of --weights and --kv-cache-dtype (kept here: the CLI must not import torch to build its parser).
+WEIGHT_FORMATS = ("int8", "fp32", "fp16", "bf16")
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3", "int8")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
@@ -24,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16 "
                                                       "(default: float32 on CPU, bfloat16 on GPUs)")
+    parser.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="int8",
+                        help="how linear-layer weights are stored; the fastest correct kernel for them is "
+                             "measured at load (default: %(default)s)")
+    parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                        help="how the KV cache is stored; auto is the compute dtype (default: %(default)s)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="KV cache size, e.g. 2GiB (default: 1GiB on CPU; on GPUs "
                              "--kv-cache-free-memory-fraction of the memory left after the weights)")
@@ -57,7 +66,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
         worker_id=args.worker_id or default_worker_id(),
         runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
                             kv_cache_free_memory_fraction=args.kv_cache_free_memory_fraction,
-                            block_size=args.block_size, max_model_len=args.max_model_len),
+                            block_size=args.block_size, max_model_len=args.max_model_len,
+                            weights=args.weights, kv_cache_dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens),
         default_max_tokens=args.default_max_tokens, enable_prefix_caching=args.prefix_caching,

@@ -11,8 +11,11 @@ import torch
 
 from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.hardware import Hardware, default_device, default_dtype, detect
-from workers.layers.linear import select_linear_kernels
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
+from workers.layers.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token_per_layer, make_kv_cache
+from workers.layers.linear import WEIGHT_FORMATS, quantize_model
+from workers.layers.quantization import Int8Embedding
+from workers.layers.smoothing import smooth_llama
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
 from workers.sampling import sample
@@ -42,6 +45,11 @@ class RunnerConfig:
     """Tokens per KV block."""
     max_model_len: int | None = None
     """Longest sequence served; None is the model's context length (capped by the pool)."""
+    weights: str = "int8"
+    """How linear-layer weights are stored: int8 (per output channel, with the token embedding), fp32,
+    fp16 or bf16. The kernel that runs them is chosen by measurement at load."""
+    kv_cache_dtype: str = "auto"
+    """How the KV cache is stored: auto (the compute dtype), fp32, fp16, bf16, fp8_e4m3 or int8."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -55,6 +63,10 @@ class RunnerConfig:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {list(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -79,26 +91,39 @@ class ModelRunner:
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
         self.parameter_count = _count_parameters(self.model)
-        select_linear_kernels(self.model, self.device)
-        self.weight_bytes = _tensor_bytes(self.model.parameters())
+        if config.weights == "int8":
+            smooth_llama(self.model, checkpoint.tokenizer.encode(_CALIBRATION_TEXT))
+        choice = quantize_model(self.model, config.weights, self.device, self.dtype)
+        self.linear_kernel = choice.name if choice else "none"
+        """The kernel running the linear layers, e.g. "fbgemm-int8", "onednn-fp32"."""
+        self.weight_bytes = _module_bytes(self.model.modules())
         """Bytes the weights take on the device, as the kernels hold them (packed copies included)."""
-        self.decode_bytes_per_step = _tensor_bytes(
-            p for m in self.model.modules() if not isinstance(m, torch.nn.Embedding)
-            for p in m.parameters(recurse=False))
+        self.decode_bytes_per_step = _module_bytes(
+            m for m in self.model.modules() if not isinstance(m, (torch.nn.Embedding, Int8Embedding)))
         """Weight bytes a decode step reads: all but the embedding tables, of which it reads a row per token."""
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = min(context, self.num_kv_blocks * self.block_size)
         self._allocate_kv_cache()
         self._generators: dict[str, torch.Generator] = {}
-        log.info("model on %s (%s, %s): %d KV blocks of %d tokens, %.1f MiB of weights",
-                 self.device, self.hardware.hardware_class, self.dtype, self.num_kv_blocks,
-                 self.block_size, self.weight_bytes / 2**20)
+        if config.kv_cache_dtype == "fp8_e4m3":
+            self._calibrate_kv_scales(checkpoint.tokenizer.encode(_CALIBRATION_TEXT))
+        log.info("model on %s (%s, %s): %s weights (%s), %.1f MiB; %d KV blocks of %d tokens, %s",
+                 self.device, self.hardware.hardware_class, self.dtype, config.weights, self.linear_kernel,
+                 self.weight_bytes / 2**20, self.num_kv_blocks, self.block_size, config.kv_cache_dtype)
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's storage format, auto resolved: "fp32", "bf16", "fp8_e4m3", "int8"..."""
+        if self.config.kv_cache_dtype != "auto":
+            return self.config.kv_cache_dtype
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
 
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return c.num_layers * kv_bytes_per_token_per_layer(self.config.kv_cache_dtype, c.num_kv_heads,
+                                                           c.head_dim, self.dtype)
 
     def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory_bytes
@@ -126,10 +151,47 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
-        shape = (self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # [blocks, block_size, Hkv, D]
         for layer in self.model.model.layers:
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.kv_cache = make_kv_cache(
+                self.config.kv_cache_dtype, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+                dtype=self.dtype, device=self.device)
+
+    def _calibrate_kv_scales(self, token_ids: list[int]) -> None:
+        """Sets each layer's fp8 scales from the K and V of a short text run through the cache."""
+        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
+        for cache in caches:
+            cache.calibrate(True)
+        self.prompt_logprobs(token_ids[: self.num_kv_blocks * self.block_size])
+        for cache in caches:
+            cache.calibrate(False)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], chunk_size: int = 512) -> torch.Tensor:
+        """[len - 1] log-probability of each token after the first, given those before it, computed
+        through the paged KV cache in prefill chunks (later chunks read what earlier ones stored).
+
+        It writes the pool's first blocks directly: for calibration at load, evaluation and
+        benchmarks, never while the engine serves.
+        """
+        num_blocks = -(-len(token_ids) // self.block_size)
+        if num_blocks > self.num_kv_blocks:
+            raise ValueError(f"{len(token_ids)} tokens do not fit the KV cache ({self.num_kv_blocks} blocks)")
+        block_table = list(range(num_blocks))
+        logprobs = []
+        for start in range(0, len(token_ids), chunk_size):
+            ids = token_ids[start:start + chunk_size]
+            n, context_len = len(ids), start + len(ids)
+            positions = list(range(start, context_len))
+            slots = [block_table[p // self.block_size] * self.block_size + p % self.block_size for p in positions]
+            block_ids = torch.tensor(block_table[: -(-context_len // self.block_size)], device=self.device)
+            mask = None if start == 0 else causal_mask(n, context_len, self.device)
+            metadata = AttentionMetadata(torch.tensor(slots, device=self.device), None,
+                                         (PrefillSlice(0, n, block_ids, context_len, mask, start == 0),))
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                                metadata)
+            logprobs.append(torch.log_softmax(self.model.compute_logits(hidden), dim=-1))
+        targets = torch.tensor(token_ids[1:], device=self.device)
+        return torch.cat(logprobs)[:-1].gather(1, targets[:, None])[:, 0]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int | None]:
@@ -220,19 +282,37 @@ def _count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _tensor_bytes(parameters: Iterable[torch.Tensor]) -> int:
-    """Bytes of the parameters, each storage once.
+def _module_bytes(modules: Iterable[torch.nn.Module]) -> int:
+    """Bytes of the modules' own parameters and weight buffers, each storage once, plus the weights
+    kernels hold outside any tensor (fbgemm's packed int8 matrices declare `weight_nbytes`).
 
     Opaque tensors (oneDNN's packed weights) have no storage to look through,
     so each is counted whole.
     """
     seen: set[int] = set()
     total = 0
-    for tensor in parameters:
-        if tensor.layout == torch.strided:
-            storage = tensor.untyped_storage().data_ptr()
-            if storage in seen:
-                continue
-            seen.add(storage)
-        total += tensor.numel() * tensor.element_size()
+    for module in modules:
+        total += getattr(module, "weight_nbytes", 0)
+        weight_buffers = [b for name, b in module.named_buffers(recurse=False) if name.startswith("weight")]
+        for tensor in [*module.parameters(recurse=False), *weight_buffers]:
+            if tensor.layout == torch.strided:
+                storage = tensor.untyped_storage().data_ptr()
+                if storage in seen:
+                    continue
+                seen.add(storage)
+            total += tensor.numel() * tensor.element_size()
     return total
+
+
+# A public-domain passage (the opening of Melville's "Moby-Dick") run through the model at load
+# to smooth int8 activations and set fp8 KV scales.
+_CALIBRATION_TEXT = (
+    "Call me Ishmael. Some years ago - never mind how long precisely - having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and see "
+    "the watery part of the world. It is a way I have of driving off the spleen and regulating the "
+    "circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly "
+    "November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and "
+    "bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand "
+    "of me, that it requires a strong moral principle to prevent me from deliberately stepping into the "
+    "street, and methodically knocking people's hats off - then, I account it high time to get to sea as "
+    "soon as I can.")

@@ -59,7 +59,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             kv_capacity_tokens=runner.num_kv_blocks * runner.block_size, kv_block_size=runner.block_size,
             kv_cache_bytes=runner.kv_cache_bytes,
             max_sequences_at_length=runner.max_sequences_at(request.sequence_length) if request.sequence_length else 0,
-            prefix_caching=w.config.enable_prefix_caching, max_num_seqs=w.config.scheduler.max_num_seqs)
+            prefix_caching=w.config.enable_prefix_caching, max_num_seqs=w.config.scheduler.max_num_seqs,
+            weight_dtype=runner.config.weights, kv_cache_dtype=runner.kv_cache_dtype,
+            linear_kernel=runner.linear_kernel)
 
     async def GetLoad(self, request: pb.GetLoadRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:

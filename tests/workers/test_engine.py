@@ -140,15 +140,20 @@ def test_gpu_seconds_add_up_to_wall_time(tiny_checkpoint) -> None:  # noqa: ANN0
     assert per_request[-1] > per_request[0]
 
 
-def test_an_exhausted_pool_preempts_and_every_request_still_gets_its_tokens(tiny_checkpoint) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3", "int8"])
+def test_an_exhausted_pool_preempts_and_every_request_still_gets_its_tokens(tiny_checkpoint,  # noqa: ANN001
+                                                                            kv_cache_dtype: str) -> None:
     """Many long requests against a pool far too small for them all: sequences are
-    preempted and recomputed, none is dropped, and each output equals the unconstrained run."""
+    preempted and recomputed (often from their own cached blocks), none is dropped, and
+    each output equals the unconstrained run, whatever format the KV cache is stored in."""
     scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
-    roomy = Worker(WorkerConfig(worker_id="roomy", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20),
-                                scheduler=scheduler), tiny_checkpoint)
+    roomy = Worker(WorkerConfig(worker_id="roomy", scheduler=scheduler,
+                                runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20,
+                                                    kv_cache_dtype=kv_cache_dtype)), tiny_checkpoint)
     # 12 blocks of 16 tokens: room for about two of these requests at a time.
     cramped = Worker(WorkerConfig(worker_id="cramped", scheduler=scheduler,
-                                  runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=12 * 16 * 512)),
+                                  runner=RunnerConfig(device="cpu", kv_cache_dtype=kv_cache_dtype,
+                                                      kv_cache_memory_bytes=12 * 16 * roomy.runner.kv_bytes_per_token)),
                      tiny_checkpoint)
     assert cramped.runner.num_kv_blocks == 12
     prompts = [prompt(roomy, f"Story {i}: " + "once upon a time " * (2 + i)) for i in range(8)]

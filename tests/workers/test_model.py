@@ -4,15 +4,20 @@ chunked paths, and greedy decoding through the engine gives the same tokens."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from workers.config import WorkerConfig
 from workers.engine.block_manager import BlockManager
 from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.engine.sequence import SamplingOptions, Sequence
 from workers.loader import Checkpoint
 from workers.model_runner import ModelRunner, RunnerConfig
 from workers.models.llama import build_model
+from workers.worker import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +48,7 @@ def test_logits_match_transformers(model, smollm2: Checkpoint, hf_reference, pro
 def test_paged_chunked_prefill_and_decode_match_transformers(smollm2: Checkpoint, hf_reference) -> None:  # noqa: ANN001
     """The serving path: the prompt prefilled in uneven chunks into scattered KV blocks,
     then token by token; each step's last logits equal the reference's at that position."""
-    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=16 << 20, block_size=4))
+    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=16 << 20, block_size=4, weights="fp32"))
     ids = smollm2.tokenizer.encode(PROMPTS[2])
     seq = Sequence("s", ids, SamplingOptions(max_tokens=8, temperature=0.0), 0.0)
     blocks = BlockManager(runner.num_kv_blocks, runner.block_size)
@@ -61,8 +66,18 @@ def test_paged_chunked_prefill_and_decode_match_transformers(smollm2: Checkpoint
     assert (captured[0][0] - reference[-1]).abs().max().item() < ATOL
 
 
+@pytest.fixture(scope="module")
+def fp32_worker(smollm2: Checkpoint) -> Iterator[Worker]:
+    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=32 << 20, weights="fp32")),
+                    smollm2)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
 @pytest.mark.parametrize("prompt", PROMPTS[:3])
-def test_greedy_decoding_gives_transformers_tokens(stack, smollm2: Checkpoint, hf_reference, prompt: str) -> None:  # noqa: ANN001
+def test_greedy_decoding_gives_transformers_tokens(fp32_worker: Worker, smollm2: Checkpoint, hf_reference,  # noqa: ANN001
+                                                   prompt: str) -> None:
     ids = smollm2.tokenizer.encode(prompt)
     with torch.inference_mode():
         expected = hf_reference.model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
@@ -71,14 +86,14 @@ def test_greedy_decoding_gives_transformers_tokens(stack, smollm2: Checkpoint, h
 
     async def ours() -> list[int]:
         tokens: list[int] = []
-        async for output in stack.worker.async_engine.generate(ids, SamplingOptions(max_tokens=64, temperature=0)):
+        async for output in fp32_worker.async_engine.generate(ids, SamplingOptions(max_tokens=64, temperature=0)):
             tokens.extend(output.token_ids)
         return tokens
-    assert stack.loop.run(ours()) == expected
+    assert asyncio.run(ours()) == expected
 
 
 def test_the_runner_counts_parameters_and_the_bytes_its_kernels_hold(smollm2: Checkpoint) -> None:
-    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 20))
+    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 20, weights="fp32"))
     tied = smollm2.config.tie_word_embeddings
     expected = sum(t.numel() for name, t in smollm2.tensors.items() if not (tied and name == "lm_head.weight"))
     assert runner.parameter_count == expected

@@ -1,7 +1,8 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is a pool of blocks, [num_blocks, block_size,
-num_kv_heads, head_dim]; slot = block * block_size + offset. A step processes
+num_kv_heads, head_dim], stored in any format of `kv_cache`; slot = block *
+block_size + offset. A step processes
 the new tokens of several sequences at once; each token's K and V are written
 to its slot (`slot_mapping`), then each sequence attends over its whole
 context, gathered from the blocks its block table names. Sequences decoding
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers.kv_cache import KVCache
 from workers.layers.rotary import apply_rotary
 from workers.models.config import LlamaConfig
 
@@ -75,36 +77,32 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out[0].transpose(0, 1)
 
 
-def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    decode: DecodeBatch) -> torch.Tensor:
-    # q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D] -> [B, H, D]
+def _attend_decodes(q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> torch.Tensor:
+    # q: [B, H, D] -> [B, H, D]
     # One gather and one SDPA call for the whole batch: per-sequence calls cost
     # more in dispatch than in arithmetic at decode sizes. The query heads that
     # share a KV head are folded into its query length ([B, Hkv, H / Hkv, D]),
     # which SDPA's CPU kernel runs faster than its own grouped-query path.
     b, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    blocks = decode.block_tables.flatten()
-    k = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
-    v = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+    k, v = kv_cache.gather(decode.block_tables.flatten())
+    num_kv_heads = k.shape[1]
+    k = k.view(b, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
+    v = v.view(b, -1, num_kv_heads, head_dim)
     grouped = q.view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, k.transpose(1, 2), v.transpose(1, 2), attn_mask=decode.mask)
     return out.reshape(b, num_heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    metadata: AttentionMetadata) -> torch.Tensor:
-    # q: [N, H, D]; caches: [num_blocks, block_size, Hkv, D] -> [N, H, D]
+def paged_attention(q: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
+    # q: [N, H, D] -> [N, H, D]
     out = torch.empty_like(q)
     if metadata.decode is not None:
         b = metadata.decode.block_tables.shape[0]
-        out[:b] = _attend_decodes(q[:b], k_cache, v_cache, metadata.decode)
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        out[:b] = _attend_decodes(q[:b], kv_cache, metadata.decode)
     for seq in metadata.prefills:
-        k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
-        v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[: seq.context_len]
+        k, v = kv_cache.gather(seq.block_ids)
         rows = slice(seq.query_start, seq.query_end)
-        out[rows] = _attend(q[rows], k, v, seq.mask, seq.is_causal)
+        out[rows] = _attend(q[rows], k[: seq.context_len], v[: seq.context_len], seq.mask, seq.is_causal)
     return out
 
 
@@ -123,9 +121,8 @@ class Attention(nn.Module):
         qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
-        # Bound by the ModelRunner to this layer's share of the KV pool: [num_blocks, block_size, Hkv, D].
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        # Bound by the ModelRunner to this layer's share of the KV pool.
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 metadata: AttentionMetadata | None) -> torch.Tensor:
@@ -140,7 +137,6 @@ class Attention(nn.Module):
             # One sequence, no cache: used for scoring whole texts (tests, perplexity).
             out = _attend(q, k, v, None, is_causal=True)
         else:
-            self.k_cache.view(-1, *k.shape[1:]).index_copy_(0, metadata.slot_mapping, k)
-            self.v_cache.view(-1, *v.shape[1:]).index_copy_(0, metadata.slot_mapping, v)
-            out = paged_attention(q, self.k_cache, self.v_cache, metadata)
+            self.kv_cache.write(metadata.slot_mapping, k, v)
+            out = paged_attention(q, self.kv_cache, metadata)
         return self.o_proj(out.reshape(n, -1))

@@ -1,107 +1,243 @@
-"""Linear-layer kernels, chosen per device after the model is built (a module
-swap: the model code does not change).
+"""Linear-layer kernels, chosen per device and weight format by measurement
+after the model is built (a module swap: the model code does not change).
 
-On x86 CPUs, oneDNN's linear with the weight prepacked once into its blocked
-layout is the fastest fp32 kernel at every batch size a server sees. Measured
-on a 2-core EPYC with torch 2.13, cold weights, 30 layers in a row (GFLOP/s):
+Every format has candidate kernels; at load each candidate that runs on the
+device is checked against the plain float computation and timed on a layer of
+the model's own shape at batch 1 and 16, and the fastest correct one takes
+every linear layer. Measured on a 2-core EPYC (Zen 4) with torch 2.13, per
+layer against oneDNN fp32, cold weights:
 
-| layer (in x out) | batch 1 | batch 16 | batch 64 |
-| --- | --- | --- | --- |
-| 576 x 3072, `x @ W` (MKL, [in, out]) | 8.8 | 47.7 | 98.3 |
-| 576 x 3072, oneDNN prepacked | 9.7 | 118.0 | 175.3 |
-| 576 x 49152 (output head), `x @ W` | 9.5 | 33.6 | 72.3 |
-| 576 x 49152, oneDNN prepacked | 11.5 | 136.7 | 179.9 |
+| kernel | 576 x 3072, batch 1 / 16 / 64 | 1536 x 576, batch 1 / 16 / 64 |
+| --- | --- | --- |
+| fbgemm int8, activations per token | 3.4x / 2.6x / 3.1x | 5.1x / 2.4x / 3.6x |
+| `torch._int_mm`, activations per token | 1.9x / 1.4x / 2.3x | 3.0x / 1.1x / 2.5x |
+| oneDNN bf16 weights (this CPU has AVX512-BF16) | 1.5x / 1.8x / 1.8x | 1.2x / 1.5x / 1.8x |
 
-Where oneDNN is missing (or fails its check), weights are kept [in, out] for
-MKL's `x @ W`, which streams about twice as fast as `nn.Linear`'s layout at
-batch 1. GPUs' GEMMs take nn.Linear as it is.
+On x86 CPUs oneDNN's fp32 linear with the weight prepacked once is the
+fastest fp32 kernel (1.5-4x MKL's at batch 4-64); where oneDNN is missing,
+weights are kept [in, out] for MKL's `x @ W`, which streams about twice as
+fast as `nn.Linear`'s layout at batch 1. GPUs' GEMMs take nn.Linear as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers.quantization import (DequantInt8Linear, FbgemmInt8Linear, Int8Embedding, Int8PackMmLinear,
+                                         fbgemm_available, quantize_int8)
+
 log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8,
+}
+"""--weights: how linear-layer weights are stored."""
 
 
 class OneDnnLinear(nn.Module):
-    """y = x W^T + b, W prepacked by oneDNN for this CPU (an opaque tensor)."""
+    """y = x W^T + b, W prepacked by oneDNN for this CPU (an opaque tensor).
 
-    def __init__(self, linear: nn.Linear) -> None:
+    With half-precision weights the activations are cast to the weights' dtype
+    and the result back to the input's.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        weight = linear.weight.detach().to(weight_dtype or linear.weight.dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.packed_weight = nn.Parameter(packed, requires_grad=False)
-        self.bias = linear.bias
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(weight.dtype),
+                                                                  requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        dtype = self.packed_weight.dtype
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.packed_weight, self.bias, "none", [], "")
+        return y.to(x.dtype)
 
 
 class TransposedLinear(nn.Module):
-    """y = x @ W + b with W kept transposed and contiguous: [in, out]."""
+    """y = x @ W + b with W kept transposed and contiguous: [in, out], cast to x's dtype per call."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        weight = linear.weight.detach().to(weight_dtype or linear.weight.dtype)
+        self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
+        y = x @ self.weight_t.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
-def onednn_works() -> bool:
-    """Whether this build and CPU run oneDNN's prepacked linear, and it computes what F.linear does."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    probe = nn.Linear(64, 32)
-    x = torch.randn(4, 64)
+class CastLinear(nn.Module):
+    """nn.Linear with the weight stored in another dtype than the activations, cast per call
+    (a GPU computing in the weights' own dtype gets no cast)."""
+
+    def __init__(self, linear: nn.Linear, weight_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(weight_dtype), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def _int8(kernel: type[nn.Module]) -> Callable[[nn.Linear], nn.Module]:
+    def build(linear: nn.Linear) -> nn.Module:
+        q, scale = quantize_int8(linear.weight)
+        return kernel(q.to(linear.weight.device), scale.to(linear.weight.device), linear.bias)
+    return build
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    name: str
+    build: Callable[[nn.Linear], nn.Module]
+    """Replaces one nn.Linear (in the compute dtype) with this kernel."""
+    device_types: tuple[str, ...]
+    is_available: Callable[[], bool] = lambda: True
+
+
+def _kernels(weights: str) -> tuple[LinearKernel, ...]:
+    dtype = WEIGHT_FORMATS[weights]
+    if weights == "int8":
+        return (
+            LinearKernel("fbgemm-int8", _int8(FbgemmInt8Linear), ("cpu",), fbgemm_available),
+            LinearKernel("int8pack-mm", _int8(Int8PackMmLinear), ("cpu", "cuda")),
+            LinearKernel("dequant-int8", _int8(DequantInt8Linear), ("cpu", "cuda")),
+        )
+    return (
+        LinearKernel(f"onednn-{weights}", lambda lin: OneDnnLinear(lin, dtype), ("cpu",),
+                     torch.backends.mkldnn.is_available),
+        LinearKernel(f"mkl-{weights}", lambda lin: TransposedLinear(lin, dtype), ("cpu",)),
+        LinearKernel(f"dense-{weights}", lambda lin: CastLinear(lin, dtype), ("cpu", "cuda")),
+    )
+
+
+# Largest relative error (of the output's RMS) a kernel may show against the float reference on
+# the probe; rounding the weights to the format is allowed for, a wrong kernel is far above it.
+_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    name: str
+    seconds: dict[str, float]
+    """Each correct candidate's probe time (batch 1 plus batch 16)."""
+
+
+def choose_linear_kernel(weights: str, in_features: int, out_features: int, device: torch.device,
+                         dtype: torch.dtype) -> tuple[LinearKernel, KernelChoice]:
+    """The fastest kernel for `weights` on `device` that computes what the float layer does."""
+    generator = torch.Generator().manual_seed(0)
+    probe = nn.Linear(in_features, out_features, bias=False)
+    probe.weight.data = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
+    probe = probe.to(device=device, dtype=dtype)
+    inputs = [torch.randn(batch, in_features, generator=generator).to(device=device, dtype=dtype)
+              for batch in (1, 16)]
+    reference = _reference(probe, weights)
+    timings: dict[str, float] = {}
+    candidates = {k.name: k for k in _kernels(weights) if device.type in k.device_types}
+    for kernel in candidates.values():
+        seconds = _probe(kernel, probe, inputs, reference, _TOLERANCE[weights])
+        if seconds is not None:
+            timings[kernel.name] = seconds
+    if not timings:
+        raise RuntimeError(f"no linear kernel for {weights} weights runs correctly on {device}")
+    best = min(timings, key=timings.__getitem__)
+    log.info("linear kernel for %s weights on %s: %s (probe %s)", weights, device.type, best,
+             ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in sorted(timings.items(), key=lambda kv: kv[1])))
+    return candidates[best], KernelChoice(best, timings)
+
+
+def _reference(probe: nn.Linear, weights: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float computation with the weights rounded to the format, in fp32."""
+    if weights == "int8":
+        q, scale = quantize_int8(probe.weight)
+        weight = q.float() * scale[:, None]
+    else:
+        weight = probe.weight.detach().to(WEIGHT_FORMATS[weights]).float()
+    return lambda x: F.linear(x.float(), weight)
+
+
+def _probe(kernel: LinearKernel, probe: nn.Linear, inputs: list[torch.Tensor],
+           reference: Callable[[torch.Tensor], torch.Tensor], tolerance: float) -> float | None:
+    """Seconds the kernel takes over the inputs (the best of 7: other load on the machine only
+    ever adds time), or None if it fails or is wrong."""
     try:
+        if not kernel.is_available():
+            return None
+        module = kernel.build(probe)
         with torch.inference_mode():
-            return torch.allclose(OneDnnLinear(probe)(x), F.linear(x, probe.weight, probe.bias), atol=1e-4)
-    except RuntimeError as exc:
-        log.info("oneDNN linear unavailable (%s); using MKL", exc)
-        return False
+            for x in inputs:
+                expected = reference(x)
+                error = (module(x).float() - expected).norm() / expected.norm().clamp_min(1e-12)
+                if not error.item() <= tolerance:
+                    log.warning("linear kernel %s is off by %.2e on this device; not used", kernel.name, error)
+                    return None
+            return min(_time(module, inputs) for _ in range(7))
+    except (RuntimeError, NotImplementedError) as exc:
+        log.info("linear kernel %s unavailable: %s", kernel.name, str(exc).splitlines()[0])
+        return None
 
 
-def use_cpu_linear_kernels(model: nn.Module) -> int:
-    """Swaps every nn.Linear in `model` for the CPU's fastest fp32 kernel; returns how many.
+def _time(module: nn.Module, inputs: list[torch.Tensor]) -> float:
+    started = time.perf_counter()
+    for x in inputs:
+        module(x)
+    if inputs[0].device.type == "cuda":
+        torch.cuda.synchronize(inputs[0].device)
+    return time.perf_counter() - started
 
-    A tied embedding keeps the dense weight it shares with the head: the
-    embedding only gathers rows, the head's kernel gets its own packed copy.
-    With the MKL fallback the embedding becomes a view of the transposed
-    weight instead, so the matrix is held once.
+
+def quantize_model(model: nn.Module, weights: str, device: torch.device, dtype: torch.dtype) -> KernelChoice | None:
+    """Swaps every nn.Linear of `model` for the fastest correct kernel for `weights`, and the token
+    embedding for an int8 one with int8 weights. Returns the choice (None for a model with no linear).
+
+    A tied embedding keeps the weight it shares with the head in float or
+    int8 rows: it only gathers rows, while the head's kernel holds its own
+    (packed) copy. With the MKL layout the embedding becomes a view of the
+    head's transposed weight instead, so the matrix is held once.
     """
-    kernel = OneDnnLinear if onednn_works() else TransposedLinear
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_FORMATS)}, got {weights!r}")
+    linears = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
+    if not linears:
+        return None
+    if weights != "int8" and WEIGHT_FORMATS[weights] == dtype and device.type != "cpu":
+        return KernelChoice(f"dense-{weights}", {})  # a GPU computing in the weights' own dtype: nn.Linear as is
+    kernel, choice = choose_linear_kernel(weights, *_probe_shape([c for _, _, c in linears]), device, dtype)
     swapped: dict[int, nn.Module] = {}
+    for parent, name, child in linears:
+        replacement = kernel.build(child)
+        swapped[id(child.weight)] = replacement
+        setattr(parent, name, replacement)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                replacement = kernel(child)
-                swapped[id(child.weight)] = replacement
-                setattr(parent, name, replacement)
-    if kernel is TransposedLinear:
-        for module in model.modules():
-            if isinstance(module, nn.Embedding) and id(module.weight) in swapped:
-                module.weight = nn.Parameter(swapped[id(module.weight)].weight_t.t(), requires_grad=False)
-    return len(swapped)
+            if isinstance(child, nn.Embedding):
+                if weights == "int8":
+                    setattr(parent, name, Int8Embedding(child, dtype))
+                elif isinstance(swapped.get(id(child.weight)), TransposedLinear) and \
+                        swapped[id(child.weight)].weight_t.dtype == dtype:
+                    child.weight = nn.Parameter(swapped[id(child.weight)].weight_t.t(), requires_grad=False)
+    return choice
 
 
-# Device type -> the transformation that picks its linear kernels.
-LINEAR_KERNELS = {
-    "cpu": use_cpu_linear_kernels,
-}
-
-
-def select_linear_kernels(model: nn.Module, device: torch.device) -> None:
-    transform = LINEAR_KERNELS.get(device.type)
-    if transform is not None:
-        transform(model)
+def _probe_shape(linears: list[nn.Linear]) -> tuple[int, int]:
+    """(in, out) of the largest layer, its output capped at 8,192 to keep the probe quick."""
+    layer = max(linears, key=lambda lin: lin.in_features * min(lin.out_features, 8192))
+    return layer.in_features, min(layer.out_features, 8192)

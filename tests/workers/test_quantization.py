@@ -1,0 +1,145 @@
+"""int8 weights and fp8/int8 KV caches on the real SmolLM2: perplexity on a
+fixed public-domain English text (tests/workers/data/english.txt: the
+Declaration of Independence, the Gettysburg Address and the openings of "A
+Tale of Two Cities" and "Pride and Prejudice", 2,987 tokens) stays within 3%
+of fp32, greedy continuations agree with fp32's, and kernels are chosen by
+measurement among the correct ones."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from workers.config import WorkerConfig
+from workers.engine.sequence import SamplingOptions
+from workers.layers.linear import LinearKernel, _probe, _reference, choose_linear_kernel
+from workers.loader import Checkpoint
+from workers.model_runner import ModelRunner, RunnerConfig
+from workers.worker import Worker
+
+pytestmark = pytest.mark.slow
+
+TEXT = (Path(__file__).parent / "data" / "english.txt").read_text(encoding="utf-8")
+KV_MEMORY = 256 << 20   # room for the whole text in fp32
+PROMPTS = [
+    "The history of the Roman Empire",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village at the edge of a great forest, there lived",
+    "The three most important rules of cooking are",
+]
+
+
+def perplexity(checkpoint: Checkpoint, **config) -> float:  # noqa: ANN003
+    runner = ModelRunner(checkpoint, RunnerConfig(device="cpu", kv_cache_memory_bytes=KV_MEMORY, **config))
+    logprobs = runner.prompt_logprobs(checkpoint.tokenizer.encode(TEXT))
+    return math.exp(-logprobs.mean().item())
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(smollm2: Checkpoint) -> float:
+    return perplexity(smollm2, weights="fp32")
+
+
+@pytest.mark.parametrize("config", [
+    {"weights": "int8"},
+    {"weights": "fp32", "kv_cache_dtype": "fp8_e4m3"},
+    {"weights": "fp32", "kv_cache_dtype": "int8"},
+], ids=["int8-weights", "fp8-kv", "int8-kv"])
+def test_perplexity_stays_within_3_percent_of_fp32(smollm2: Checkpoint, fp32_perplexity: float,
+                                                   config: dict[str, str]) -> None:
+    assert 10 < fp32_perplexity < 30   # the text is ordinary English to this model
+    assert perplexity(smollm2, **config) <= fp32_perplexity * 1.03
+
+
+def greedy(worker: Worker, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    async def one(ids: list[int]) -> list[int]:
+        return [t async for output in worker.async_engine.generate(ids, SamplingOptions(max_tokens, temperature=0))
+                for t in output.token_ids]
+
+    async def all_at_once() -> list[list[int]]:
+        return await asyncio.gather(*(one(worker.tokenizer.encode(p)) for p in prompts))
+    worker.start()
+    try:
+        return asyncio.run(all_at_once())
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def fp32_continuations(smollm2: Checkpoint) -> list[list[int]]:
+    return greedy(quantized_worker(smollm2, weights="fp32"), PROMPTS, 16)
+
+
+def quantized_worker(checkpoint: Checkpoint, **config) -> Worker:  # noqa: ANN003
+    return Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=32 << 20, **config)),
+                  checkpoint)
+
+
+def test_greedy_continuations_with_an_int8_kv_cache_agree_with_fp32_for_16_tokens(
+        smollm2: Checkpoint, fp32_continuations: list[list[int]]) -> None:
+    assert greedy(quantized_worker(smollm2, weights="fp32", kv_cache_dtype="int8"), PROMPTS, 16) == fp32_continuations
+
+
+# Not reached yet. Measured over 10 prompts, 24 greedy tokens: the first token that differs from fp32's is
+# int8 weights [11, 0, 10, 14, 2, 4, 6, 0, 24, 24]; weight-only int8 (no activation quantization)
+# [11, 6, 10, 2, 0, 8, 6, 7, 24, 24]; fp8 KV [1, 12, 24, 2, 24, 24, 6, 8, 5, 9]. SmolLM2-135M's top
+# two logits are often closer than int8 or fp8 rounding moves them; see the closing notes of issue 5.
+@pytest.mark.xfail(strict=True, reason="int8 weights and fp8 KV change a greedy token within 16 on some prompts")
+@pytest.mark.parametrize("config", [{"weights": "int8"}, {"weights": "fp32", "kv_cache_dtype": "fp8_e4m3"}],
+                         ids=["int8-weights", "fp8-kv"])
+def test_greedy_continuations_with_int8_weights_or_fp8_kv_agree_with_fp32_for_16_tokens(
+        smollm2: Checkpoint, fp32_continuations: list[list[int]], config: dict[str, str]) -> None:
+    assert greedy(quantized_worker(smollm2, **config), PROMPTS, 16) == fp32_continuations
+
+
+def test_quantized_formats_shrink_weights_and_kv_as_stated(smollm2: Checkpoint) -> None:
+    runners = {name: ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=64 << 20, **config))
+               for name, config in {"fp32": {"weights": "fp32"}, "int8": {"weights": "int8"},
+                                    "fp8kv": {"weights": "fp32", "kv_cache_dtype": "fp8_e4m3"},
+                                    "int8kv": {"weights": "fp32", "kv_cache_dtype": "int8"}}.items()}
+    c = smollm2.config
+    # int8: every linear layer and the embedding one byte per weight (the tied head held twice); an fp32
+    # scale per output channel (and fbgemm's column offset, 4 more bytes) or embedding row; fp32 norms.
+    norms = (2 * c.num_layers + 1) * c.hidden_size
+    int8_matrices = runners["fp32"].parameter_count - norms + c.vocab_size * c.hidden_size
+    out_channels = c.num_layers * ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.hidden_size
+                                   + 2 * c.intermediate_size + c.hidden_size) + c.vocab_size
+    assert runners["int8"].weight_bytes == int8_matrices + 8 * out_channels + 4 * c.vocab_size + 4 * norms
+    assert runners["fp32"].kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+    assert runners["fp8kv"].kv_bytes_per_token * 4 == runners["fp32"].kv_bytes_per_token
+    assert runners["int8kv"].kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4)
+    # The same pool holds four times the tokens in fp8.
+    assert runners["fp8kv"].num_kv_blocks == 4 * runners["fp32"].num_kv_blocks
+    assert runners["int8"].linear_kernel.endswith("int8") and runners["fp32"].linear_kernel.endswith("fp32")
+
+
+def test_the_kernel_choice_skips_a_wrong_kernel_and_takes_a_correct_one() -> None:
+    probe = nn.Linear(64, 96, bias=False)
+    inputs = [torch.randn(1, 64), torch.randn(16, 64)]
+
+    class Wrong(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 96)
+    wrong = LinearKernel("wrong", lambda linear: Wrong(), ("cpu",))
+    assert _probe(wrong, probe, inputs, _reference(probe, "int8"), 3e-2) is None
+    kernel, choice = choose_linear_kernel("int8", 64, 96, torch.device("cpu"), torch.float32)
+    assert choice.name == kernel.name and kernel.name in choice.seconds
+    assert choice.seconds[kernel.name] == min(choice.seconds.values())
+    assert _probe(kernel, probe, inputs, _reference(probe, "int8"), 3e-2) is not None
+
+
+def test_int8_rows_are_quantized_each_on_its_own(smollm2: Checkpoint) -> None:
+    """A request's int8 activations do not depend on what else is in its batch."""
+    runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20, weights="int8"))
+    layer = runner.model.model.layers[0].mlp.gate_up_proj
+    quiet = torch.randn(1, smollm2.config.hidden_size)
+    loud = torch.randn(1, smollm2.config.hidden_size) * 1000
+    with torch.inference_mode():
+        alone = layer(quiet)
+        together = layer(torch.cat([quiet, loud]))[:1]
+    assert torch.equal(alone, together)
