@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.worker_decode
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.accounting
+	$(BIN)/python -m bench.quantization
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py

@@ -122,7 +122,7 @@ def main() -> None:
     stream_counts, num_tokens, repeats = ((1, 16, 64), 16, 1) if args.quick else ((1, 4, 16, 64), 64, 3)
 
     path = default_model_path()
-    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 30),
+    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 30, weights="fp32"),
                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)))
     worker.start()
     reference = load_transformers(path)

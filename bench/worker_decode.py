@@ -70,7 +70,7 @@ def main() -> None:
     num_tokens, repeats = (32, 2) if args.quick else (128, 5)
 
     path = default_model_path()
-    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=64 << 20)))
+    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=64 << 20, weights="fp32")))
     worker.start()
     reference = load_transformers(path)
     prompt_ids = worker.tokenizer.encode(PROMPT)

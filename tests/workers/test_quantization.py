@@ -129,7 +129,7 @@ def test_the_kernel_choice_skips_a_wrong_kernel_and_takes_a_correct_one() -> Non
     assert _probe(wrong, probe, inputs, _reference(probe, "int8"), 3e-2) is None
     kernel, choice = choose_linear_kernel("int8", 64, 96, torch.device("cpu"), torch.float32)
     assert choice.name == kernel.name and kernel.name in choice.seconds
-    assert choice.seconds[kernel.name] == min(choice.seconds.values())
+    assert all(choice.seconds[kernel.name] <= seconds * 1.25 for seconds in choice.seconds.values())
     assert _probe(kernel, probe, inputs, _reference(probe, "int8"), 3e-2) is not None
 
 
