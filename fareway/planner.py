@@ -104,7 +104,9 @@ PRESET_ALIASES: dict[str, str] = {"mistral-7b": "mistral-7b-v0.3"}
 
 def resolve_model(spec: str) -> tuple[str, LlamaConfig]:
     """(name, config) of a model file or folder, or of a preset ("Llama-3.1-8B",
-    "meta-llama/Llama-3.1-8B-Instruct"); ValueError listing the presets if it is neither."""
+    "meta-llama/Llama-3.1-8B-Instruct"); ValueError listing the presets if it is neither.
+    A file or folder is named as the worker would serve it: its name before the first ".",
+    lower-cased."""
     path = Path(spec).expanduser()
     if path.exists():
         return path.name.split(".", 1)[0].lower(), read_model_config(path)
@@ -127,12 +129,16 @@ def resolve_hardware(name: str) -> str:
     return key
 
 
+def auto_weight_dtype(hardware: str) -> str:
+    """The weights' dtype when none is given, as the worker picks its compute dtype: fp32 on CPUs
+    (bf16 matmuls are slow there), bf16 on accelerators."""
+    return "fp32" if hardware == "cpu" else "bf16"
+
+
 def auto_kv_dtype(weight_dtype: str, hardware: str) -> str:
     """The KV dtype when none is given: the compute dtype, i.e. the weights' dtype when it is a
-    float, else what int8 weights compute in (fp32 on CPUs, bf16 on accelerators)."""
-    if weight_dtype != "int8":
-        return weight_dtype
-    return "fp32" if hardware == "cpu" else "bf16"
+    float, else what int8 weights compute in."""
+    return auto_weight_dtype(hardware) if weight_dtype == "int8" else weight_dtype
 
 
 @dataclass(frozen=True)
@@ -159,13 +165,14 @@ class Deployment:
             raise ValueError(f"tensor parallel size must be at least 1, got {self.tensor_parallel_size}")
 
     @classmethod
-    def from_names(cls, hardware: str, weights: str, kv: str | None, tensor_parallel_size: int | str) -> Deployment:
-        """A deployment from what a person typed: aliases accepted, kv None (or "auto") chosen by
-        auto_kv_dtype."""
+    def from_names(cls, hardware: str, weights: str | None, kv: str | None,
+                   tensor_parallel_size: int | str) -> Deployment:
+        """A deployment from what a person typed: aliases accepted; weights or kv None (or "auto")
+        chosen as the worker would (auto_weight_dtype, auto_kv_dtype)."""
         hardware_class_ = resolve_hardware(hardware)
-        weight_dtype = normalize_dtype(weights, WEIGHT_DTYPES)
-        kv_dtype = (auto_kv_dtype(weight_dtype, hardware_class_) if kv is None or kv.strip().lower() == "auto"
-                    else normalize_dtype(kv, KV_DTYPES))
+        weight_dtype = (auto_weight_dtype(hardware_class_) if _is_auto(weights)
+                        else normalize_dtype(weights, WEIGHT_DTYPES))
+        kv_dtype = auto_kv_dtype(weight_dtype, hardware_class_) if _is_auto(kv) else normalize_dtype(kv, KV_DTYPES)
         return cls(hardware_class_, weight_dtype, kv_dtype, _whole_number(tensor_parallel_size, "tensor parallel size"))
 
     @property
@@ -328,6 +335,10 @@ def deployments(base: dict[str, Any], axes: dict[str, list[str]]) -> list[Deploy
     combos = itertools.product(*(axes[name] for name in names))
     return [Deployment.from_names(**(base | {COMPARE_AXES[n]: v for n, v in zip(names, combo)}))
             for combo in combos]
+
+
+def _is_auto(name: str | None) -> bool:
+    return name is None or name.strip().lower() == "auto"
 
 
 def _whole_number(value: int | str, what: str) -> int:

@@ -23,7 +23,13 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from workers.layers.rotary import inverse_frequencies
 from workers.loader.checkpoint import Checkpoint, checkpoint_name
 from workers.models.config import LlamaConfig, RopeScaling
-from workers.models.gguf_header import ARCHITECTURES, GgufHeader, GgufTensorInfo, gguf_metadata_config, read_header
+from workers.models.gguf_header import (
+    ARCHITECTURES,
+    GgufHeader,
+    GgufTensorInfo,
+    gguf_metadata_config,
+    read_header,
+)
 from workers.tokenizer import Tokenizer, byte_level_bpe
 
 _GLOBAL_TENSOR_NAMES = {

@@ -11,6 +11,7 @@ from typing import Any
 
 from workers.models.config import LlamaConfig, RopeScaling
 
+
 @dataclass(frozen=True)
 class HfArchitecture:
     """What sets one transformers architecture apart from plain Llama."""
