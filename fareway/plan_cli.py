@@ -29,32 +29,37 @@ from fareway.planner import (
 from workers.models.config import LlamaConfig
 from workers.sizing import KV_DTYPES, WEIGHT_DTYPES
 
+DEFAULT_CONTEXT_LENGTH_TOKENS = 4096
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, metavar="MODEL",
                         help=f"a .gguf file, a Hugging Face folder, or a preset: {', '.join(PRESETS)}")
-    parser.add_argument("--hardware", default="nvidia-h100",
+    parser.add_argument("--hardware", default="nvidia-h100", metavar="NAME",
                         help=f"hardware class ({', '.join(HARDWARE)}) or a name like H100, MI300X")
-    parser.add_argument("--weights", default="auto",
+    parser.add_argument("--weights", default="auto", metavar="DTYPE",
                         help=f"weight dtype: {', '.join(WEIGHT_DTYPES)}; auto is bf16 (fp32 on a CPU)")
-    parser.add_argument("--kv-cache-dtype", default="auto",
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                         help=f"KV cache dtype: {', '.join(KV_DTYPES)}; auto is the compute dtype")
-    parser.add_argument("--tensor-parallel-size", "--tp", default=1, type=int, help="devices per replica")
-    parser.add_argument("--context-length", type=int, default=4096,
-                        help="tokens per conversation (prompt and completion) for the concurrency figure")
-    parser.add_argument("--memory-utilization", type=float, default=0.9,
-                        help="share of each device's memory the worker may use")
-    parser.add_argument("--activation-reserve-gib", type=float, default=1.0,
-                        help="GiB per device kept for activations, out of the usable memory")
-    parser.add_argument("--memory-gib", type=float, default=None,
+    parser.add_argument("--tensor-parallel-size", "--tp", default=1, type=int, metavar="N",
+                        help="devices per replica")
+    parser.add_argument("--context-length", type=int, default=None, metavar="TOKENS",
+                        help="tokens per conversation (prompt and completion) for the concurrency figure; "
+                             f"default {DEFAULT_CONTEXT_LENGTH_TOKENS} or the model's context if shorter")
+    parser.add_argument("--memory-utilization", type=float, default=0.9, metavar="SHARE",
+                        help="share of each device's memory the worker may use (default 0.9)")
+    parser.add_argument("--activation-reserve-gib", type=float, default=1.0, metavar="GIB",
+                        help="GiB per device kept for activations, out of the usable memory (default 1)")
+    parser.add_argument("--memory-gib", "--memory", type=float, default=None, metavar="GIB",
                         help="memory per device, overriding the hardware class's "
                              f"(a CPU host counts as {HARDWARE['cpu'].memory_gib:g} GiB unless given)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--tokens-per-second", type=float, default=None,
+    parser.add_argument("--block-size", type=int, default=16, metavar="TOKENS", help="tokens per KV block")
+    parser.add_argument("--tokens-per-second", type=float, default=None, metavar="X",
                         help="throughput of one replica (measured or stated), for the price per 1M tokens")
-    parser.add_argument("--prices", type=Path, default=None,
+    parser.add_argument("--prices", type=Path, default=None, metavar="FILE",
                         help="price book (TOML) for $/device-hour; default: the packaged default price book")
-    parser.add_argument("--usd-per-device-hour", type=float, default=None, help="overrides the price book")
+    parser.add_argument("--usd-per-device-hour", type=float, default=None, metavar="USD",
+                        help="overrides the price book")
     parser.add_argument("--compare", nargs="+", metavar="AXIS=V1,V2", default=[],
                         help=f"plan every combination of the listed values; axes: {', '.join(COMPARE_AXES)} "
                              "(e.g. weights=fp16,int8 kv=fp16,fp8_e4m3 hardware=h100,mi300x tp=4)")
@@ -64,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     name, config = resolve_model(args.model)
     settings = PlanSettings(
-        context_length_tokens=args.context_length, memory_utilization=args.memory_utilization,
+        context_length_tokens=(min(DEFAULT_CONTEXT_LENGTH_TOKENS, config.max_position_embeddings)
+                               if args.context_length is None else args.context_length),
+        memory_utilization=args.memory_utilization,
         activation_reserve_gib=args.activation_reserve_gib, memory_gib_per_device=args.memory_gib,
         block_size=args.block_size, tokens_per_second=args.tokens_per_second)
     base = {"hardware": args.hardware, "weights": args.weights, "kv": args.kv_cache_dtype,

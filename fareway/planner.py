@@ -24,7 +24,6 @@ from typing import Any
 from accounting.pricebook import PriceBook
 from workers.accelerators import hardware_class
 from workers.models.config import LlamaConfig, RopeScaling
-from workers.models.config_files import read_model_config
 from workers.sizing import (
     KV_DTYPES,
     WEIGHT_DTYPES,
@@ -109,6 +108,9 @@ def resolve_model(spec: str) -> tuple[str, LlamaConfig]:
     lower-cased."""
     path = Path(spec).expanduser()
     if path.exists():
+        # numpy and gguf load only for a file: `fareway --help` builds every command's parser.
+        from workers.models.config_files import read_model_config
+
         return path.name.split(".", 1)[0].lower(), read_model_config(path)
     key = spec.strip().lower().rsplit("/", 1)[-1].removesuffix("-instruct")
     key = PRESET_ALIASES.get(key, key)
