@@ -9,6 +9,7 @@ from pathlib import Path
 from workers.loader.checkpoint import Checkpoint
 from workers.loader.gguf_loader import load_gguf
 from workers.loader.hf_loader import load_hf_folder
+from workers.models.config_files import source_kind
 
 __all__ = ["Checkpoint", "default_model_path", "load_checkpoint"]
 
@@ -25,17 +26,7 @@ LOADERS: dict[str, Callable[[Path], Checkpoint]] = {
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """The model at `path`: a .gguf file or a Hugging Face model folder."""
     source = Path(path).expanduser().resolve()
-    return LOADERS[_source_kind(source)](source)
-
-
-def _source_kind(path: Path) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "hf"
-    raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder with a config.json")
+    return LOADERS[source_kind(source)](source)
 
 
 def default_model_path() -> Path:
