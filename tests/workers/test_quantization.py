@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from workers import sizing
 from workers.config import WorkerConfig
 from workers.engine.sequence import SamplingOptions
 from workers.layers.linear import LinearKernel, _probe, _reference, choose_linear_kernel
@@ -113,6 +114,11 @@ def test_quantized_formats_shrink_weights_and_kv_as_stated(smollm2: Checkpoint) 
     assert runners["fp32"].kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
     assert runners["fp8kv"].kv_bytes_per_token * 4 == runners["fp32"].kv_bytes_per_token
     assert runners["int8kv"].kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4)
+    # The planner (`fareway plan`) sizes the worker as the worker sizes itself.
+    for name, kv_dtype in (("fp32", "fp32"), ("fp8kv", "fp8_e4m3"), ("int8kv", "int8")):
+        assert runners[name].kv_bytes_per_token == sizing.kv_bytes_per_token(c, kv_dtype)
+    assert runners["fp32"].decode_bytes_per_step == sizing.weight_bytes_per_rank(c, "fp32")
+    assert runners["int8"].weight_bytes == pytest.approx(sizing.weight_bytes_per_rank(c, "int8"), rel=0.01)
     # The same pool holds four times the tokens in fp8.
     assert runners["fp8kv"].num_kv_blocks == 4 * runners["fp32"].num_kv_blocks
     assert runners["int8"].linear_kernel.endswith("int8") and runners["fp32"].linear_kernel.endswith("fp32")
