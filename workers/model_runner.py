@@ -15,7 +15,6 @@ from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlic
 from workers.layers.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token_per_layer, make_kv_cache
 from workers.layers.linear import WEIGHT_FORMATS, quantize_model
 from workers.layers.quantization import Int8Embedding
-from workers.layers.smoothing import smooth_llama
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
 from workers.sampling import sample
@@ -91,8 +90,6 @@ class ModelRunner:
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
         self.parameter_count = _count_parameters(self.model)
-        if config.weights == "int8":
-            smooth_llama(self.model, checkpoint.tokenizer.encode(_CALIBRATION_TEXT))
         choice = quantize_model(self.model, config.weights, self.device, self.dtype)
         self.linear_kernel = choice.name if choice else "none"
         """The kernel running the linear layers, e.g. "fbgemm-int8", "onednn-fp32"."""
@@ -304,8 +301,8 @@ def _module_bytes(modules: Iterable[torch.nn.Module]) -> int:
     return total
 
 
-# A public-domain passage (the opening of Melville's "Moby-Dick") run through the model at load
-# to smooth int8 activations and set fp8 KV scales.
+# A public-domain passage (the opening of Melville's "Moby-Dick") run through the cache at load
+# to set fp8 KV scales.
 _CALIBRATION_TEXT = (
     "Call me Ishmael. Some years ago - never mind how long precisely - having little or no money in my "
     "purse, and nothing particular to interest me on shore, I thought I would sail about a little and see "
