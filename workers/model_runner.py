@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from workers.engine.scheduler import ScheduledSequence, StepPlan
-from workers.hardware import Hardware, default_device, default_dtype, detect
+from workers.hardware import Hardware, default_dtype, detect
 from workers.layers.linear import select_linear_kernels
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
+from workers.parallel import RankGroup, StepInputs, launch_ranks, num_kv_heads_per_rank, shard_model
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class RunnerConfig:
     dtype: str | None = None
     """Compute dtype (a key of DTYPES); None is fp32 on CPU, bf16 (or fp16) on GPUs."""
     kv_cache_memory_bytes: int | None = None
-    """KV pool size; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the free memory on a GPU."""
+    """KV pool size, all ranks together; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the
+    free memory on each GPU."""
     kv_cache_free_memory_fraction: float = 0.85
     """On GPUs without kv_cache_memory_bytes: the share of the device memory left free after the
     weights that the KV pool takes (the rest is for activations)."""
@@ -42,6 +44,8 @@ class RunnerConfig:
     """Tokens per KV block."""
     max_model_len: int | None = None
     """Longest sequence served; None is the model's context length (capped by the pool)."""
+    tensor_parallel_size: int = 1
+    """Devices (ranks) one replica is split over; rank r uses <device type>:r."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -55,6 +59,11 @@ class RunnerConfig:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device is not None and ":" in self.device:
+            raise ValueError(f"with tensor_parallel_size > 1 give the device type only, not {self.device!r}: "
+                             f"rank r uses device r")
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,13 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: Checkpoint, config: RunnerConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup | None = None) -> None:
+        """Rank 0 starts the other ranks (if any); they pass in the group they joined."""
         self.config = config
-        self.device = torch.device(config.device) if config.device else default_device()
+        self.group = group or launch_ranks(checkpoint, config)
+        self.device = self.group.device
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
-        self.hardware: Hardware = detect(self.device)
+        self.hardware: Hardware = detect(self.device, self.group.world_size)
         self.num_devices = self.hardware.device_count
         self.model_config = checkpoint.config
         context = min(config.max_model_len or checkpoint.config.max_position_embeddings,
@@ -79,6 +90,8 @@ class ModelRunner:
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
         self.parameter_count = _count_parameters(self.model)
+        shard_model(self.model, self.group.rank, self.group.world_size)
+        self.num_kv_heads_per_rank = num_kv_heads_per_rank(checkpoint.config, self.group.world_size)
         select_linear_kernels(self.model, self.device)
         self.weight_bytes = _tensor_bytes(self.model.parameters())
         """Bytes the weights take on the device, as the kernels hold them (packed copies included)."""
@@ -98,7 +111,8 @@ class ModelRunner:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        kv_heads = self.num_kv_heads_per_rank * self.group.world_size  # replicated KV heads count on each rank
+        return 2 * c.num_layers * kv_heads * c.head_dim * self.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory_bytes
@@ -107,8 +121,8 @@ class ModelRunner:
                 budget = _CPU_KV_CACHE_BYTES
             else:
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * self.config.kv_cache_free_memory_fraction)
-        blocks = budget // (self.kv_bytes_per_token * self.block_size)
+                budget = int(free * self.config.kv_cache_free_memory_fraction) * self.group.world_size
+        blocks = self.group.min(budget // (self.kv_bytes_per_token * self.block_size))  # the same on every rank
         if blocks < 1:
             raise ValueError(f"a KV cache of {budget} bytes holds no block of {self.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
@@ -126,7 +140,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
-        shape = (self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # [blocks, block_size, Hkv, D]
+        # [blocks, block_size, Hkv, D]: this rank's KV heads only
+        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads_per_rank, c.head_dim)
         for layer in self.model.model.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -134,6 +149,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int | None]:
         batch = self._prepare(plan)
+        self.group.send_step(StepInputs(batch.input_ids, batch.positions, batch.metadata))
         hidden = self.model(batch.input_ids, batch.positions, batch.metadata)  # [N, hidden]
         tokens: list[int | None] = [None] * len(plan.scheduled)
         if not batch.sample_rows:
@@ -145,6 +161,16 @@ class ModelRunner:
         for index, token in zip(batch.sample_index, sampled):
             tokens[index] = token
         return tokens
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: run the forward pass of each step rank 0 sends, until it stops the group."""
+        while (step := self.group.receive_step()) is not None:
+            self.model(step.input_ids, step.positions, step.metadata)
+
+    def close(self) -> None:
+        """Stops the other ranks (rank 0) and leaves the process group."""
+        self.group.close()
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fareway.errors import InvalidArgument, NotFound
@@ -69,6 +70,12 @@ class Worker:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.runner.close()
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Calls `callback(reason)` once, from another thread, if the worker can no longer serve
+        (one of its tensor-parallel ranks died or stopped answering)."""
+        self.runner.group.on_failure(callback)
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
