@@ -19,6 +19,7 @@ from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
 from workers.loader import Checkpoint, default_model_path, load_checkpoint
 from workers.model_runner import ModelRunner
+from workers.parallel import RankGroup
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,18 @@ class PreparedRequest:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, checkpoint: Checkpoint | None = None) -> None:
-        """Loads the model named by the config, unless an already loaded checkpoint is given."""
+    def __init__(self, config: WorkerConfig, checkpoint: Checkpoint | None = None,
+                 group: RankGroup | None = None) -> None:
+        """Loads the model named by the config, unless an already loaded checkpoint is given.
+        `group`: rank 0's place among ranks started by someone else (torchrun); by default the
+        worker starts its tensor-parallel ranks itself."""
         started = time.monotonic()
         self.config = config
         if checkpoint is None:
             checkpoint = load_checkpoint(config.model_path or default_model_path())
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.model_name = config.served_model_name or checkpoint.name
-        self.runner = ModelRunner(checkpoint, config.runner)
+        self.runner = ModelRunner(checkpoint, config.runner, group)
         engine_config = EngineConfig(
             scheduler=config.scheduler, num_kv_blocks=self.runner.num_kv_blocks,
             block_size=self.runner.block_size, max_model_len=self.runner.max_model_len,

@@ -153,11 +153,12 @@ class RankGroup:
             dist.destroy_process_group()
 
 
-def join_group(rank: int, world_size: int, store: dist.Store, device: torch.device) -> RankGroup:
-    """Joins the process group of `world_size` ranks that meet at `store`, as `rank`, on `device`."""
+def join_group(rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> RankGroup:
+    """Joins the process group of `world_size` ranks as `rank`, on `device`; they meet at `store`,
+    or where torchrun's environment (MASTER_ADDR, MASTER_PORT) says."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(BACKENDS[device.type], store=store, rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(BACKENDS[device.type], init_method=None if store else "env://", store=store,
+                            rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     step_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT if rank == 0 else _IDLE_TIMEOUT)
     return RankGroup(rank, world_size, device, step_group)

@@ -20,6 +20,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -66,7 +68,7 @@ def launch_ranks(checkpoint: Checkpoint, config) -> RankGroup:  # noqa: ANN001 -
     children = ChildRanks(processes)
     try:
         children.wait_until_joining(store)
-        group = join_group(0, world_size, store, device)
+        group = join_group(0, world_size, device, store)
     except BaseException:
         children.kill()
         raise
@@ -130,8 +132,6 @@ def _share_cpu_cores(device: torch.device, world_size: int) -> None:
 def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, config,  # noqa: ANN001
               log_level: int) -> None:
     """A spawned rank's life: join, build its shard, follow rank 0's steps until told to stop."""
-    from workers.model_runner import ModelRunner
-
     # Rank 0 stops the ranks: a Ctrl-C reaching the whole process group is its to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
@@ -140,9 +140,37 @@ def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, con
     _share_cpu_cores(device, world_size)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_RENDEZVOUS_TIMEOUT)
     store.set(_joining_key(rank), "1")
-    group = join_group(rank, world_size, store, device)
+    follow(checkpoint, config, join_group(rank, world_size, device, store))
+
+
+def follow(checkpoint: Checkpoint, config, group: RankGroup) -> None:  # noqa: ANN001 - RunnerConfig
+    """A rank other than 0: builds its shard, runs rank 0's steps until it stops the group."""
+    from workers.model_runner import ModelRunner
+
     ModelRunner(checkpoint, config, group).follow()
     group.close()
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """A rank started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Rendezvous | None:
+        """The rank torchrun started, or None outside torchrun."""
+        if "WORLD_SIZE" not in env or "RANK" not in env:
+            return None
+        return cls(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]))
+
+    def join(self, config) -> RankGroup:  # noqa: ANN001 - RunnerConfig
+        """Joins the other ranks torchrun started; rank 0 returns to drive them."""
+        device = rank_device(config.device, self.local_rank, self.world_size)
+        _share_cpu_cores(device, self.world_size)
+        return join_group(self.rank, self.world_size, device)
 
 
 def _joining_key(rank: int) -> str:
