@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,33 @@ def spawned_ranks(parent_pid: int) -> list[int]:
     return pids
 
 
+def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def tp_worker(checkpoint: Any, tensor_parallel_size: int, **scheduler: int) -> Worker:
     runner = RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20, tensor_parallel_size=tensor_parallel_size)
     return Worker(WorkerConfig(worker_id=f"tp{tensor_parallel_size}", runner=runner,
                                scheduler=SchedulerConfig(**scheduler)), checkpoint)
 
 
+@dataclass(frozen=True)
+class GreedyRun:
+    tokens: list[list[int]]
+    """Each prompt's greedy tokens."""
+    logits: list[torch.Tensor]
+    """Every step's logits."""
+    worker: Worker
+    """The (stopped) worker that ran."""
+
+
 def greedy(checkpoint: Any, tensor_parallel_size: int, prompts: list[str], max_tokens: int,
-           **scheduler: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Each prompt's greedy tokens and every step's logits. All requests are queued before the
-    engine starts, so every run schedules the same steps."""
+           **scheduler: int) -> GreedyRun:
+    """All requests are queued before the engine starts, so every run schedules the same steps."""
     worker = tp_worker(checkpoint, tensor_parallel_size, **scheduler)
     logits: list[torch.Tensor] = []
     model = worker.runner.model
@@ -97,14 +115,13 @@ def greedy(checkpoint: Any, tensor_parallel_size: int, prompts: list[str], max_t
         assert all(finished.acquire(timeout=60) for _ in prompts)
     finally:
         worker.stop()
-    return tokens, logits
+    return GreedyRun(tokens, logits, worker)
 
 
-def assert_same_run(reference: tuple[list[list[int]], list[torch.Tensor]],
-                    split: tuple[list[list[int]], list[torch.Tensor]]) -> None:
-    assert split[0] == reference[0]
-    assert len(split[1]) == len(reference[1])
-    for expected, actual in zip(reference[1], split[1]):
+def assert_same_run(reference: GreedyRun, split: GreedyRun) -> None:
+    assert split.tokens == reference.tokens
+    assert len(split.logits) == len(reference.logits)
+    for expected, actual in zip(reference.logits, split.logits):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
 
@@ -120,7 +137,11 @@ def test_more_ranks_than_kv_heads_replicate_them(tiny_checkpoint) -> None:  # no
     """4 ranks, 2 KV heads: each rank holds the KV head its query head uses."""
     prompts = ["Once upon a time", "def fibonacci(n):"]
     reference = greedy(tiny_checkpoint, 1, prompts, 8)
-    assert_same_run(reference, greedy(tiny_checkpoint, 4, prompts, 8))
+    split = greedy(tiny_checkpoint, 4, prompts, 8)
+    assert_same_run(reference, split)
+    assert split.worker.runner.model.model.layers[0].self_attn.k_cache.shape[2] == 1
+    # Every rank stores its copy: the pool holds twice the bytes per token of one device.
+    assert split.worker.runner.kv_bytes_per_token == 2 * reference.worker.runner.kv_bytes_per_token
 
 
 @pytest.mark.slow
@@ -132,7 +153,7 @@ def test_smollm2_on_three_ranks_gives_the_tokens_and_logits_of_one_device(smollm
 
 
 def test_model_info_and_gpu_seconds_count_every_rank(tiny_checkpoint, background_loop) -> None:  # noqa: ANN001
-    worker = tp_worker(tiny_checkpoint, 4)
+    worker = tp_worker(tiny_checkpoint, 2)
     server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -143,14 +164,14 @@ def test_model_info_and_gpu_seconds_count_every_rank(tiny_checkpoint, background
     finally:
         background_loop.run(server.stop(0))
         worker.stop()
-    assert (info.tensor_parallel_size, info.device_count) == (4, 4)
-    # 2 KV heads replicated over 4 ranks: each holds one, so the pool stores twice the bytes of one device.
+    assert (info.tensor_parallel_size, info.device_count) == (2, 2)
+    # Each rank holds one of the 2 KV heads: the pool's bytes per token are those of one device.
     c = tiny_checkpoint.config
-    assert info.kv_bytes_per_token == 2 * c.num_layers * 4 * c.head_dim * 4
+    assert info.kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
     assert info.kv_cache_bytes == info.kv_capacity_tokens * info.kv_bytes_per_token <= 8 << 20
     assert worker.runner.model.model.layers[0].self_attn.k_cache.shape[2] == 1
-    assert responses[-1].usage.device_count == 4
-    assert worker.engine.meter.num_devices == 4
+    assert responses[-1].usage.device_count == 2
+    assert worker.engine.meter.num_devices == 2
 
 
 def test_a_killed_rank_fails_requests_and_health_at_once(tiny_checkpoint, background_loop) -> None:  # noqa: ANN001
@@ -225,6 +246,17 @@ def test_the_worker_process_exits_nonzero_when_a_rank_dies(worker_process) -> No
     assert b"exited with code -9" in process.stderr.read()
 
 
+def test_the_ranks_exit_when_the_worker_process_is_killed(worker_process) -> None:  # noqa: ANN001
+    process, _ = worker_process
+    ranks = spawned_ranks(process.pid)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(is_running(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "a rank outlived the worker"
+        time.sleep(0.05)
+
+
 def test_sigterm_stops_every_rank_cleanly(worker_process) -> None:  # noqa: ANN001
     process, channel = worker_process
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -234,7 +266,7 @@ def test_sigterm_stops_every_rank_cleanly(worker_process) -> None:  # noqa: ANN0
     ranks = spawned_ranks(process.pid)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    assert not any(is_running(pid) for pid in ranks)
 
 
 def parts(model: torch.nn.Module, layer: int) -> dict[str, torch.Tensor]:

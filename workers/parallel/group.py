@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {"cpu": "gloo", "cuda": "nccl"}
 """torch.distributed backend of the model's collectives, by device type (ROCm's RCCL answers to "nccl")."""
 
-COLLECTIVE_TIMEOUT = timedelta(seconds=20)
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 """How long rank 0 waits on the others in any collective: a rank that stops answering fails the worker."""
 _IDLE_TIMEOUT = timedelta(days=365)
 """How long the other ranks wait for rank 0's next step (rank 0's exit ends the wait at once)."""

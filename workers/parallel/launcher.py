@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,14 @@ from workers.loader.checkpoint import Checkpoint
 from workers.parallel.group import RankGroup, join_group
 from workers.parallel.sharding import check_shardable
 
+if TYPE_CHECKING:
+    from workers.model_runner import RunnerConfig  # which imports this module
+
 log = logging.getLogger(__name__)
 
 _RENDEZVOUS_TIMEOUT = timedelta(minutes=2)
 _STOP_TIMEOUT_S = 10.0
 _START_POLL_S = 0.05
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[rank %(rank)s]: %(message)s"
 
 
 def rank_device(name: str | None, local_rank: int, world_size: int) -> torch.device:
@@ -49,7 +52,7 @@ def rank_device(name: str | None, local_rank: int, world_size: int) -> torch.dev
     return torch.device(device.type, local_rank)
 
 
-def launch_ranks(checkpoint: Checkpoint, config) -> RankGroup:  # noqa: ANN001 - RunnerConfig (imports us)
+def launch_ranks(checkpoint: Checkpoint, config: RunnerConfig) -> RankGroup:
     """Rank 0's group: with tensor_parallel_size N > 1, ranks 1..N-1 are spawned and joined first."""
     world_size = config.tensor_parallel_size
     device = rank_device(config.device, 0, world_size)
@@ -129,13 +132,13 @@ def _share_cpu_cores(device: torch.device, world_size: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
 
 
-def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, config,  # noqa: ANN001
+def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, config: RunnerConfig,
               log_level: int) -> None:
     """A spawned rank's life: join, build its shard, follow rank 0's steps until told to stop."""
     # Rank 0 stops the ranks: a Ctrl-C reaching the whole process group is its to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    logging.basicConfig(level=log_level, format=_LOG_FORMAT.replace("%(rank)s", str(rank)))
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
     device = rank_device(config.device, rank, world_size)
     _share_cpu_cores(device, world_size)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_RENDEZVOUS_TIMEOUT)
@@ -143,7 +146,7 @@ def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, con
     follow(checkpoint, config, join_group(rank, world_size, device, store))
 
 
-def follow(checkpoint: Checkpoint, config, group: RankGroup) -> None:  # noqa: ANN001 - RunnerConfig
+def follow(checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup) -> None:
     """A rank other than 0: builds its shard, runs rank 0's steps until it stops the group."""
     from workers.model_runner import ModelRunner
 
@@ -161,12 +164,12 @@ class Rendezvous:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Rendezvous | None:
-        """The rank torchrun started, or None outside torchrun."""
-        if "WORLD_SIZE" not in env or "RANK" not in env:
+        """The rank torchrun started, or None outside torchrun (or in a world of one)."""
+        if "RANK" not in env or int(env.get("WORLD_SIZE", "1")) == 1:
             return None
         return cls(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]))
 
-    def join(self, config) -> RankGroup:  # noqa: ANN001 - RunnerConfig
+    def join(self, config: RunnerConfig) -> RankGroup:
         """Joins the other ranks torchrun started; rank 0 returns to drive them."""
         device = rank_device(config.device, self.local_rank, self.world_size)
         _share_cpu_cores(device, self.world_size)
