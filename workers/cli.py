@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-system-prompt-file", type=Path, action="append", default=[],
                         help="a text file holding a system prompt whose cached KV every tenant may reuse "
                              "(repeatable)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="devices one replica is split over: ranks 1..N-1 are started as child processes "
+                             "on cpu or cuda:1..N-1 (under torchrun: its WORLD_SIZE) (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default: %(default)s)")
@@ -67,7 +71,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
         runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
                             kv_cache_free_memory_fraction=args.kv_cache_free_memory_fraction,
                             block_size=args.block_size, max_model_len=args.max_model_len,
-                            weights=args.weights, kv_cache_dtype=args.kv_cache_dtype),
+                            weights=args.weights, kv_cache_dtype=args.kv_cache_dtype,
+                            tensor_parallel_size=args.tensor_parallel_size),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens),
         default_max_tokens=args.default_max_tokens, enable_prefix_caching=args.prefix_caching,
@@ -82,22 +87,42 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"cannot read {path}: {exc}") from None
 
 
-async def serve(config) -> None:  # noqa: ANN001 - WorkerConfig
+async def serve(config, group=None) -> int:  # noqa: ANN001 - WorkerConfig, RankGroup
+    """Serves until SIGINT/SIGTERM (exit code 0) or until the worker fails (1: a rank died)."""
     from workers.server import create_worker_server
     from workers.worker import Worker
 
-    worker = await asyncio.to_thread(Worker, config)
+    worker = await asyncio.to_thread(Worker, config, None, group)
     server = await create_worker_server(worker, config.listen)
     log.info("worker %s listening on port %d", config.worker_id, server.port)
     reporter, redis = await _capacity_reporter(worker)
     try:
-        await wait_for_shutdown_signal()
+        failure = await _shutdown_signal_or_failure(worker)
     finally:
         await server.stop()
         worker.stop()
         if reporter is not None:
             await reporter.stop()
             await redis.aclose()
+    if failure is not None:
+        log.error("worker %s stopped: %s", config.worker_id, failure)
+        return 1
+    return 0
+
+
+async def _shutdown_signal_or_failure(worker) -> str | None:  # noqa: ANN001 - Worker
+    """Waits for SIGINT/SIGTERM (None) or the worker's failure (why it failed)."""
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[str] = loop.create_future()
+
+    def set_failed(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+    worker.on_failure(lambda reason: loop.call_soon_threadsafe(set_failed, reason))
+    signalled = asyncio.ensure_future(wait_for_shutdown_signal())
+    await asyncio.wait([signalled, failed], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    return failed.result() if failed.done() else None
 
 
 async def _capacity_reporter(worker):  # noqa: ANN001, ANN202 - (CapacityReporter, Redis) or (None, None)
@@ -120,6 +145,28 @@ async def _capacity_reporter(worker):  # noqa: ANN001, ANN202 - (CapacityReporte
 def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
 
+    from workers.parallel.launcher import Rendezvous
+
     setup_telemetry(TelemetryConfig.from_env("fareway-worker"))
-    asyncio.run(serve(config_from_args(args)))
+    config = config_from_args(args)
+    rendezvous = Rendezvous.from_env(os.environ)
+    if rendezvous is None:
+        return asyncio.run(serve(config))
+    return _run_torchrun_rank(config, rendezvous)
+
+
+def _run_torchrun_rank(config, rendezvous) -> int:  # noqa: ANN001 - WorkerConfig, Rendezvous
+    """Under torchrun: rank 0 serves, the other ranks follow its steps."""
+    from workers.loader import default_model_path, load_checkpoint
+    from workers.parallel.launcher import follow
+
+    size = config.runner.tensor_parallel_size
+    if size not in (1, rendezvous.world_size):
+        raise ValueError(f"--tensor-parallel-size {size} disagrees with torchrun's WORLD_SIZE {rendezvous.world_size}")
+    config = dataclasses.replace(config, runner=dataclasses.replace(
+        config.runner, tensor_parallel_size=rendezvous.world_size))
+    group = rendezvous.join(config.runner)
+    if rendezvous.rank == 0:
+        return asyncio.run(serve(config, group))
+    follow(load_checkpoint(config.model_path or default_model_path()), config.runner, group)
     return 0

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from workers.engine.scheduler import ScheduledSequence, StepPlan
-from workers.hardware import Hardware, default_device, default_dtype, detect
+from workers.hardware import Hardware, default_dtype, detect
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
 from workers.layers.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token_per_layer, make_kv_cache
 from workers.layers.linear import WEIGHT_FORMATS, quantize_model
 from workers.layers.quantization import Int8Embedding
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
+from workers.parallel import RankGroup, StepInputs, launch_ranks, num_kv_heads_per_rank, shard_model
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class RunnerConfig:
     dtype: str | None = None
     """Compute dtype (a key of DTYPES); None is fp32 on CPU, bf16 (or fp16) on GPUs."""
     kv_cache_memory_bytes: int | None = None
-    """KV pool size; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the free memory on a GPU."""
+    """KV pool size, all ranks together; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the
+    free memory on each GPU."""
     kv_cache_free_memory_fraction: float = 0.85
     """On GPUs without kv_cache_memory_bytes: the share of the device memory left free after the
     weights that the KV pool takes (the rest is for activations)."""
@@ -49,6 +51,8 @@ class RunnerConfig:
     fp16 or bf16. The kernel that runs them is chosen by measurement at load."""
     kv_cache_dtype: str = "auto"
     """How the KV cache is stored: auto (the compute dtype), fp32, fp16, bf16, fp8_e4m3 or int8."""
+    tensor_parallel_size: int = 1
+    """Devices (ranks) one replica is split over; rank r uses <device type>:r."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -66,6 +70,11 @@ class RunnerConfig:
             raise ValueError(f"weights must be one of {list(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device is not None and ":" in self.device:
+            raise ValueError(f"with tensor_parallel_size > 1 give the device type only, not {self.device!r}: "
+                             f"rank r uses device r")
 
 
 @dataclass(frozen=True)
@@ -78,11 +87,13 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: Checkpoint, config: RunnerConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup | None = None) -> None:
+        """Rank 0 starts the other ranks (if any); they pass in the group they joined."""
         self.config = config
-        self.device = torch.device(config.device) if config.device else default_device()
+        self.group = group or launch_ranks(checkpoint, config)
+        self.device = self.group.device
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
-        self.hardware: Hardware = detect(self.device)
+        self.hardware: Hardware = detect(self.device, self.group.world_size)
         self.num_devices = self.hardware.device_count
         self.model_config = checkpoint.config
         context = min(config.max_model_len or checkpoint.config.max_position_embeddings,
@@ -90,6 +101,8 @@ class ModelRunner:
         self.model = build_model(checkpoint.config, checkpoint.tensors, device=self.device,
                                  dtype=self.dtype, max_positions=context)
         self.parameter_count = _count_parameters(self.model)
+        shard_model(self.model, self.group.rank, self.group.world_size)
+        self.num_kv_heads_per_rank = num_kv_heads_per_rank(checkpoint.config, self.group.world_size)
         choice = quantize_model(self.model, config.weights, self.device, self.dtype)
         self.linear_kernel = choice.name if choice else "none"
         """The kernel running the linear layers, e.g. "fbgemm-int8", "onednn-fp32"."""
@@ -119,8 +132,9 @@ class ModelRunner:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.model_config
-        return c.num_layers * kv_bytes_per_token_per_layer(self.config.kv_cache_dtype, c.num_kv_heads,
-                                                           c.head_dim, self.dtype)
+        kv_heads = self.num_kv_heads_per_rank * self.group.world_size  # replicated KV heads count on each rank
+        return c.num_layers * kv_bytes_per_token_per_layer(self.config.kv_cache_dtype, kv_heads, c.head_dim,
+                                                           self.dtype)
 
     def _num_kv_blocks(self) -> int:
         budget = self.config.kv_cache_memory_bytes
@@ -129,8 +143,8 @@ class ModelRunner:
                 budget = _CPU_KV_CACHE_BYTES
             else:
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * self.config.kv_cache_free_memory_fraction)
-        blocks = budget // (self.kv_bytes_per_token * self.block_size)
+                budget = int(free * self.config.kv_cache_free_memory_fraction) * self.group.world_size
+        blocks = self.group.min(budget // (self.kv_bytes_per_token * self.block_size))  # the same on every rank
         if blocks < 1:
             raise ValueError(f"a KV cache of {budget} bytes holds no block of {self.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
@@ -150,8 +164,8 @@ class ModelRunner:
         c = self.model_config
         for layer in self.model.model.layers:
             layer.self_attn.kv_cache = make_kv_cache(
-                self.config.kv_cache_dtype, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim,
-                dtype=self.dtype, device=self.device)
+                self.config.kv_cache_dtype, self.num_kv_blocks, self.block_size, self.num_kv_heads_per_rank,
+                c.head_dim, dtype=self.dtype, device=self.device)  # this rank's KV heads only
 
     def _calibrate_kv_scales(self, token_ids: list[int]) -> None:
         """Sets each layer's fp8 scales from the K and V of a short text run through the cache."""
@@ -193,6 +207,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int | None]:
         batch = self._prepare(plan)
+        self.group.send_step(StepInputs(batch.input_ids, batch.positions, batch.metadata))
         hidden = self.model(batch.input_ids, batch.positions, batch.metadata)  # [N, hidden]
         tokens: list[int | None] = [None] * len(plan.scheduled)
         if not batch.sample_rows:
@@ -204,6 +219,16 @@ class ModelRunner:
         for index, token in zip(batch.sample_index, sampled):
             tokens[index] = token
         return tokens
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: run the forward pass of each step rank 0 sends, until it stops the group."""
+        while (step := self.group.receive_step()) is not None:
+            self.model(step.input_ids, step.positions, step.metadata)
+
+    def close(self) -> None:
+        """Stops the other ranks (rank 0) and leaves the process group."""
+        self.group.close()
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

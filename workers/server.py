@@ -5,6 +5,8 @@ Handlers only convert and await; tensor work runs on the engine thread.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from opentelemetry import trace
 
@@ -54,7 +56,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             vocab_size=runner.model_config.vocab_size, parameter_count=runner.parameter_count,
             weight_bytes=runner.weight_bytes, compute_dtype=str(runner.dtype).removeprefix("torch."),
             hardware_class=runner.hardware.hardware_class, device_type=runner.hardware.device_type,
-            device_count=runner.num_devices, tensor_parallel_size=1,
+            device_count=runner.num_devices, tensor_parallel_size=runner.group.world_size,
             kv_bytes_per_token=runner.kv_bytes_per_token,
             kv_capacity_tokens=runner.num_kv_blocks * runner.block_size, kv_block_size=runner.block_size,
             kv_cache_bytes=runner.kv_cache_bytes,
@@ -95,9 +97,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 async def create_worker_server(worker: Worker, address: str) -> RunningServer:
-    """Starts the worker's engine and its gRPC server on `address` ("host:0" for a free port)."""
+    """Starts the worker's engine and its gRPC server on `address` ("host:0" for a free port).
+
+    Its health turns NOT_SERVING if the worker fails (a tensor-parallel rank died).
+    """
     servicer = WorkerServicer(worker)
     worker.start()
-    return await start_server(address, [ServiceSpec(
+    running = await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
         lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))])
+    loop = asyncio.get_running_loop()
+    worker.on_failure(lambda reason: asyncio.run_coroutine_threadsafe(running.set_serving(False), loop))
+    return running

@@ -100,6 +100,14 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = None if chat_template is None else _compile_chat_template(chat_template)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled templates do not pickle; the template text is enough to rebuild one.
+        return {name: value for name, value in self.__dict__.items() if name != "_template"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._template = None if self.chat_template is None else _compile_chat_template(self.chat_template)
+
     @property
     def backend(self) -> tokenizers.Tokenizer:
         """The underlying Hugging Face tokenizer (e.g. to `save` it as a tokenizer.json)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fareway.errors import InvalidArgument, NotFound
@@ -18,6 +19,7 @@ from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
 from workers.loader import Checkpoint, default_model_path, load_checkpoint
 from workers.model_runner import ModelRunner
+from workers.parallel import RankGroup
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,15 +32,18 @@ class PreparedRequest:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, checkpoint: Checkpoint | None = None) -> None:
-        """Loads the model named by the config, unless an already loaded checkpoint is given."""
+    def __init__(self, config: WorkerConfig, checkpoint: Checkpoint | None = None,
+                 group: RankGroup | None = None) -> None:
+        """Loads the model named by the config, unless an already loaded checkpoint is given.
+        `group`: rank 0's place among ranks started by someone else (torchrun); by default the
+        worker starts its tensor-parallel ranks itself."""
         started = time.monotonic()
         self.config = config
         if checkpoint is None:
             checkpoint = load_checkpoint(config.model_path or default_model_path())
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.model_name = config.served_model_name or checkpoint.name
-        self.runner = ModelRunner(checkpoint, config.runner)
+        self.runner = ModelRunner(checkpoint, config.runner, group)
         engine_config = EngineConfig(
             scheduler=config.scheduler, num_kv_blocks=self.runner.num_kv_blocks,
             block_size=self.runner.block_size, max_model_len=self.runner.max_model_len,
@@ -69,6 +74,12 @@ class Worker:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.runner.close()
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Calls `callback(reason)` once, from another thread, if the worker can no longer serve
+        (one of its tensor-parallel ranks died or stopped answering)."""
+        self.runner.group.on_failure(callback)
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:

@@ -97,7 +97,7 @@ class CastLinear(nn.Module):
 
 def _int8(kernel: type[nn.Module]) -> Callable[[nn.Linear], nn.Module]:
     def build(linear: nn.Linear) -> nn.Module:
-        q, scale = quantize_int8(linear.weight)
+        q, scale = quantize_int8(linear.weight, getattr(linear, "row_amax", None))
         return kernel(q.to(linear.weight.device), scale.to(linear.weight.device), linear.bias)
     return build
 

@@ -36,10 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float -> ([out, in] int8, [out] fp32 scale), symmetric per output channel."""
+def quantize_int8(weight: torch.Tensor, row_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> ([out, in] int8, [out] fp32 scale), symmetric per output channel.
+
+    row_amax: each output channel's largest |weight| when `weight` is a slice of the rows (a
+    tensor-parallel shard), so the slice is quantized as the whole row would be.
+    """
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-10)
+    amax = w.abs().amax(dim=1) if row_amax is None else row_amax.float()
+    scale = (amax / 127.0).clamp_min(1e-10)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
