@@ -6,11 +6,38 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+T = TypeVar("T")
+
+
+DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-device")
+"""Every tensor operation of a benchmark, ours and the baseline's, runs on this one thread (pass it
+to the Worker as its device thread): a second thread doing OpenMP work would make libgomp stop
+spinning between parallel regions and slow whichever side runs (see `Worker`)."""
+
+
+def on_device(fn: Callable[..., T], *args: object) -> T:
+    return DEVICE_THREAD.submit(fn, *args).result()
+
+
+@contextmanager
+def engines_paused(*workers: object) -> Iterator[None]:
+    """Stops the workers' engine loops so the device thread is free for a baseline, then restarts them."""
+    for worker in workers:
+        worker.engine.stop()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.start()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

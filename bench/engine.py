@@ -24,7 +24,7 @@ import uuid
 
 import torch
 
-from bench.common import matmul_gflop_per_s, print_results
+from bench.common import DEVICE_THREAD, engines_paused, matmul_gflop_per_s, on_device, print_results
 from bench.worker_decode import load_transformers
 from workers.config import WorkerConfig
 from workers.engine.meter import WorkModel
@@ -82,12 +82,15 @@ def decode_throughputs(worker: Worker, model, num_streams: int, num_tokens: int,
                        repeats: int) -> tuple[float, float]:
     """(ours, transformers) decode tokens/s, medians of alternating runs."""
     prompts = stream_prompts(worker, num_streams)
+    def theirs_seconds(n: int) -> float:
+        with engines_paused(worker):
+            return on_device(transformers_seconds, model, prompts, n)
     ours_seconds(worker, prompts, 2)
-    transformers_seconds(model, prompts, 2)
+    theirs_seconds(2)
     ours, theirs = [], []
     for _ in range(repeats):
         ours.append(ours_seconds(worker, prompts, num_tokens) - ours_seconds(worker, prompts, 1))
-        theirs.append(transformers_seconds(model, prompts, num_tokens) - transformers_seconds(model, prompts, 1))
+        theirs.append(theirs_seconds(num_tokens) - theirs_seconds(1))
     decoded = num_streams * (num_tokens - 1)
     return decoded / statistics.median(ours), decoded / statistics.median(theirs)
 
@@ -123,9 +126,10 @@ def main() -> None:
 
     path = default_model_path()
     worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 30, weights="fp32"),
-                                 scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)))
+                                 scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)),
+                    device_thread=DEVICE_THREAD)
+    reference = on_device(load_transformers, path)
     worker.start()
-    reference = load_transformers(path)
 
     throughput: dict[int, tuple[float, float]] = {}
     for n in stream_counts:
@@ -136,7 +140,7 @@ def main() -> None:
     config = worker.runner.model_config
     work = WorkModel.for_config(config)
     flops_per_token = work.linear_flops_per_token + work.head_flops_per_token
-    matmul_rate = matmul_gflop_per_s()
+    matmul_rate = on_device(matmul_gflop_per_s)
     limit = matmul_rate * 1e9 / flops_per_token
 
     figures: dict[str, object] = {"bench": "engine", "model": worker.model_name, "device": "cpu", "dtype": "float32",

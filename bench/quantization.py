@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import memory_read_gb_per_s, print_results
+from bench.common import DEVICE_THREAD, memory_read_gb_per_s, on_device, print_results
 from bench.engine import ours_seconds, stream_prompts
 from workers.config import WorkerConfig
 from workers.engine.scheduler import SchedulerConfig
@@ -44,12 +44,20 @@ def decode_tokens_per_s(workers: dict[str, Worker], num_streams: int, num_tokens
                         repeats: int) -> dict[str, float]:
     """Each worker's decode tokens/s with num_streams streams, median of alternating runs."""
     prompts = stream_prompts(next(iter(workers.values())), num_streams)
+
+    def run(worker: Worker, n: int) -> float:
+        # The workers share one device thread, so one engine runs at a time.
+        worker.start()
+        try:
+            return ours_seconds(worker, prompts, n)
+        finally:
+            worker.engine.stop()
     for worker in workers.values():
-        ours_seconds(worker, prompts, 2)
+        run(worker, 2)
     seconds: dict[str, list[float]] = {name: [] for name in workers}
     for _ in range(repeats):
         for name, worker in workers.items():
-            seconds[name].append(ours_seconds(worker, prompts, num_tokens) - ours_seconds(worker, prompts, 1))
+            seconds[name].append(run(worker, num_tokens) - run(worker, 1))
     return {name: num_streams * (num_tokens - 1) / statistics.median(s) for name, s in seconds.items()}
 
 
@@ -69,25 +77,23 @@ def main() -> None:
     args = parser.parse_args()
     num_tokens, repeats, ppl_tokens = (16, 1, 600) if args.quick else (64, 3, 100_000)
 
-    checkpoint = load_checkpoint(default_model_path())
+    checkpoint = on_device(load_checkpoint, default_model_path())
     scheduler = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)
     workers = {weights: Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=256 << 20,
-                                                                weights=weights), scheduler=scheduler), checkpoint)
+                                                                weights=weights), scheduler=scheduler),
+                               checkpoint, device_thread=DEVICE_THREAD)
                for weights in ("fp32", "int8")}
-    for worker in workers.values():
-        worker.start()
     single = decode_tokens_per_s(workers, 1, num_tokens, repeats)
     streams16 = decode_tokens_per_s(workers, 16, num_tokens, repeats)
-    for worker in workers.values():
-        worker.stop()
     fp32, int8 = workers["fp32"].runner, workers["int8"].runner
-    kv = {name: ModelRunner(checkpoint, RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 20, weights="fp32",
-                                                     kv_cache_dtype=name)).kv_bytes_per_token
+    kv = {name: on_device(lambda kv_dtype: ModelRunner(checkpoint, RunnerConfig(
+              device="cpu", kv_cache_memory_bytes=1 << 20, weights="fp32", kv_cache_dtype=kv_dtype)).kv_bytes_per_token,
+              name)
           for name in ("fp32", "fp8_e4m3", "int8")}
-    bandwidth = memory_read_gb_per_s()
+    bandwidth = on_device(memory_read_gb_per_s)
     limit = {name: bandwidth * 1e9 / w.runner.decode_bytes_per_step for name, w in workers.items()}
     parameter_bytes_fp32 = 4 * fp32.parameter_count
-    ppl = perplexities(checkpoint, ppl_tokens)
+    ppl = on_device(perplexities, checkpoint, ppl_tokens)
 
     figures: dict[str, object] = {
         "bench": "quantization", "model": workers["fp32"].model_name, "device": "cpu",

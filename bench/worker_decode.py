@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.common import matmul_gflop_per_s, memory_read_gb_per_s, print_results
+from bench.common import DEVICE_THREAD, engines_paused, matmul_gflop_per_s, memory_read_gb_per_s, on_device, print_results
 from workers.config import WorkerConfig
 from workers.engine.sequence import SamplingOptions
 from workers.loader import default_model_path
@@ -70,21 +70,25 @@ def main() -> None:
     num_tokens, repeats = (32, 2) if args.quick else (128, 5)
 
     path = default_model_path()
-    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=64 << 20, weights="fp32")))
+    worker = Worker(WorkerConfig(runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=64 << 20, weights="fp32")),
+                    device_thread=DEVICE_THREAD)
+    reference = on_device(load_transformers, path)
     worker.start()
-    reference = load_transformers(path)
     prompt_ids = worker.tokenizer.encode(PROMPT)
 
+    def theirs_tokens_per_s(n: int) -> float:
+        with engines_paused(worker):
+            return on_device(transformers_tokens_per_s, reference, prompt_ids, n)
     ours_tokens_per_s(worker, prompt_ids, 8)  # warm-up
-    transformers_tokens_per_s(reference, prompt_ids, 8)
+    theirs_tokens_per_s(8)
     ours, theirs = [], []
     for _ in range(repeats):
         ours.append(ours_tokens_per_s(worker, prompt_ids, num_tokens))
-        theirs.append(transformers_tokens_per_s(reference, prompt_ids, num_tokens))
+        theirs.append(theirs_tokens_per_s(num_tokens))
     worker.stop()
 
     ours_median, theirs_median = sorted(ours)[len(ours) // 2], sorted(theirs)[len(theirs) // 2]
-    bandwidth = memory_read_gb_per_s()
+    bandwidth = on_device(memory_read_gb_per_s)
     weight_bytes = worker.runner.decode_bytes_per_step
     limit = bandwidth * 1e9 / weight_bytes
     figures = {
@@ -97,7 +101,7 @@ def main() -> None:
         "transformers_tokens_per_s": round(theirs_median, 2),
         "single_stream_vs_transformers": round(ours_median / theirs_median, 3),
         "memory_read_gb_per_s": round(bandwidth, 2),
-        "matmul_gflop_per_s": round(matmul_gflop_per_s(), 1),
+        "matmul_gflop_per_s": round(on_device(matmul_gflop_per_s), 1),
         "decode_bytes_per_step": weight_bytes,
         "bandwidth_limit_tokens_per_s": round(limit, 2),
         "tokens_per_s_of_limit": round(ours_median / limit, 3),

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -148,11 +149,18 @@ class LLMEngine:
         self._inbox: queue.SimpleQueue[EngineRequest | str | None] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._thread: threading.Thread | None = None
+        self._running: Future[None] | None = None
         self._stopping = threading.Event()
 
     # -- called from any thread --------------------------------------------
 
-    def start(self) -> None:
+    def start(self, executor: Executor | None = None) -> None:
+        """Runs the loop on `executor` (the thread that owns the device, see `Worker`), or on a
+        thread of its own."""
+        self._stopping.clear()
+        if executor is not None:
+            self._running = executor.submit(self._loop)
+            return
         self._thread = threading.Thread(target=self._loop, name="fareway-engine", daemon=True)
         self._thread.start()
 
@@ -161,6 +169,10 @@ class LLMEngine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+        if self._running is not None:
+            self._running.result()
+            self._running = None
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)

@@ -28,6 +28,7 @@ Which int8 kernel runs is chosen per device by measurement at load
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from pathlib import Path
 
@@ -96,19 +97,43 @@ class FbgemmInt8Linear(nn.Module):
         """L: each level's integers lie in [-L, L]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).float()                                  # [N, in]
-        n, levels = x.shape[0], self.levels
-        amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)           # [N, 1]
-        u = x * (levels / amax)
-        k1 = u.round()
-        k2 = (u - k1).mul_(2 * levels).round_()
-        pinned = x.new_tensor([-(levels + 1.0), float(levels)]).expand(2 * n, 2)
-        rows = torch.cat([torch.cat([k1, k2]), pinned], dim=1)                # [2N, in + 2]
-        y = torch.ops.quantized.linear_dynamic(rows, self.packed, self.reduce_range)
-        y = (y[:n] + y[n:] / (2 * levels)).mul_(amax / levels)
+        # Written as few, in-place operations: at decode sizes each costs more to dispatch than to run.
+        shape, levels = x.shape, self.levels
+        x = x.reshape(-1, shape[-1])                                         # [N, in]
+        n = x.shape[0]
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).mul_(1.0 / levels)  # [N, 1]
+        u = x * scale.reciprocal()                                           # in [-L, L]
+        rows = _pinned_rows(2 * n, self.in_features, levels)                 # [2N, in + 2]
+        k1 = torch.round(u, out=rows[:n, :-2])
+        torch.sub(u, k1, out=rows[n:, :-2]).mul_(2 * levels).round_()
+        y = torch.ops.quantized.linear_dynamic(rows, self.packed, self.reduce_range)   # [2N, out]
+        y = y[:n].add_(y[n:], alpha=1.0 / (2 * levels)).mul_(scale)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+_buffers = threading.local()
+
+
+def _pinned_rows(num_rows: int, in_features: int, levels: int) -> torch.Tensor:
+    """A reusable [num_rows, in_features + 2] buffer whose last two columns hold -(L + 1) and L.
+
+    Per thread (each engine runs in its own); the GEMM reads it and returns a new tensor, so a
+    buffer is free again as soon as the call returns.
+    """
+    cache = getattr(_buffers, "rows", None)
+    if cache is None:
+        cache = _buffers.rows = {}
+    key = (num_rows, in_features, levels)
+    rows = cache.get(key)
+    if rows is None:
+        if len(cache) > 64:   # prefill chunks come in many sizes: keep the cache small
+            cache.clear()
+        rows = torch.empty(num_rows, in_features + 2)
+        rows[:, -2] = -(levels + 1.0)
+        rows[:, -1] = float(levels)
+        cache[key] = rows
+    return rows
 
 
 class Int8Embedding(nn.Module):
