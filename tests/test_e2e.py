@@ -225,6 +225,10 @@ def test_the_worker_reports_its_kv_capacity_and_load(stack, worker_stub) -> None
     # 1,000 tokens take 63 blocks of 16; the pool holds that many such conversations at once.
     assert info.max_sequences_at_length == runner.num_kv_blocks // 63
     assert info.prefix_caching and info.max_num_seqs >= 1
+    # The default worker stores int8 weights, run by the kernel it measured fastest; the KV cache
+    # in the compute dtype.
+    assert (info.weight_dtype, info.kv_cache_dtype) == ("int8", "fp32") and info.linear_kernel.endswith("int8")
+    assert info.weight_bytes == runner.weight_bytes < info.parameter_count * 2
     assert worker_stub.GetModelInfo(wpb.GetModelInfoRequest()).max_sequences_at_length == 0
     load = worker_stub.GetLoad(wpb.GetLoadRequest())
     assert load.kv_blocks_used + load.kv_blocks_free == runner.num_kv_blocks

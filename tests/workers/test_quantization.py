@@ -119,8 +119,10 @@ def test_quantized_formats_shrink_weights_and_kv_as_stated(smollm2: Checkpoint) 
         assert runners[name].kv_bytes_per_token == sizing.kv_bytes_per_token(c, kv_dtype)
     assert runners["fp32"].decode_bytes_per_step == sizing.weight_bytes_per_rank(c, "fp32")
     assert runners["int8"].weight_bytes == pytest.approx(sizing.weight_bytes_per_rank(c, "int8"), rel=0.01)
-    # The same pool holds four times the tokens in fp8.
+    # The same pool holds four times the tokens in fp8: a 5,000-token conversation (313 blocks) fits
+    # in 64 MiB of fp8 KV, not in fp32.
     assert runners["fp8kv"].num_kv_blocks == 4 * runners["fp32"].num_kv_blocks
+    assert (runners["fp32"].max_sequences_at(5000), runners["fp8kv"].max_sequences_at(5000)) == (0, 1)
     assert runners["int8"].linear_kernel.endswith("int8") and runners["fp32"].linear_kernel.endswith("fp32")
 
 
@@ -149,3 +151,23 @@ def test_int8_rows_are_quantized_each_on_its_own(smollm2: Checkpoint) -> None:
         alone = layer(quiet)
         together = layer(torch.cat([quiet, loud]))[:1]
     assert torch.equal(alone, together)
+
+
+def test_the_worker_flags_offer_exactly_the_formats_the_runner_takes() -> None:
+    from workers import cli
+    from workers.layers.kv_cache import KV_CACHE_DTYPES
+    from workers.layers.linear import WEIGHT_FORMATS
+    assert set(cli.WEIGHT_FORMATS) == set(WEIGHT_FORMATS) and set(cli.KV_CACHE_DTYPES) == set(KV_CACHE_DTYPES)
+    args = cli_args("--weights", "fp32", "--kv-cache-dtype", "fp8_e4m3")
+    config = cli.config_from_args(args)
+    assert (config.runner.weights, config.runner.kv_cache_dtype) == ("fp32", "fp8_e4m3")
+    assert cli.config_from_args(cli_args()).runner.weights == "int8"
+
+
+def cli_args(*argv: str):  # noqa: ANN201 - argparse.Namespace
+    import argparse
+
+    from workers import cli
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(list(argv))

@@ -5,13 +5,17 @@ Every format has candidate kernels; at load each candidate that runs on the
 device is checked against the plain float computation and timed on a layer of
 the model's own shape at batch 1 and 16, and the fastest correct one takes
 every linear layer. Measured on a 2-core EPYC (Zen 4) with torch 2.13, per
-layer against oneDNN fp32, cold weights:
+layer against oneDNN fp32, cold weights, on the engine's thread:
 
-| kernel | 576 x 3072, batch 1 / 16 / 64 | 1536 x 576, batch 1 / 16 / 64 |
-| --- | --- | --- |
-| fbgemm int8, activations per token | 3.4x / 2.6x / 3.1x | 5.1x / 2.4x / 3.6x |
-| `torch._int_mm`, activations per token | 1.9x / 1.4x / 2.3x | 3.0x / 1.1x / 2.5x |
-| oneDNN bf16 weights (this CPU has AVX512-BF16) | 1.5x / 1.8x / 1.8x | 1.2x / 1.5x / 1.8x |
+| kernel | 576 x 3072, batch 1 / 16 / 64 | 1536 x 576 | 576 x 49152 (head) |
+| --- | --- | --- | --- |
+| fbgemm int8, two-level activations (`FbgemmInt8Linear`) | 3.0x / 1.4x / 1.5x | 1.8x / 1.3x / 0.9x | 6.3x / 1.6x / 1.3x |
+| oneDNN, bf16 weights (this CPU has AVX512-BF16) | 2.1x / 1.8x / 1.8x | 2.0x / 1.9x / 1.7x | 2.1x / 1.8x / 1.8x |
+| fbgemm int8, one 8-bit level as fbgemm quantizes | 3.4x / 2.6x / 3.1x | 5.1x / 2.4x / 3.6x | |
+| `torch._int_mm`, one int8 level per token | 1.9x / 1.4x / 2.3x | 3.0x / 1.1x / 2.5x | |
+
+(The last two quantize activations to a single 8-bit level, which cost
+SmolLM2 8% of perplexity in fbgemm's case; see `quantization.py`.)
 
 On x86 CPUs oneDNN's fp32 linear with the weight prepacked once is the
 fastest fp32 kernel (1.5-4x MKL's at batch 4-64); where oneDNN is missing,
