@@ -171,3 +171,20 @@ def cli_args(*argv: str):  # noqa: ANN201 - argparse.Namespace
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "7-bit"])
+def test_fbgemm_int8_computes_the_int8_weights_times_near_exact_activations(monkeypatch: pytest.MonkeyPatch,
+                                                                            vnni: bool) -> None:
+    """Two activation levels through fbgemm are as good as ~16-bit activations, with or without
+    VNNI (which decides whether fbgemm may use 8 bits or 7)."""
+    from workers.layers import quantization
+    monkeypatch.setattr(quantization, "cpu_has_vnni", lambda: vnni)
+    linear = nn.Linear(576, 300, bias=True)
+    q, scale = quantization.quantize_int8(linear.weight)
+    layer = quantization.FbgemmInt8Linear(q, scale, linear.bias)
+    x = torch.randn(5, 576) * torch.logspace(-2, 2, 5)[:, None]   # rows of very different sizes
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(x, q.float() * scale[:, None], linear.bias)
+        actual = layer(x)
+    assert ((actual - expected).norm(dim=1) / expected.norm(dim=1)).max() < 3e-4
