@@ -13,6 +13,7 @@ from rich.console import Console
 from fareway.console import usage_table
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.tls import add_channel_arguments, channel_tls_from_args, secure_or_insecure_channel
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="API key (default: $FAREWAY_API_KEY)")
     parser.add_argument("--model", default=None, help="model name (default: the first the gateway lists)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_channel_arguments(parser, "", "the gateway")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +70,7 @@ class Connection:
     def __init__(self, args: argparse.Namespace) -> None:
         if not args.api_key:
             raise SystemExit("no API key: pass --api-key or set FAREWAY_API_KEY (fareway keys create ...)")
-        self.channel = grpc.insecure_channel(args.gateway)
+        self.channel = secure_or_insecure_channel(args.gateway, channel_tls_from_args(args, ""))
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {args.api_key}"),)
         self.timeout = args.timeout

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fareway.config import DEFAULT_DATA_DIR, RedisConfig, TelemetryConfig
 from fareway.process import wait_for_shutdown_signal
+from fareway.tls import add_channel_arguments, add_server_arguments, channel_tls_from_args, server_tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spool-dir", type=Path, default=None,
                         help="where usage records wait while Redis is unreachable "
                              "(default: $FAREWAY_DATA_DIR/spool, i.e. var/spool)")
+    add_server_arguments(parser, "the public InferenceService")
+    add_channel_arguments(parser, "worker-", "the workers")
     parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
                         help="what a cost-to-serve budget holds per token of a running request "
                              "(default: %(default)s)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway"))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
     config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts,
-                           spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve)
+                           spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
+                           tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"))
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

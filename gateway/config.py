@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fareway.tls import ChannelTls, ServerTls
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -24,6 +26,10 @@ class GatewayConfig:
     and a record that cannot be written fails its request."""
     budget_cost_reserve_usd_per_million_tokens: float = 10.0
     """What a cost-to-serve budget holds per token of a running request (list-price budgets hold exact bounds)."""
+    tls: ServerTls | None = None
+    """Serve the public port over TLS (mutual TLS with a client CA); None: plaintext."""
+    worker_tls: ChannelTls | None = None
+    """Call workers over TLS (presenting a client certificate for workers that require mutual TLS)."""
 
     def __post_init__(self) -> None:
         if not self.workers:

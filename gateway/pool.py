@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fareway.errors import NotFound, Unavailable
+from fareway.tls import ChannelTls, aio_channel
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
 
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 _INFO_TIMEOUT_S = 2.0
 
 
-def _endpoint(address: str) -> WorkerEndpoint:
-    channel = grpc.aio.insecure_channel(address)
+def _endpoint(address: str, tls: ChannelTls | None) -> WorkerEndpoint:
+    channel = aio_channel(address, tls)
     return WorkerEndpoint(address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
 
 
@@ -78,6 +79,8 @@ class WorkerPool:
     refresh_interval_s: float
     on_refresh: Callable[[bool], Awaitable[None]] | None = None
     """Called after each refresh with whether any worker is up (the gateway's health follows it)."""
+    tls: ChannelTls | None = None
+    """How to reach the workers over TLS; None: plaintext."""
     endpoints: list[WorkerEndpoint] = field(init=False, default_factory=list)
     _refresher: asyncio.Task[None] | None = field(init=False, default=None)
     _turn: itertools.count[int] = field(init=False, default_factory=itertools.count)
@@ -101,7 +104,7 @@ class WorkerPool:
         current = {e.address: e for e in self.endpoints}
         for gone in current.keys() - set(wanted):
             await current[gone].channel.close()
-        self.endpoints = [current.get(address) or _endpoint(address) for address in wanted]
+        self.endpoints = [current.get(address) or _endpoint(address, self.tls) for address in wanted]
         await asyncio.gather(*(self._refresh_one(e) for e in self.endpoints))
         if self.on_refresh is not None:
             await self.on_refresh(self.is_serving)

@@ -105,7 +105,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                           credentials: grpc.ServerCredentials | None = None) -> AsyncIterator[RunningServer]:
     """A gateway serving on config.listen until the block ends. Its health is
     SERVING only while at least one worker can be reached."""
-    pool = WorkerPool(config.workers, config.worker_refresh_interval_s)
+    pool = WorkerPool(config.workers, config.worker_refresh_interval_s, tls=config.worker_tls)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
     recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
@@ -113,7 +113,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
-        credentials=credentials, serving=False)
+        credentials=credentials or (config.tls.credentials() if config.tls else None), serving=False)
     pool.on_refresh = server.set_serving
     await pool.start()
     recorder.start_replaying()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fareway.config import TelemetryConfig
 from fareway.process import parse_bytes, wait_for_shutdown_signal
+from fareway.tls import add_server_arguments, server_tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024,
                         help="most tokens per step (default: %(default)s)")
+    add_server_arguments(parser, "the WorkerService (gateways call it)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens for requests that leave it unset (default: %(default)s)")
 
@@ -77,7 +79,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
                                   max_num_batched_tokens=args.max_num_batched_tokens),
         default_max_tokens=args.default_max_tokens, enable_prefix_caching=args.prefix_caching,
         shared_prefixes=tuple(_read_text(path) for path in args.shared_prefix_file),
-        shared_system_prompts=tuple(_read_text(path) for path in args.shared_system_prompt_file))
+        shared_system_prompts=tuple(_read_text(path) for path in args.shared_system_prompt_file),
+        tls=server_tls_from_args(args))
 
 
 def _read_text(path: Path) -> str:
@@ -93,7 +96,7 @@ async def serve(config, group=None) -> int:  # noqa: ANN001 - WorkerConfig, Rank
     from workers.worker import Worker
 
     worker = await asyncio.to_thread(Worker, config, None, group)
-    server = await create_worker_server(worker, config.listen)
+    server = await create_worker_server(worker, config.listen, config.tls.credentials() if config.tls else None)
     log.info("worker %s listening on port %d", config.worker_id, server.port)
     reporter, redis = await _capacity_reporter(worker)
     try:

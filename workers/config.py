@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fareway.tls import ServerTls
 from workers.engine.scheduler import SchedulerConfig
 from workers.model_runner import RunnerConfig
 
@@ -33,6 +34,8 @@ class WorkerConfig:
     """Raw prompt prefixes whose cached KV every tenant may reuse."""
     shared_system_prompts: tuple[str, ...] = ()
     """System prompts whose cached KV every tenant may reuse (rendered with the chat template)."""
+    tls: ServerTls | None = None
+    """Serve the WorkerService over TLS (mutual TLS with a client CA); None: plaintext."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:

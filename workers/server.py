@@ -96,8 +96,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             device_count=self.worker.runner.num_devices)
 
 
-async def create_worker_server(worker: Worker, address: str) -> RunningServer:
-    """Starts the worker's engine and its gRPC server on `address` ("host:0" for a free port).
+async def create_worker_server(worker: Worker, address: str,
+                               credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    """Starts the worker's engine and its gRPC server on `address` ("host:0" for a free port),
+    over TLS with `credentials`.
 
     Its health turns NOT_SERVING if the worker fails (a tensor-parallel rank died).
     """
@@ -105,7 +107,8 @@ async def create_worker_server(worker: Worker, address: str) -> RunningServer:
     worker.start()
     running = await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
-        lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))])
+        lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))],
+        credentials=credentials)
     loop = asyncio.get_running_loop()
     worker.on_failure(lambda reason: asyncio.run_coroutine_threadsafe(running.set_serving(False), loop))
     return running
