@@ -42,22 +42,22 @@ class UsageRecorder:
                 return record  # priced when it is replayed
         return price_record(book, record)
 
-    async def record(self, record: UsageRecord) -> bool:
-        """Prices and writes one record; True if it is now in the ledger or safe in the spool.
+    async def record(self, record: UsageRecord) -> UsageRecord:
+        """Prices and writes one record; returns it priced, once it is in the ledger or safe in the spool.
 
         With no spool configured, an unreachable Redis raises.
         """
         priced = await self._price(record)
         try:
             await self.ledger.record(priced)
-            return True
+            return priced
         except UNREACHABLE as exc:
             if self.spool is None:
                 raise
             log.warning("Redis unreachable (%s); spooling usage of %s to %s", exc, record.request_id,
                         self.spool.path)
             await asyncio.to_thread(self.spool.append, priced)
-            return True
+            return priced
 
     async def replay(self) -> int:
         """Writes every spooled record to the ledger; returns how many were new.

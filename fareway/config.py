@@ -36,16 +36,23 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """OpenTelemetry tracing."""
+    """OpenTelemetry traces and metrics."""
 
     service_name: str
     exporter: str = "none"
-    """"none" or "console" (spans printed as JSON to stderr)."""
+    """Spans: "none" or "console" (printed as JSON to stderr); OTLP whenever otlp_endpoint is set."""
+    otlp_endpoint: str | None = None
+    """An OpenTelemetry collector (e.g. http://otel-collector:4317): traces and metrics go there by OTLP/gRPC."""
+    metrics_port: int | None = None
+    """Serve metrics in Prometheus format on this port (0 picks a free one); None: not served."""
 
     def __post_init__(self) -> None:
         if self.exporter not in ("none", "console"):
             raise ValueError(f"telemetry exporter must be 'none' or 'console', got {self.exporter!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
 
     @classmethod
-    def from_env(cls, service_name: str) -> TelemetryConfig:
-        return cls(service_name=service_name, exporter=os.environ.get("FAREWAY_TRACES", "none"))
+    def from_env(cls, service_name: str, metrics_port: int | None = None) -> TelemetryConfig:
+        return cls(service_name=service_name, exporter=os.environ.get("FAREWAY_TRACES", "none"),
+                   otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None, metrics_port=metrics_port)

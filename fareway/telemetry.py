@@ -1,13 +1,25 @@
-"""OpenTelemetry set-up: one tracer provider per process, named after the service."""
+"""OpenTelemetry set-up: one tracer provider and one meter provider per process,
+named after the service.
+
+Spans go to the console when asked (FAREWAY_TRACES=console) and to a collector
+by OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set; metrics go to that
+collector too, and are served in Prometheus format on --metrics-port.
+"""
 
 from __future__ import annotations
 
-from opentelemetry import trace
+import logging
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
 from fareway.config import TelemetryConfig
+
+log = logging.getLogger(__name__)
 
 _EXPORTERS = {
     "console": ConsoleSpanExporter,
@@ -15,13 +27,38 @@ _EXPORTERS = {
 
 
 def setup_telemetry(config: TelemetryConfig) -> TracerProvider:
-    """Installs the global tracer provider; spans are exported only if an exporter is chosen."""
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
+    """Installs the global tracer and meter providers."""
+    resource = Resource.create({"service.name": config.service_name})
+    provider = TracerProvider(resource=resource)
     exporter = _EXPORTERS.get(config.exporter)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter()))
+    if config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint)))
     trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=metric_readers(config)))
     return provider
+
+
+def metric_readers(config: TelemetryConfig) -> list[MetricReader]:
+    readers: list[MetricReader] = []
+    if config.metrics_port is not None:
+        readers.append(prometheus_reader(config.metrics_port)[0])
+    if config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=config.otlp_endpoint)))
+    return readers
+
+
+def prometheus_reader(port: int, address: str = "0.0.0.0") -> tuple[MetricReader, int]:
+    """A reader whose metrics are served at http://address:port/metrics, and the port (0 picks one)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=address)  # a daemon thread
+    log.info("metrics in Prometheus format on port %d", server.server_port)
+    return PrometheusMetricReader(), server.server_port
 
 
 def tracer(name: str) -> trace.Tracer:

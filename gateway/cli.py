@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where usage records wait while Redis is unreachable "
                              "(default: $FAREWAY_DATA_DIR/spool, i.e. var/spool)")
     add_server_arguments(parser, "the public InferenceService")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve OpenTelemetry metrics in Prometheus format on this port (default: not served)")
     add_channel_arguments(parser, "worker-", "the workers")
     parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
                         help="what a cost-to-serve budget holds per token of a running request "
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
     from gateway.config import GatewayConfig
 
-    setup_telemetry(TelemetryConfig.from_env("fareway-gateway"))
+    setup_telemetry(TelemetryConfig.from_env("fareway-gateway", args.metrics_port))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
     config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,

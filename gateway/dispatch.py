@@ -23,6 +23,7 @@ from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
+from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerEndpoint, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,10 @@ def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, reque
 
 class Dispatcher:
     def __init__(self, config: GatewayConfig, pool: WorkerPool, recorder: UsageRecorder,
-                 idempotency: IdempotencyStore, budget_guard: BudgetGuard) -> None:
+                 idempotency: IdempotencyStore, budget_guard: BudgetGuard,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or GatewayMetrics()
         self.pool = pool
         self.recorder = recorder
         self.idempotency = idempotency
@@ -227,7 +230,7 @@ class Dispatcher:
     async def _finish(self, run: _Run, status: grpc.StatusCode, finish_reason: int,
                       response: pb.GenerateResponse | None, message: str = "") -> None:
         """Writes the usage record (spooled if Redis is down), then the idempotency outcome."""
-        await self.recorder.record(run.record(status, finish_reason))
+        self.metrics.finished(await self.recorder.record(run.record(status, finish_reason)))
         if run.request.request_id:
             try:
                 await self.idempotency.complete(run.tenant, run.request.request_id,

@@ -24,6 +24,7 @@ from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.dispatch import Delta, Dispatcher, Final, copy_input
 from gateway.idempotency import IdempotencyStore
+from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
 
 _tracer = trace.get_tracer(__name__)
@@ -102,14 +103,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 @contextlib.asynccontextmanager
 async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
-                          credentials: grpc.ServerCredentials | None = None) -> AsyncIterator[RunningServer]:
+                          credentials: grpc.ServerCredentials | None = None,
+                          metrics: GatewayMetrics | None = None) -> AsyncIterator[RunningServer]:
     """A gateway serving on config.listen until the block ends. Its health is
     SERVING only while at least one worker can be reached."""
     pool = WorkerPool(config.workers, config.worker_refresh_interval_s, tls=config.worker_tls)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
     recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
-    servicer = InferenceServicer(KeyStore(redis), pool, Dispatcher(config, pool, recorder, idempotency, guard))
+    metrics = metrics or GatewayMetrics()
+    metrics.observe_workers(lambda: [(e.info.model if e.info else "", e.is_up) for e in pool.endpoints])
+    servicer = InferenceServicer(KeyStore(redis), pool,
+                                 Dispatcher(config, pool, recorder, idempotency, guard, metrics))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],

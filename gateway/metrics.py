@@ -1,0 +1,77 @@
+"""The gateway's OpenTelemetry metrics, named after the GenAI semantic
+conventions where they exist and under `fareway.*` otherwise.
+
+Every finished request (its priced usage record) feeds them:
+  gen_ai.client.token.usage        histogram {token}, gen_ai.token.type = input | output | cached
+  gen_ai.server.request.duration   histogram s
+  gen_ai.server.time_to_first_token histogram s
+  gen_ai.server.time_per_output_token histogram s
+  fareway.requests                 counter, by status
+  fareway.tokens                   counter {token}, by kind (prompt, cached, completion)
+  fareway.cost                     counter USD (cost to serve), by team
+  fareway.gpu_seconds              counter s, by team
+and the pool is observed at each collection:
+  fareway.workers                  gauge, workers up / down per model
+Attributes carry the team, project, model and worker (gen_ai.request.model,
+fareway.team, fareway.project, fareway.worker); never a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from accounting.records import UsageRecord
+
+_NANO = 1e-9
+
+
+class GatewayMetrics:
+    def __init__(self, meter: metrics.Meter | None = None) -> None:
+        meter = meter or metrics.get_meter("fareway.gateway")
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens per request, by gen_ai.token.type")
+        self.duration = meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s", description="Time from request to last token")
+        self.ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s", description="Time to the first generated token")
+        self.tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s", description="Time per output token after the first")
+        self.requests = meter.create_counter("fareway.requests", description="Finished requests, by status")
+        self.tokens = meter.create_counter("fareway.tokens", unit="{token}", description="Tokens, by kind")
+        self.cost = meter.create_counter("fareway.cost", unit="USD", description="Cost to serve, by team")
+        self.gpu_seconds = meter.create_counter("fareway.gpu_seconds", unit="s", description="Device time, by team")
+        self._meter = meter
+
+    def observe_workers(self, workers: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """Reports (model, is_up) of every known worker as fareway.workers at each collection."""
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            counts: dict[tuple[str, bool], int] = {}
+            for model, is_up in workers():
+                counts[(model, is_up)] = counts.get((model, is_up), 0) + 1
+            return [Observation(n, {"gen_ai.request.model": model, "fareway.worker.state": "up" if up else "down"})
+                    for (model, up), n in counts.items()]
+        self._meter.create_observable_gauge("fareway.workers", callbacks=[observe],
+                                            description="Workers known to the gateway, up or down, per model")
+
+    def finished(self, record: UsageRecord) -> None:
+        base = {"gen_ai.request.model": record.model, "fareway.team": record.team,
+                "fareway.project": record.project}
+        self.requests.add(1, {**base, "fareway.status": record.status, "fareway.worker": record.worker_id})
+        for kind, count in (("input", record.prompt_tokens), ("output", record.completion_tokens),
+                            ("cached", record.cached_tokens)):
+            self.token_usage.record(count, {**base, "gen_ai.token.type": kind})
+        for kind, count in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens),
+                            ("cached", record.cached_tokens)):
+            self.tokens.add(count, {**base, "fareway.token.kind": kind})
+        self.cost.add(record.cost_nusd * _NANO, base)
+        self.gpu_seconds.add(record.gpu_seconds, base)
+        if record.status != "OK":
+            return
+        self.duration.record(record.total_ms / 1000.0, base)
+        if record.ttft_ms:
+            self.ttft.record(record.ttft_ms / 1000.0, base)
+        if record.completion_tokens > 1:
+            self.tpot.record((record.total_ms - record.ttft_ms) / 1000.0 / (record.completion_tokens - 1), base)
