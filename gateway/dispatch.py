@@ -24,6 +24,7 @@ from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
 from gateway.pool import WorkerEndpoint, WorkerPool
+from gateway.routing import route_for
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ class Dispatcher:
         """A worker call that has admitted the request (sent its first message)."""
         forwarded = worker_request(run.request, run.request_id, run.tenant)
         errors = []
-        for endpoint in self.pool.candidates(run.request.model)[: self.config.max_attempts]:
+        route = route_for(run.request, run.tenant.team)
+        for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
             call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining())
             try:
                 first = await call.read()
@@ -189,6 +191,7 @@ class Dispatcher:
                 errors.append(f"{endpoint.address}: ended the stream without admitting the request")
                 continue
             run.endpoint = endpoint
+            endpoint.num_sent_since_load += 1
             run.add(first)
             return call
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
