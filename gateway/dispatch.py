@@ -160,7 +160,7 @@ class Dispatcher:
 
     async def _admit(self, run: _Run) -> Reservation:
         """Holds the request's maximum cost against its budgets (RESOURCE_EXHAUSTED past a hard one)."""
-        endpoints = self.pool.candidates(run.request.model)
+        endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
         book = await self.recorder.prices.get()
         return await self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)

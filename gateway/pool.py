@@ -233,14 +233,18 @@ class WorkerPool:
                 served.setdefault(endpoint.info.model, []).append(endpoint)
         return served
 
-    def candidates(self, model: str, route: Route | None = None) -> list[WorkerEndpoint]:
-        """Workers to try for a model, in order: those up, as the model's routing policy orders
-        them for this request, then those down."""
+    def serving(self, model: str) -> list[WorkerEndpoint]:
+        """The workers known to serve a model (up or not); UNAVAILABLE or NOT_FOUND if none."""
         served = self.models()
         if model not in served:
             if not served:
                 raise Unavailable("no worker is reachable yet; try again shortly")
             raise NotFound(f"model {model!r} is not served; available: {', '.join(sorted(served))}")
-        workers = served[model]
+        return served[model]
+
+    def candidates(self, model: str, route: Route | None = None) -> list[WorkerEndpoint]:
+        """Workers to try for a request, in order: those up, as the model's routing policy orders
+        them for it (a routing decision: round-robin turns), then those down."""
+        workers = self.serving(model)
         up = self.router.order(model, [e for e in workers if e.is_up], route or Route())
         return up + [e for e in workers if not e.is_up]  # type: ignore[return-value]

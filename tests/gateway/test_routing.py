@@ -9,6 +9,7 @@ import pytest
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.registry import WorkerLoad
 from gateway.routing import POLICIES, Cost, LeastLoad, PrefixAffinity, RoundRobin, Route, Router, route_for
+from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 
 
 @dataclass
@@ -109,3 +110,50 @@ def test_the_affinity_key_is_the_team_and_the_system_prompt() -> None:
     assert route_for(pb.GenerateRequest(prompt="x" * 300 + "a"), "t") == \
         route_for(pb.GenerateRequest(prompt="x" * 300 + "b"), "t")
     assert route_for(pb.GenerateRequest(prompt="p", session_id="s"), "t").session_id == "s"
+
+
+SYSTEM_PROMPT = ("You are the support assistant of a parcel delivery company. Answer in two sentences, "
+                 "politely, and never promise a delivery date you cannot check. ") * 3
+
+
+def ask(client, user: str, session_id: str = "") -> pb.GenerateResponse:  # noqa: ANN001
+    return client.Generate(pb.GenerateRequest(
+        model="tiny-llama", session_id=session_id, sampling=pb.SamplingParams(max_tokens=2, temperature=0),
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="system", content=SYSTEM_PROMPT),
+                                       pb.ChatMessage(role="user", content=user)])))
+
+
+@pytest.fixture()
+def two_workers(background_loop, tiny_checkpoint):  # noqa: ANN001, ANN201
+    with tiny_workers(background_loop, tiny_checkpoint, 2) as workers:
+        yield tuple(w.address for w in workers)
+
+
+def test_prefix_affinity_keeps_a_shared_system_prompt_on_one_worker_whose_cache_serves_it(
+        background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-affinity")
+    with gateway(background_loop, redis_url, two_workers, routing="prefix-affinity") as address:
+        client = Client(address, key)
+        responses = [ask(client, f"Where is parcel number {i}?") for i in range(4)]
+    assert len({r.usage.worker_id for r in responses}) == 1
+    assert responses[0].usage.cached_tokens == 0
+    assert all(r.usage.cached_tokens >= 48 for r in responses[1:])  # the system prompt's blocks
+
+
+def test_round_robin_alternates_and_misses_the_cache_half_the_time(
+        background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-rr")
+    with gateway(background_loop, redis_url, two_workers, routing="round-robin") as address:
+        client = Client(address, key)
+        responses = [ask(client, f"Where is parcel number {i}?") for i in range(4)]
+    workers = [r.usage.worker_id for r in responses]
+    assert workers[0] != workers[1] and workers[:2] == workers[2:]
+    assert responses[1].usage.cached_tokens == 0  # the second worker had not seen the prompt
+
+
+def test_a_session_stays_on_its_worker(background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-session")
+    with gateway(background_loop, redis_url, two_workers, routing="round-robin") as address:
+        client = Client(address, key)
+        for session in ("alice", "bob", "carol"):
+            assert len({ask(client, f"turn {i}", session).usage.worker_id for i in range(3)}) == 1
