@@ -544,7 +544,6 @@ def test_gateway_flags_choose_the_registry_and_a_routing_policy_per_model(monkey
 
 
 def test_a_worker_advertises_its_host_name_for_a_wildcard_listen_address() -> None:
-
     from workers.heartbeat import advertised_address
 
     assert advertised_address("0.0.0.0:50052", 50052) == f"{socket.gethostname()}:50052"

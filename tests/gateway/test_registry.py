@@ -100,3 +100,14 @@ def test_shutdown_leaves_the_registry_first_then_finishes_in_flight_requests(
         shutdown.join(timeout=30)
     assert received[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
     assert sum(len(m.token_ids) for m in received) == received[-1].usage.completion_tokens
+
+
+def test_a_configured_worker_that_also_registers_is_one_worker_with_its_published_load(
+        background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, f"t-{uuid.uuid4().hex[:6]}")
+    with tiny_workers(background_loop, tiny_checkpoint, 2, redis_url) as workers:
+        with gateway(background_loop, redis_url, (workers[0].address,), registry=True) as address:
+            client = Client(address, key)
+            wait_for(lambda: num_workers(client) == 2)
+            time.sleep(0.5)  # a few more registry polls: still two, not three
+            assert num_workers(client) == 2
