@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     parser.add_argument("--system", default=None, help="a system message (implies --chat)")
     parser.add_argument("--request-id", default="", help="idempotency key")
+    parser.add_argument("--session-id", default="",
+                        help="requests with the same session id go to the same worker while it is up")
     parser.add_argument("prompt", help="the prompt text; '-' reads standard input")
 
 
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         conn = Connection(args)
         request = pb.GenerateStreamRequest(model=conn.model, sampling=sampling_from_args(args),
-                                           request_id=args.request_id, tags=tags_from_args(args))
+                                           request_id=args.request_id, session_id=args.session_id,
+                                           tags=tags_from_args(args))
         if args.chat or args.system:
             messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
             messages.append(pb.ChatMessage(role="user", content=prompt))

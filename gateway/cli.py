@@ -12,6 +12,10 @@ from fareway.config import DEFAULT_DATA_DIR, RedisConfig, TelemetryConfig
 from fareway.process import wait_for_shutdown_signal
 from fareway.tls import add_channel_arguments, add_server_arguments, channel_tls_from_args, server_tls_from_args
 
+# Kept in step with gateway/routing.py's POLICIES (the parser does not import the gateway).
+ROUTING_POLICIES = ("prefix-affinity", "least-load", "cost", "round-robin")
+DEFAULT_ROUTING = "prefix-affinity"
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on (default: %(default)s)")
     parser.add_argument("--worker", action="append", default=None, metavar="HOST:PORT",
                         help="a worker to dispatch to; repeat for several "
-                             "(default: $FAREWAY_WORKERS, comma-separated, or 127.0.0.1:50052)")
+                             "(default: $FAREWAY_WORKERS, comma-separated; without them and without the "
+                             "registry, 127.0.0.1:50052)")
+    parser.add_argument("--registry", action=argparse.BooleanOptionalAction, default=None,
+                        help="also dispatch to the workers registered in Redis (default: on when REDIS_URL is "
+                             "set and no worker address is given)")
+    parser.add_argument("--routing", action="append", default=None, metavar="[MODEL=]POLICY",
+                        help=f"routing policy: {', '.join(ROUTING_POLICIES)}; MODEL=POLICY sets one model's "
+                             f"(repeatable; default: {DEFAULT_ROUTING})")
     parser.add_argument("--max-attempts", type=int, default=3,
                         help="workers tried per request before its first token (default: %(default)s)")
     parser.add_argument("--spool-dir", type=Path, default=None,
@@ -34,10 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
-def _workers(args: argparse.Namespace) -> tuple[str, ...]:
+def _workers(args: argparse.Namespace, registry: bool) -> tuple[str, ...]:
     if args.worker:
         return tuple(args.worker)
-    return tuple(w.strip() for w in os.environ.get("FAREWAY_WORKERS", "127.0.0.1:50052").split(",") if w.strip())
+    listed = tuple(w.strip() for w in os.environ.get("FAREWAY_WORKERS", "").split(",") if w.strip())
+    return listed or (() if registry else ("127.0.0.1:50052",))
+
+
+def _use_registry(args: argparse.Namespace) -> bool:
+    if args.registry is not None:
+        return args.registry
+    return bool(os.environ.get("REDIS_URL")) and not args.worker and not os.environ.get("FAREWAY_WORKERS")
+
+
+def _routing(args: argparse.Namespace) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """--routing values -> (the default policy, (model, policy) overrides)."""
+    default, by_model = DEFAULT_ROUTING, []
+    for item in args.routing or ():
+        model, _, policy = item.rpartition("=")
+        if policy not in ROUTING_POLICIES:
+            raise SystemExit(f"--routing: unknown policy {policy!r}; choose from {', '.join(ROUTING_POLICIES)}")
+        if model:
+            by_model.append((model, policy))
+        else:
+            default = policy
+    return default, tuple(by_model)
 
 
 async def serve(config, redis_config: RedisConfig) -> None:  # noqa: ANN001 - GatewayConfig
@@ -48,7 +80,9 @@ async def serve(config, redis_config: RedisConfig) -> None:  # noqa: ANN001 - Ga
         redis = connect(url)
         try:
             async with running_gateway(config, redis) as server:
-                log.info("gateway listening on port %d, workers: %s", server.port, ", ".join(config.workers))
+                log.info("gateway listening on port %d, workers: %s%s", server.port,
+                         ", ".join(config.workers) or "none configured",
+                         " and those in the registry" if config.registry else "")
                 await wait_for_shutdown_signal()
         finally:
             await redis.aclose()
@@ -60,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway", args.metrics_port))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
-    config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts,
+    registry = _use_registry(args)
+    routing, routing_by_model = _routing(args)
+    config = GatewayConfig(workers=_workers(args, registry), registry=registry, routing=routing,
+                           routing_by_model=routing_by_model, listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
                            tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"))
     asyncio.run(serve(config, RedisConfig.from_env()))

@@ -6,15 +6,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fareway.tls import ChannelTls, ServerTls
+from gateway.routing import DEFAULT_POLICY, POLICIES
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     workers: tuple[str, ...]
-    """Worker addresses (host:port)."""
+    """Configured worker addresses (host:port); may be empty when the registry is watched."""
     listen: str = "127.0.0.1:50051"
     worker_refresh_interval_s: float = 2.0
     """How often each worker's model info is re-read (and unreachable workers retried)."""
+    registry: bool = False
+    """Also dispatch to the workers registered in Redis (fareway/registry.py)."""
+    registry_poll_interval_s: float = 1.0
+    """How often the registry is re-read (workers joining and leaving, their load)."""
+    routing: str = DEFAULT_POLICY
+    """The routing policy of every model not in `routing_by_model` (gateway/routing.py)."""
+    routing_by_model: tuple[tuple[str, str], ...] = ()
+    """(model, policy) pairs overriding `routing` for those models."""
     max_attempts: int = 3
     """Workers tried for one request before its first token, when one cannot be reached."""
     idempotency_ttl_s: int = 24 * 3600
@@ -32,8 +41,13 @@ class GatewayConfig:
     """Call workers over TLS (presenting a client certificate for workers that require mutual TLS)."""
 
     def __post_init__(self) -> None:
-        if not self.workers:
-            raise ValueError("a gateway needs at least one worker address")
+        if not self.workers and not self.registry:
+            raise ValueError("a gateway needs at least one worker address, or the registry")
+        for policy in (self.routing, *(p for _, p in self.routing_by_model)):
+            if policy not in POLICIES:
+                raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
+        if self.registry_poll_interval_s <= 0:
+            raise ValueError(f"registry_poll_interval_s must be positive, got {self.registry_poll_interval_s}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.budget_cost_reserve_usd_per_million_tokens < 0:

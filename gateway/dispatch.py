@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerEndpoint, WorkerPool
+from gateway.routing import route_for
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class Dispatcher:
 
     async def _admit(self, run: _Run) -> Reservation:
         """Holds the request's maximum cost against its budgets (RESOURCE_EXHAUSTED past a hard one)."""
-        endpoints = self.pool.candidates(run.request.model)
+        endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
         book = await self.recorder.prices.get()
         return await self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)
@@ -178,7 +179,8 @@ class Dispatcher:
         """A worker call that has admitted the request (sent its first message)."""
         forwarded = worker_request(run.request, run.request_id, run.tenant)
         errors = []
-        for endpoint in self.pool.candidates(run.request.model)[: self.config.max_attempts]:
+        route = route_for(run.request, run.tenant.team)
+        for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
             call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining())
             try:
                 first = await call.read()
@@ -192,6 +194,7 @@ class Dispatcher:
                 errors.append(f"{endpoint.address}: ended the stream without admitting the request")
                 continue
             run.endpoint = endpoint
+            endpoint.num_sent_since_load += 1
             run.add(first)
             return call
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "

@@ -5,6 +5,13 @@ be reached is marked down and retried at the next refresh. A configured
 address whose host is a DNS name stands for every address the name resolves
 to (docker compose's `--scale worker=N`, a Kubernetes headless service), and
 is resolved again at each refresh as replicas come and go.
+
+With a registry (fareway/registry.py), the workers registered in Redis join
+the configured ones: the pool re-reads the registry about once a second, adds
+the workers that registered, drops those whose entry expired or was deleted,
+and takes each one's published load for routing. A registered worker that is
+also configured (same worker id or address) is one endpoint. Configured
+workers' load is polled with their model info at each refresh.
 """
 
 from __future__ import annotations
@@ -12,18 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import redis.exceptions
 
 from fareway.errors import NotFound, Unavailable
 from fareway.tls import ChannelTls, aio_channel
+from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
+from gateway.routing import Route, Router
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +76,69 @@ class WorkerEndpoint:
     info: pb.GetModelInfoResponse | None = None
     """The last model info read; None until the worker was first reached."""
     is_up: bool = False
+    registration: WorkerRegistration | None = None
+    """Its entry in the registry; None for a configured worker that did not register."""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    """Its load as last published (registry) or polled (configured workers)."""
+    num_sent_since_load: int = 0
+    """Requests this gateway sent it since `load` was read (so a burst does not all go to one worker)."""
 
     @property
     def name(self) -> str:
-        return self.info.worker_id if self.info else self.address
+        if self.info:
+            return self.info.worker_id
+        return self.registration.worker_id if self.registration else self.address
+
+    @property
+    def num_queued(self) -> int:
+        return self.load.num_queued + self.num_sent_since_load
+
+    @property
+    def usd_per_device_hour(self) -> float | None:
+        return self.registration.usd_per_device_hour if self.registration else None
+
+    @property
+    def device_count(self) -> int:
+        if self.registration:
+            return self.registration.device_count
+        return max(self.info.device_count, 1) if self.info else 1
+
+    def set_load(self, load: WorkerLoad) -> None:
+        self.load, self.num_sent_since_load = load, 0
 
 
 @dataclass
 class WorkerPool:
     addresses: tuple[str, ...]
+    """Configured worker addresses (host:port); DNS names stand for every address they resolve to."""
     refresh_interval_s: float
     on_refresh: Callable[[bool], Awaitable[None]] | None = None
     """Called after each refresh with whether any worker is up (the gateway's health follows it)."""
     tls: ChannelTls | None = None
     """How to reach the workers over TLS; None: plaintext."""
+    registry: WorkerRegistry | None = None
+    """Where workers register themselves; None: only the configured addresses."""
+    registry_poll_interval_s: float = 1.0
+    router: Router = field(default_factory=Router)
     endpoints: list[WorkerEndpoint] = field(init=False, default_factory=list)
-    _refresher: asyncio.Task[None] | None = field(init=False, default=None)
-    _turn: itertools.count[int] = field(init=False, default_factory=itertools.count)
+    _configured: list[WorkerEndpoint] = field(init=False, default_factory=list)
+    _registered: dict[str, WorkerEndpoint] = field(init=False, default_factory=dict)
+    """Registered workers not also configured, by worker id."""
+    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     async def start(self) -> None:
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever())
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._every(self.refresh_interval_s, self.refresh)))
+        if self.registry is not None:
+            await self.poll_registry()
+            self._tasks.append(loop.create_task(self._every(self.registry_poll_interval_s, self.poll_registry)))
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
         for endpoint in self.endpoints:
             await endpoint.channel.close()
 
@@ -101,17 +146,67 @@ class WorkerPool:
         """Re-resolves the configured addresses, then re-reads every worker's model info."""
         resolved = await asyncio.gather(*(_resolve(address) for address in self.addresses))
         wanted = list(dict.fromkeys(a for addresses in resolved for a in addresses))
-        current = {e.address: e for e in self.endpoints}
+        current = {e.address: e for e in self._configured}
+        self._configured = [current.get(address) or _endpoint(address, self.tls) for address in wanted]
         for gone in current.keys() - set(wanted):
-            await current[gone].channel.close()
-        self.endpoints = [current.get(address) or _endpoint(address, self.tls) for address in wanted]
+            await self._close_unless_used(current[gone])
+        self._rebuild()
         await asyncio.gather(*(self._refresh_one(e) for e in self.endpoints))
         if self.on_refresh is not None:
             await self.on_refresh(self.is_serving)
 
+    async def poll_registry(self) -> None:
+        """Takes in the registry's workers and their load; drops the workers that left it."""
+        if self.registry is None:
+            return
+        try:
+            entries = await self.registry.workers()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            log.warning("cannot read the worker registry (keeping the workers known): %s", exc)
+            return
+        configured = {e.address: e for e in self._configured} | {
+            e.info.worker_id: e for e in self._configured if e.info}
+        for endpoint in self._configured:
+            endpoint.registration = None
+        registered, joined = {}, []
+        for entry in entries:
+            r = entry.registration
+            endpoint = configured.get(r.worker_id) or configured.get(r.address)
+            if endpoint is None:
+                endpoint = self._registered.get(r.worker_id)
+                if endpoint is None or endpoint.address != r.address:
+                    endpoint = _endpoint(r.address, self.tls)
+                    joined.append(endpoint)
+                registered[r.worker_id] = endpoint
+            endpoint.registration = r
+            endpoint.set_load(entry.load)
+        left = [e for worker_id, e in self._registered.items() if registered.get(worker_id) is not e]
+        self._registered = registered
+        for endpoint in left:
+            log.info("worker %s at %s left the registry", endpoint.name, endpoint.address)
+            await self._close_unless_used(endpoint)
+        self._rebuild()
+        await asyncio.gather(*(self._refresh_one(e) for e in joined))
+        if (joined or left) and self.on_refresh is not None:
+            await self.on_refresh(self.is_serving)
+
+    def _rebuild(self) -> None:
+        configured = {id(e) for e in self._configured}
+        self.endpoints = self._configured + [e for e in self._registered.values() if id(e) not in configured]
+
+    async def _close_unless_used(self, endpoint: WorkerEndpoint) -> None:
+        if all(e is not endpoint for e in (*self._configured, *self._registered.values())):
+            await endpoint.channel.close()
+
     async def _refresh_one(self, endpoint: WorkerEndpoint) -> None:
         try:
             endpoint.info = await endpoint.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=_INFO_TIMEOUT_S)
+            if endpoint.registration is None:
+                load = await endpoint.stub.GetLoad(pb.GetLoadRequest(), timeout=_INFO_TIMEOUT_S)
+                endpoint.set_load(WorkerLoad(
+                    num_running=load.num_running, num_waiting=load.num_waiting,
+                    kv_tokens_free=load.kv_tokens_capacity - load.kv_tokens_used,
+                    prefix_cache_hit_rate=load.prefix_cache_hit_rate))
             if not endpoint.is_up:
                 log.info("worker %s at %s is up, serving %s", endpoint.name, endpoint.address, endpoint.info.model)
             endpoint.is_up = True
@@ -120,10 +215,11 @@ class WorkerPool:
                 log.warning("worker at %s is down: %s", endpoint.address, error.code().name)
             endpoint.is_up = False
 
-    async def _refresh_forever(self) -> None:
+    @staticmethod
+    async def _every(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(self.refresh_interval_s)
-            await self.refresh()
+            await asyncio.sleep(interval_s)
+            await action()
 
     def mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.is_up = False
@@ -140,14 +236,18 @@ class WorkerPool:
                 served.setdefault(endpoint.info.model, []).append(endpoint)
         return served
 
-    def candidates(self, model: str) -> list[WorkerEndpoint]:
-        """Workers to try for a model, in order: those up first, in rotation, then those down."""
+    def serving(self, model: str) -> list[WorkerEndpoint]:
+        """The workers known to serve a model (up or not); UNAVAILABLE or NOT_FOUND if none."""
         served = self.models()
         if model not in served:
             if not served:
                 raise Unavailable("no worker is reachable yet; try again shortly")
             raise NotFound(f"model {model!r} is not served; available: {', '.join(sorted(served))}")
-        workers = served[model]
-        shift = next(self._turn) % len(workers)
-        rotated = workers[shift:] + workers[:shift]
-        return [e for e in rotated if e.is_up] + [e for e in rotated if not e.is_up]
+        return served[model]
+
+    def candidates(self, model: str, route: Route | None = None) -> list[WorkerEndpoint]:
+        """Workers to try for a request, in order: those up, as the model's routing policy orders
+        them for it (a routing decision: round-robin turns), then those down."""
+        workers = self.serving(model)
+        up = self.router.order(model, [e for e in workers if e.is_up], route or Route())
+        return up + [e for e in workers if not e.is_up]  # type: ignore[return-value]

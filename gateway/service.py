@@ -18,6 +18,7 @@ from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.registry import WorkerRegistry
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
@@ -26,6 +27,7 @@ from gateway.dispatch import Delta, Dispatcher, Final, copy_input
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
+from gateway.routing import Router
 
 _tracer = trace.get_tracer(__name__)
 _INFO_TIMEOUT_S = 5.0
@@ -107,7 +109,10 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                           metrics: GatewayMetrics | None = None) -> AsyncIterator[RunningServer]:
     """A gateway serving on config.listen until the block ends. Its health is
     SERVING only while at least one worker can be reached."""
-    pool = WorkerPool(config.workers, config.worker_refresh_interval_s, tls=config.worker_tls)
+    pool = WorkerPool(config.workers, config.worker_refresh_interval_s,
+                      registry=WorkerRegistry(redis) if config.registry else None,
+                      registry_poll_interval_s=config.registry_poll_interval_s,
+                      router=Router(config.routing, dict(config.routing_by_model)), tls=config.worker_tls)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
     recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)

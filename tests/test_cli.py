@@ -519,3 +519,34 @@ def test_each_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[st
         main(argv)
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: fareway {' '.join(argv[:-1])}")
+
+
+def test_gateway_flags_choose_the_registry_and_a_routing_policy_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import cli
+    from gateway.routing import POLICIES
+
+    assert set(cli.ROUTING_POLICIES) == set(POLICIES) and cli.DEFAULT_ROUTING == "prefix-affinity"
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    monkeypatch.delenv("FAREWAY_WORKERS", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://redis:6379/0")
+    args = parser.parse_args(["--routing", "cost", "--routing", "tiny=round-robin"])
+    assert cli._use_registry(args) and cli._workers(args, True) == ()
+    assert cli._routing(args) == ("cost", (("tiny", "round-robin"),))
+    args = parser.parse_args(["--worker", "w:50052"])
+    assert not cli._use_registry(args) and cli._workers(args, False) == ("w:50052",)
+    assert cli._use_registry(parser.parse_args(["--worker", "w:50052", "--registry"]))
+    monkeypatch.delenv("REDIS_URL")
+    args = parser.parse_args([])
+    assert not cli._use_registry(args) and cli._workers(args, False) == ("127.0.0.1:50052",)
+    with pytest.raises(SystemExit, match="unknown policy"):
+        cli._routing(parser.parse_args(["--routing", "fastest"]))
+
+
+def test_a_worker_advertises_its_host_name_for_a_wildcard_listen_address() -> None:
+    from workers.heartbeat import advertised_address
+
+    assert advertised_address("0.0.0.0:50052", 50052) == f"{socket.gethostname()}:50052"
+    assert advertised_address("[::]:0", 41234) == f"{socket.gethostname()}:41234"
+    assert advertised_address("127.0.0.1:0", 41234) == "127.0.0.1:41234"
+    assert advertised_address("0.0.0.0:50052", 50052, "worker-3.internal:50052") == "worker-3.internal:50052"

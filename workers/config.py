@@ -23,6 +23,11 @@ class WorkerConfig:
     served_model_name: str | None = None
     """The name requests use; None derives it from the file name."""
     listen: str = "127.0.0.1:50052"
+    advertise_address: str | None = None
+    """Where gateways reach this worker, as registered in Redis; None: the listen address with the
+    bound port and a wildcard host replaced by the host name."""
+    drain_timeout_s: float = 30.0
+    """At shutdown, how long in-flight requests may run on after the worker left the registry."""
     worker_id: str = field(default_factory=default_worker_id)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -40,5 +45,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if not self.worker_id:
             raise ValueError("worker_id is empty")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")

@@ -113,6 +113,8 @@ class LoadSnapshot:
     num_preemptions: int
     attributed_gpu_seconds: float
     idle_gpu_seconds: float
+    num_generated_tokens: int = 0
+    """Completion tokens produced since the engine started (its throughput is measured from it)."""
 
     @property
     def kv_blocks_free(self) -> int:
@@ -144,6 +146,7 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.meter = Meter(work_model, runner.num_devices)
+        self.num_generated_tokens = 0
         self._new_detokenizer = detokenizer_factory
         self._clock = clock
         self._inbox: queue.SimpleQueue[EngineRequest | str | None] = queue.SimpleQueue()
@@ -189,7 +192,7 @@ class LLMEngine:
             kv_block_size=bm.block_size, kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             kv_blocks_cached=bm.num_cached_blocks, prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
             num_preemptions=stats.num_preemptions, attributed_gpu_seconds=self.meter.attributed_gpu_seconds,
-            idle_gpu_seconds=self.meter.idle_gpu_seconds)
+            idle_gpu_seconds=self.meter.idle_gpu_seconds, num_generated_tokens=self.num_generated_tokens)
 
     # -- the loop thread ------------------------------------------------------
 
@@ -279,6 +282,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.append_token(token)
+        self.num_generated_tokens += 1
         if token in self.config.eos_token_ids and not seq.sampling.ignore_eos:
             self._finish(tracked, FinishReason.STOP, "", (token,), now)
             return

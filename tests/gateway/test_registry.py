@@ -1,0 +1,113 @@
+"""Workers register in Redis and heartbeat; gateways watch the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import grpc
+
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
+from fareway.worker.v1 import worker_pb2, worker_pb2_grpc
+from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
+from workers.cli import shut_down
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> float:  # noqa: ANN001
+    """Seconds until `condition()` held (fails the test after timeout_s)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "timed out"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def num_workers(client: Client) -> int:
+    models = client.ListModels(pb.ListModelsRequest()).models
+    return sum(m.num_workers for m in models)
+
+
+def test_a_registration_lives_as_long_as_its_heartbeats(with_redis) -> None:  # noqa: ANN001
+    registration = WorkerRegistration("w1", "10.0.0.5:50052", "m", "nvidia-h100", 2, 2, 50_000, 4.5)
+    load = WorkerLoad(num_running=3, num_waiting=1, kv_tokens_free=1200, tokens_per_s=87.5,
+                      prefix_cache_hit_rate=0.25)
+
+    async def body(client) -> None:  # noqa: ANN001
+        registry = WorkerRegistry(client, ttl_s=0.5)
+        await registry.heartbeat(registration, load)
+        [found] = await registry.workers()
+        assert (found.registration, found.load) == (registration, load)
+        await asyncio.sleep(0.7)  # no heartbeat for longer than the TTL
+        assert await registry.workers() == []
+        await registry.heartbeat(registration, load)
+        await registry.deregister("w1")
+        assert await registry.workers() == [] and await client.zcard("fw:registry:workers") == 0
+    with_redis(body)
+
+
+def test_a_registered_worker_joins_a_gateways_pool_and_leaves_when_its_heartbeat_stops(
+        background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, f"t-{uuid.uuid4().hex[:6]}")
+    with gateway(background_loop, redis_url, registry=True) as address:
+        client = Client(address, key)
+        assert num_workers(client) == 0
+        with tiny_workers(background_loop, tiny_checkpoint, 2, redis_url, ttl_s=1.0) as workers:
+            wait_for(lambda: num_workers(client) == 2)
+            response = client.Generate(pb.GenerateRequest(
+                model="tiny-llama", prompt="hello", sampling=pb.SamplingParams(max_tokens=8, temperature=0)))
+            assert response.usage.worker_id in {"tiny-0", "tiny-1"}
+            background_loop.run(workers[0].heartbeat.pause())  # as if the worker hung or lost its network
+            gone_after_s = wait_for(lambda: num_workers(client) == 1)
+            assert gone_after_s < 3.0
+            for _ in range(3):  # every request goes to the worker still registered
+                response = client.Generate(pb.GenerateRequest(
+                    model="tiny-llama", prompt="hello", sampling=pb.SamplingParams(max_tokens=2)))
+                assert response.usage.worker_id == "tiny-1"
+
+
+def test_a_worker_publishes_its_measured_throughput(background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    with tiny_workers(background_loop, tiny_checkpoint, 1, redis_url) as [tiny]:
+        stub = worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(tiny.address))
+        list(stub.Generate(worker_pb2.GenerateRequest(
+            model="tiny-llama", prompt="count", sampling=pb.SamplingParams(max_tokens=20, temperature=0)),
+            timeout=30))
+
+        def load() -> WorkerLoad:
+            [entry] = background_loop.run(tiny.heartbeat.registry.workers())
+            return entry.load
+        wait_for(lambda: load().tokens_per_s > 0)
+        assert tiny.heartbeat.registration.kv_capacity_tokens > 0
+
+
+def test_shutdown_leaves_the_registry_first_then_finishes_in_flight_requests(
+        background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    with tiny_workers(background_loop, tiny_checkpoint, 1, redis_url) as [tiny]:
+        registry = tiny.heartbeat.registry
+        stub = worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(tiny.address))
+        stream = stub.Generate(worker_pb2.GenerateRequest(
+            model="tiny-llama", prompt="go on", sampling=pb.SamplingParams(max_tokens=300, temperature=0)),
+            timeout=60)
+        received = [next(stream), next(stream)]  # admitted, generating
+        shutdown = threading.Thread(target=background_loop.run, args=(
+            shut_down(tiny.server, tiny.worker, tiny.heartbeat, 30.0),))
+        shutdown.start()
+        wait_for(lambda: background_loop.run(registry.workers()) == [])
+        assert shutdown.is_alive()  # deregistered while the request still runs
+        received.extend(stream)  # the in-flight request runs to its end
+        shutdown.join(timeout=30)
+    assert received[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    assert sum(len(m.token_ids) for m in received) == received[-1].usage.completion_tokens
+
+
+def test_a_configured_worker_that_also_registers_is_one_worker_with_its_published_load(
+        background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, f"t-{uuid.uuid4().hex[:6]}")
+    with tiny_workers(background_loop, tiny_checkpoint, 2, redis_url) as workers:
+        with gateway(background_loop, redis_url, (workers[0].address,), registry=True) as address:
+            client = Client(address, key)
+            wait_for(lambda: num_workers(client) == 2)
+            time.sleep(0.5)  # a few more registry polls: still two, not three
+            assert num_workers(client) == 2

@@ -1,0 +1,159 @@
+"""Routing policies on synthetic load snapshots, and prefix affinity end to end on two real workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.registry import WorkerLoad
+from gateway.routing import POLICIES, Cost, LeastLoad, PrefixAffinity, RoundRobin, Route, Router, route_for
+from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
+
+
+@dataclass
+class FakeWorker:
+    name: str
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    usd_per_device_hour: float | None = 2.0
+    device_count: int = 1
+
+    @property
+    def num_queued(self) -> int:
+        return self.load.num_queued
+
+
+def names(workers) -> list[str]:  # noqa: ANN001
+    return [w.name for w in workers]
+
+
+def test_least_load_prefers_fewest_sequences_then_most_free_kv() -> None:
+    workers = [FakeWorker("a", WorkerLoad(num_running=3, kv_tokens_free=9000)),
+               FakeWorker("b", WorkerLoad(num_running=1, num_waiting=1, kv_tokens_free=100)),
+               FakeWorker("c", WorkerLoad(num_running=2, kv_tokens_free=500))]
+    assert names(LeastLoad().order(workers, Route())) == ["c", "b", "a"]
+
+
+def test_round_robin_rotates() -> None:
+    workers = [FakeWorker("a"), FakeWorker("b"), FakeWorker("c")]
+    policy = RoundRobin()
+    assert [policy.order(workers, Route())[0].name for _ in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_prefix_affinity_sends_a_prefix_to_one_worker_and_spreads_prefixes() -> None:
+    workers = [FakeWorker(f"w{i}") for i in range(4)]
+    policy = PrefixAffinity()
+    firsts = {policy.order(workers, Route(f"team\0system prompt {i}"))[0].name for i in range(40)}
+    assert len(firsts) == 4  # different prefixes land on different workers
+    again = {policy.order(list(reversed(workers)), Route("team\0system prompt 7"))[0].name for _ in range(5)}
+    assert len(again) == 1  # the same prefix always on one worker, whatever the list order
+
+
+def test_prefix_affinity_only_moves_the_keys_of_a_worker_that_left() -> None:
+    workers = [FakeWorker(f"w{i}") for i in range(4)]
+    policy = PrefixAffinity()
+    before = {i: policy.order(workers, Route(f"k{i}"))[0].name for i in range(100)}
+    after = {i: policy.order(workers[:3], Route(f"k{i}"))[0].name for i in range(100)}
+    assert all(after[i] == before[i] for i in before if before[i] != "w3")
+
+
+def test_prefix_affinity_falls_back_to_least_load_when_its_worker_is_overloaded() -> None:
+    workers = [FakeWorker("a"), FakeWorker("b")]
+    route = Route("team\0shared")
+    home = PrefixAffinity().order(workers, route)[0]
+    other = next(w for w in workers if w is not home)
+    home.load = WorkerLoad(num_running=4)  # within the margin over the other's 0: stays
+    assert PrefixAffinity(overload_margin=4).order(workers, route)[0] is home
+    home.load = WorkerLoad(num_running=5, num_waiting=1)
+    assert PrefixAffinity(overload_margin=4).order(workers, route)[0] is other
+
+
+def test_cost_picks_the_cheapest_per_token_within_the_queue_limit() -> None:
+    # $4/h at 200 tokens/s is cheaper per token than $1/h at 20 tokens/s.
+    fast = FakeWorker("fast", WorkerLoad(tokens_per_s=200.0), usd_per_device_hour=4.0)
+    slow = FakeWorker("slow", WorkerLoad(tokens_per_s=20.0), usd_per_device_hour=1.0)
+    pair = FakeWorker("pair", WorkerLoad(tokens_per_s=200.0), usd_per_device_hour=4.0, device_count=2)
+    unpriced = FakeWorker("unpriced", WorkerLoad(tokens_per_s=1000.0), usd_per_device_hour=None)
+    assert names(Cost().order([slow, unpriced, pair, fast], Route())) == ["fast", "pair", "slow", "unpriced"]
+    fast.load = WorkerLoad(tokens_per_s=200.0, num_waiting=17)  # over the queue limit: last
+    assert names(Cost(max_queued=16).order([slow, pair, fast], Route())) == ["pair", "slow", "fast"]
+
+
+def test_cost_counts_the_median_throughput_for_a_worker_not_measured_yet() -> None:
+    new = FakeWorker("new", WorkerLoad(tokens_per_s=0.0), usd_per_device_hour=1.0)
+    measured = FakeWorker("measured", WorkerLoad(tokens_per_s=100.0), usd_per_device_hour=2.0)
+    assert names(Cost().order([measured, new], Route())) == ["new", "measured"]
+
+
+def test_a_session_sticks_to_one_worker_whatever_the_policy() -> None:
+    workers = [FakeWorker(f"w{i}", WorkerLoad(num_running=i)) for i in range(3)]
+    for policy in POLICIES:
+        router = Router(policy)
+        chosen = {router.order("m", workers, Route(f"prefix {i}", "session-42"))[0].name for i in range(6)}
+        assert len(chosen) == 1, policy
+
+
+def test_the_router_takes_a_policy_per_model() -> None:
+    router = Router("round-robin", {"big": "cost"})
+    assert isinstance(router.policy("small"), RoundRobin) and isinstance(router.policy("big"), Cost)
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router("fastest")
+
+
+def test_the_affinity_key_is_the_team_and_the_system_prompt() -> None:
+    def chat(system: str, user: str) -> pb.GenerateRequest:
+        return pb.GenerateRequest(chat=pb.ChatMessages(messages=[
+            pb.ChatMessage(role="system", content=system), pb.ChatMessage(role="user", content=user)]))
+    assert route_for(chat("Be brief.", "hi"), "t1") == route_for(chat("Be brief.", "bye"), "t1")
+    assert route_for(chat("Be brief.", "hi"), "t1") != route_for(chat("Be brief.", "hi"), "t2")
+    assert route_for(pb.GenerateRequest(prompt="x" * 300 + "a"), "t") == \
+        route_for(pb.GenerateRequest(prompt="x" * 300 + "b"), "t")
+    assert route_for(pb.GenerateRequest(prompt="p", session_id="s"), "t").session_id == "s"
+
+
+SYSTEM_PROMPT = ("You are the support assistant of a parcel delivery company. Answer in two sentences, "
+                 "politely, and never promise a delivery date you cannot check. ") * 3
+
+
+def ask(client, user: str, session_id: str = "") -> pb.GenerateResponse:  # noqa: ANN001
+    return client.Generate(pb.GenerateRequest(
+        model="tiny-llama", session_id=session_id, sampling=pb.SamplingParams(max_tokens=2, temperature=0),
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="system", content=SYSTEM_PROMPT),
+                                       pb.ChatMessage(role="user", content=user)])))
+
+
+@pytest.fixture()
+def two_workers(background_loop, tiny_checkpoint):  # noqa: ANN001, ANN201
+    with tiny_workers(background_loop, tiny_checkpoint, 2) as workers:
+        yield tuple(w.address for w in workers)
+
+
+def test_prefix_affinity_keeps_a_shared_system_prompt_on_one_worker_whose_cache_serves_it(
+        background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-affinity")
+    with gateway(background_loop, redis_url, two_workers, routing="prefix-affinity") as address:
+        client = Client(address, key)
+        responses = [ask(client, f"Where is parcel number {i}?") for i in range(4)]
+    assert len({r.usage.worker_id for r in responses}) == 1
+    assert responses[0].usage.cached_tokens == 0
+    assert all(r.usage.cached_tokens >= 48 for r in responses[1:])  # the system prompt's blocks
+
+
+def test_round_robin_alternates_and_misses_the_cache_half_the_time(
+        background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-rr")
+    with gateway(background_loop, redis_url, two_workers, routing="round-robin") as address:
+        client = Client(address, key)
+        responses = [ask(client, f"Where is parcel number {i}?") for i in range(4)]
+    workers = [r.usage.worker_id for r in responses]
+    assert workers[0] != workers[1] and workers[:2] == workers[2:]
+    assert responses[1].usage.cached_tokens == 0  # the second worker had not seen the prompt
+
+
+def test_a_session_stays_on_its_worker(background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    key = create_key(background_loop, redis_url, "team-session")
+    with gateway(background_loop, redis_url, two_workers, routing="round-robin") as address:
+        client = Client(address, key)
+        for session in ("alice", "bob", "carol"):
+            assert len({ask(client, f"turn {i}", session).usage.worker_id for i in range(3)}) == 1

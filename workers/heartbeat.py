@@ -1,0 +1,129 @@
+"""Keeps the worker in the registry (fareway/registry.py): registers it at start,
+publishes its load about once a second, and takes it out first at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+
+import redis.exceptions
+
+from accounting.pricebook_store import PriceBookStore
+from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
+from workers.engine.llm_engine import LoadSnapshot
+from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+_THROUGHPUT_SMOOTHING = 0.3
+"""Weight of the latest interval in the tokens/s average (an exponential moving average)."""
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def advertised_address(listen: str, port: int, advertise: str | None = None) -> str:
+    """Where gateways should dial: `advertise` if given, else the listen address with the bound
+    port and a wildcard host (0.0.0.0, [::], empty) replaced by this machine's host name."""
+    if advertise:
+        return advertise
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+class ThroughputMeter:
+    """Completion tokens per second of busy engine time, from successive load snapshots."""
+
+    def __init__(self, num_devices: int) -> None:
+        self.num_devices = num_devices
+        self.tokens_per_s = 0.0
+        self._last: tuple[int, float] | None = None
+
+    def update(self, load: LoadSnapshot) -> float:
+        busy_s = load.attributed_gpu_seconds / self.num_devices
+        if self._last is not None:
+            tokens, last_busy_s = load.num_generated_tokens - self._last[0], busy_s - self._last[1]
+            if tokens > 0 and last_busy_s > 0:
+                rate = tokens / last_busy_s
+                self.tokens_per_s = rate if not self.tokens_per_s else (
+                    _THROUGHPUT_SMOOTHING * rate + (1 - _THROUGHPUT_SMOOTHING) * self.tokens_per_s)
+        self._last = (load.num_generated_tokens, busy_s)
+        return self.tokens_per_s
+
+
+class RegistryHeartbeat:
+    def __init__(self, worker: Worker, registry: WorkerRegistry, address: str,
+                 interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        if interval_s >= registry.ttl_s:
+            raise ValueError(f"the heartbeat interval ({interval_s} s) must be shorter than the TTL "
+                             f"({registry.ttl_s} s)")
+        self.worker = worker
+        self.registry = registry
+        self.address = address
+        self.interval_s = interval_s
+        self.registration: WorkerRegistration | None = None
+        self._throughput = ThroughputMeter(worker.runner.num_devices)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, prices: PriceBookStore | None = None) -> None:
+        """Registers the worker (with its hardware's price if the price book in Redis has one)."""
+        runner = self.worker.runner
+        self.registration = WorkerRegistration(
+            worker_id=self.worker.worker_id, address=self.address, model=self.worker.model_name,
+            hardware_class=runner.hardware.hardware_class, device_count=runner.num_devices,
+            tensor_parallel_size=runner.group.world_size,
+            kv_capacity_tokens=runner.num_kv_blocks * runner.block_size,
+            usd_per_device_hour=await self._price(prices) if prices else None)
+        await self.beat()
+        log.info("worker %s registered at %s", self.worker.worker_id, self.address)
+        self._task = asyncio.get_running_loop().create_task(self._beat_forever())
+
+    async def _price(self, prices: PriceBookStore) -> float | None:
+        try:
+            book = await prices.current()
+        except _REDIS_ERRORS:
+            return None
+        price = book.hardware_price(self.worker.runner.hardware.hardware_class, time.time()) if book else None
+        return price.usd_per_device_hour if price else None
+
+    def load(self) -> WorkerLoad:
+        snapshot = self.worker.engine.load()
+        return WorkerLoad(
+            num_running=snapshot.num_running, num_waiting=snapshot.num_waiting,
+            kv_tokens_free=snapshot.kv_blocks_free * snapshot.kv_block_size,
+            tokens_per_s=self._throughput.update(snapshot), prefix_cache_hit_rate=snapshot.prefix_cache_hit_rate)
+
+    async def beat(self) -> None:
+        if self.registration is None:
+            raise RuntimeError("start() the heartbeat first")
+        await self.registry.heartbeat(self.registration, self.load())
+
+    async def stop(self) -> None:
+        """Stops heartbeating and deregisters: gateways stop sending new requests."""
+        await self.pause()
+        if self.registration is not None:
+            try:
+                await self.registry.deregister(self.registration.worker_id)
+            except _REDIS_ERRORS as exc:
+                log.warning("could not deregister (the entry expires by itself): %s", exc)
+
+    async def pause(self) -> None:
+        """Stops heartbeating without deregistering: the entry expires after the TTL."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.beat()
+            except _REDIS_ERRORS as exc:
+                # The entry expires if Redis stays away; the next beat that gets through re-creates it.
+                log.warning("could not heartbeat to Redis: %s", exc)
