@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect, free_port
+from fareway.redis_store import connect
 from gateway.config import GatewayConfig
 from gateway.limits import Limits, LimitsExceeded, LimitStore, RateLimiter, inflight_key, rate_key
 from gateway.service import running_gateway
@@ -295,12 +295,50 @@ def test_a_concurrency_slot_is_freed_when_a_stream_is_cancelled(stack, backgroun
     assert _slots(stack.redis_url, team) == 0
 
 
-def test_slots_and_tokens_come_back_when_no_worker_can_run_the_request(stack, background_loop) -> None:  # noqa: ANN001
+def test_slots_and_tokens_come_back_when_a_budget_refuses_after_the_limits_admitted(
+        stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    from accounting.budgets import Budget, Budgets
+
     team = f"t-{uuid.uuid4().hex[:6]}"
     key = stack.create_key(team)
     _set_limits(stack.redis_url, background_loop, Limits(team, tokens_per_minute=100, max_concurrent_requests=1))
-    with gateway_for(background_loop, stack.redis_url, f"127.0.0.1:{free_port()}") as address:
-        # Each would hold 19 tokens and the one slot: without settlement the sixth is refused.
-        outcomes = [_outcome(address, key) for _ in range(8)]
-    assert outcomes == [grpc.StatusCode.UNAVAILABLE] * 8
+
+    async def no_budget() -> None:
+        client = connect(stack.redis_url)
+        try:
+            await Budgets(client).set(Budget(team, hard_usd=0, basis="cost"))
+        finally:
+            await client.aclose()
+    background_loop.run(no_budget())
+    with gateway_for(background_loop, stack.redis_url, tiny_worker) as address:
+        # Each holds 19 tokens and the one slot until refused: without settlement the sixth
+        # would be refused by its limits, not by the budget.
+        refusals = []
+        for _ in range(8):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(address, key, _one_token())
+            refusals.append(caught.value.details())
+    assert all("budget" in r for r in refusals), refusals
+    assert _slots(stack.redis_url, team) == 0
+
+
+def test_a_worker_failing_mid_stream_frees_the_slot(stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    _set_limits(stack.redis_url, background_loop, Limits(team, tokens_per_minute=10_000, max_concurrent_requests=1))
+    worker = Worker(WorkerConfig(worker_id="doomed", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20)),
+                    tiny_checkpoint)
+    server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
+    try:
+        with gateway_for(background_loop, stack.redis_url, f"127.0.0.1:{server.port}") as address:
+            stream = call(address, key, pb.GenerateStreamRequest(
+                model="tiny-llama", prompt="go on", sampling=pb.SamplingParams(max_tokens=500, temperature=0)), True)
+            next(stream)
+            assert _slots(stack.redis_url, team) == 1
+            background_loop.run(server.stop(0))
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stream)
+    finally:
+        worker.stop()
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert _slots(stack.redis_url, team) == 0
