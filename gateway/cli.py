@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
                         help="what a cost-to-serve budget holds per token of a running request "
                              "(default: %(default)s)")
+    parser.add_argument("--limits-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a team's rate limits are cached; a change applies within this "
+                             "(default: %(default)s)")
 
 
 def _workers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway"))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
     config = GatewayConfig(workers=_workers(args), listen=args.listen, max_attempts=args.max_attempts,
-                           spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve)
+                           spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
+                           limits_cache_ttl_s=args.limits_cache)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

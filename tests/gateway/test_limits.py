@@ -261,6 +261,12 @@ def test_tokens_per_minute_settle_to_what_requests_used(stack, background_loop, 
                                  sampling=pb.SamplingParams(max_tokens=10, temperature=0))
     with gateway_for(background_loop, stack.redis_url, tiny_worker) as address:
         responses = [call(address, key, request) for _ in range(3)]
+        too_long = pb.GenerateRequest(model="tiny-llama", prompt="hi", sampling=pb.SamplingParams(max_tokens=61))
+        with pytest.raises(grpc.RpcError) as never_fits:
+            call(address, key, too_long)
+    assert never_fits.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "lower max_tokens" in never_fits.value.details()
+    assert len(rpc_status.from_call(never_fits.value).details) == 1  # no RetryInfo: waiting cannot help
     used = sum(r.usage.prompt_tokens + r.usage.completion_tokens for r in responses)
 
     import redis
