@@ -21,15 +21,17 @@ from fareway.accounting.v1 import accounting_pb2_grpc
 from fareway.auth import KeyStore, Tenant
 from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
+from gateway.limits import Limits, LimitStore
 
 log = logging.getLogger(__name__)
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
-    def __init__(self, keys: KeyStore, ledger: Ledger, budgets: Budgets) -> None:
+    def __init__(self, keys: KeyStore, ledger: Ledger, budgets: Budgets, limits: LimitStore) -> None:
         self.keys = keys
         self.ledger = ledger
         self.budgets = budgets
+        self.limits = limits
 
     async def _teams(self, context: grpc.aio.ServicerContext, team: str) -> tuple[Tenant, list[str] | None]:
         """The caller, and the teams it may read: the one named (None: all) for admins, its own for tenants."""
@@ -83,12 +85,52 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
         return pb.ExportChargebackResponse(content=render(rows, period, fmt),
                                            content_type="application/jsonl" if fmt == "jsonl" else "text/csv")
 
+    async def SetLimits(self, request: pb.SetLimitsRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> pb.SetLimitsResponse:
+        await self._admin(context, "set limits")
+        x = request.limits
+        try:
+            limits = Limits(x.team, x.project, *(getattr(x, name) if x.HasField(name) else None
+                                                 for name in _LIMIT_FIELDS))
+        except ValueError as error:
+            raise InvalidArgument(str(error), field="limits") from None
+        await self.limits.set(limits)
+        return pb.SetLimitsResponse(limits=_limits_pb(limits))
+
+    async def ListLimits(self, request: pb.ListLimitsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListLimitsResponse:
+        _, teams = await self._teams(context, request.team)
+        if teams is None:
+            raise InvalidArgument("name the team whose limits to list", field="team")
+        return pb.ListLimitsResponse(limits=[_limits_pb(x) for x in await self.limits.list(teams[0])])
+
+    async def DeleteLimits(self, request: pb.DeleteLimitsRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.DeleteLimitsResponse:
+        await self._admin(context, "delete limits")
+        if not request.team:
+            raise InvalidArgument("name the team whose limits to delete", field="team")
+        return pb.DeleteLimitsResponse(deleted=await self.limits.delete(request.team, request.project))
+
+    async def _admin(self, context: grpc.aio.ServicerContext, action: str) -> None:
+        tenant = await self.keys.authenticate(context.invocation_metadata())
+        if not tenant.is_admin:
+            raise PermissionDenied(f"only admin keys can {action}")
+
     async def _budget_pb(self, budget: Budget) -> pb.Budget:
         spend = await self.budgets.spend(budget.team, month_of(time.time()))
         return pb.Budget(team=budget.team, project=budget.project, hard_usd=budget.hard_usd,
                          soft_usd=budget.soft_usd, basis=budget.basis,
                          spent_nano_usd=spend.get(f"{budget.scope}:{budget.basis}", 0),
                          reserved_nano_usd=spend.get(f"{budget.scope}:reserved_{budget.basis}", 0))
+
+
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+
+
+def _limits_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(team=limits.team, project=limits.project, requests_per_minute=limits.requests_per_minute,
+                     tokens_per_minute=limits.tokens_per_minute,
+                     max_concurrent_requests=limits.max_concurrent_requests)
 
 
 def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
@@ -100,7 +142,7 @@ def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
 
 
 async def create_accounting_server(redis: aioredis.Redis, address: str) -> RunningServer:
-    servicer = AccountingServicer(KeyStore(redis), Ledger(redis), Budgets(redis))
+    servicer = AccountingServicer(KeyStore(redis), Ledger(redis), Budgets(redis), LimitStore(redis))
     return await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["AccountingService"].full_name,
         lambda server: accounting_pb2_grpc.add_AccountingServiceServicer_to_server(servicer, server))])

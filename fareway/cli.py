@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("accounting.export_cli", "a month's chargeback as CSV, JSON Lines or FinOps FOCUS"),
     "reconcile": ("accounting.reconcile_cli", "check that ledger, rollups and export agree for a month"),
     "budget": ("accounting.budget_cli", "set, list or delete monthly team and project budgets"),
+    "limits": ("gateway.limits_cli", "set, list or delete requests, tokens per minute and concurrency limits"),
     "prices": ("accounting.prices_cli", "load a price book version, or show the prices in force"),
     "plan": ("fareway.plan_cli", "size a model on a hardware class: weights, KV cache, conversations, cost"),
 }

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
                         help="what a cost-to-serve budget holds per token of a running request "
                              "(default: %(default)s)")
+    parser.add_argument("--limits-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a team's rate limits are cached; a change applies within this "
+                             "(default: %(default)s)")
 
 
 def _workers(args: argparse.Namespace, registry: bool) -> tuple[str, ...]:
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     config = GatewayConfig(workers=_workers(args, registry), registry=registry, routing=routing,
                            routing_by_model=routing_by_model, listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
-                           tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"))
+                           tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"),
+                           limits_cache_ttl_s=args.limits_cache)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

@@ -23,6 +23,8 @@ from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.idempotency import IdempotencyStore, Outcome, replay
+from gateway.limit_guard import LimitGuard
+from gateway.limits import Hold
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerEndpoint, WorkerPool
 from gateway.routing import route_for
@@ -68,6 +70,7 @@ class _Run:
     stop_sequence: str = ""
     ttft_ms: float = 0.0
     reservation: Reservation | None = None
+    hold: Hold | None = None
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
@@ -133,7 +136,7 @@ def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, reque
 
 class Dispatcher:
     def __init__(self, config: GatewayConfig, pool: WorkerPool, recorder: UsageRecorder,
-                 idempotency: IdempotencyStore, budget_guard: BudgetGuard,
+                 idempotency: IdempotencyStore, budget_guard: BudgetGuard, limit_guard: LimitGuard,
                  metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
@@ -141,6 +144,7 @@ class Dispatcher:
         self.recorder = recorder
         self.idempotency = idempotency
         self.budget_guard = budget_guard
+        self.limit_guard = limit_guard
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
@@ -153,20 +157,30 @@ class Dispatcher:
                 yield Final(replay(outcome, request.request_id), replayed=True)
                 return
         try:
-            run.reservation = await self._admit(run)
-            call = await self._open(run, context)
-        except BaseException:
-            await asyncio.shield(self._never_ran(run))
-            raise
-        async for event in self._stream(run, call, context):
-            yield event
+            try:
+                await self._admit(run, context)
+                call = await self._open(run, context)
+            except BaseException:
+                await asyncio.shield(self._never_ran(run))
+                raise
+            async for event in self._stream(run, call, context):
+                yield event
+        finally:
+            # However the request ends (a refusal, a worker failure, the caller going away):
+            # its tokens are settled to what it used and its concurrency slots are freed.
+            if run.hold is not None:
+                await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
-    async def _admit(self, run: _Run) -> Reservation:
-        """Holds the request's maximum cost against its budgets (RESOURCE_EXHAUSTED past a hard one)."""
+    async def _admit(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+        """Counts the request against its rate limits, then holds its maximum cost against its budgets
+        (RESOURCE_EXHAUSTED past either)."""
         endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
+        run.hold = await self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
+                                                context.time_remaining())
         book = await self.recorder.prices.get()
-        return await self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)
+        run.reservation = await self.budget_guard.admit(run.tenant, run.request_id, run.request, book,
+                                                        context_length)
 
     async def _never_ran(self, run: _Run) -> None:
         """Undoes the claims of a request refused before it reached a worker: it leaves no record."""

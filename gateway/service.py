@@ -25,6 +25,8 @@ from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.dispatch import Delta, Dispatcher, Final, copy_input
 from gateway.idempotency import IdempotencyStore
+from gateway.limit_guard import LimitGuard
+from gateway.limits import LimitStore, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
 from gateway.routing import Router
@@ -116,10 +118,11 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
     recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
+    limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
     metrics = metrics or GatewayMetrics()
     metrics.observe_workers(lambda: [(e.info.model if e.info else "", e.is_up) for e in pool.endpoints])
     servicer = InferenceServicer(KeyStore(redis), pool,
-                                 Dispatcher(config, pool, recorder, idempotency, guard, metrics))
+                                 Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],

@@ -550,3 +550,22 @@ def test_a_worker_advertises_its_host_name_for_a_wildcard_listen_address() -> No
     assert advertised_address("[::]:0", 41234) == f"{socket.gethostname()}:41234"
     assert advertised_address("127.0.0.1:0", 41234) == "127.0.0.1:41234"
     assert advertised_address("0.0.0.0:50052", 50052, "worker-3.internal:50052") == "worker-3.internal:50052"
+
+
+def test_rate_limits_from_the_command_line(stack) -> None:  # noqa: ANN001
+    team = new_team()
+    assert fareway("limits", "set", "--team", team, "--rpm", "600", "--concurrent", "4",
+                   redis_url=stack.redis_url).returncode == 0
+    assert fareway("limits", "set", "--team", team, "--project", "ranking", "--tpm", "250000",
+                   redis_url=stack.redis_url).returncode == 0
+    listed = fareway("limits", "list", "--team", team, redis_url=stack.redis_url)
+    assert listed.returncode == 0, listed.stderr
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in listed.stdout.splitlines() if team in line]
+    assert rows == [[team, "team", "600", "-", "4"], [team, "project:ranking", "-", "250,000", "-"]]
+    assert team in fareway("limits", "list", redis_url=stack.redis_url).stdout
+    refused = fareway("limits", "set", "--team", team, "--rpm", "0", redis_url=stack.redis_url)
+    assert refused.returncode == 1 and "requests_per_minute must be at least 1" in refused.stderr
+    assert fareway("limits", "delete", "--team", team, redis_url=stack.redis_url).returncode == 0
+    assert fareway("limits", "delete", "--team", team, redis_url=stack.redis_url).returncode == 1
+    listed = fareway("limits", "list", "--team", team, redis_url=stack.redis_url)
+    assert [line.split("│")[2].strip() for line in listed.stdout.splitlines() if team in line] == ["project:ranking"]

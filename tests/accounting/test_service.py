@@ -113,3 +113,45 @@ def test_a_tenant_exports_only_its_own_team(stack) -> None:  # noqa: ANN001
         accounting(stack).ExportChargeback(pb.ExportChargebackRequest(period="soon"),
                                            metadata=(("authorization", f"Bearer {key}"),))
     assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_rate_limits_set_by_an_admin_apply_at_the_gateway(stack) -> None:  # noqa: ANN001
+    team = f"l-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team, "app")
+    admin = stack.create_key("platform", "ops", admin=True)
+    stub, tenant_auth = accounting(stack), (("authorization", f"Bearer {key}"),)
+    admin_auth = (("authorization", f"Bearer {admin}"),)
+    with pytest.raises(grpc.RpcError) as tenant_sets:
+        stub.SetLimits(pb.SetLimitsRequest(limits=pb.Limits(team=team, requests_per_minute=100)),
+                       metadata=tenant_auth)
+    assert tenant_sets.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as none_set:
+        stub.SetLimits(pb.SetLimitsRequest(limits=pb.Limits(team=team)), metadata=admin_auth)
+    assert none_set.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    set_ = stub.SetLimits(pb.SetLimitsRequest(limits=pb.Limits(team=team, project="app", requests_per_minute=1)),
+                          metadata=admin_auth)
+    assert (set_.limits.requests_per_minute, set_.limits.HasField("tokens_per_minute")) == (1, False)
+    usage_for_key(stack, key)
+    with pytest.raises(grpc.RpcError) as refused:
+        usage_for_key(stack, key)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    [quota] = [d for d in status_details(refused.value) if isinstance(d, error_details_pb2.QuotaFailure)]
+    assert quota.violations[0].subject == f"project:{team}/app"
+    listed = stub.ListLimits(pb.ListLimitsRequest(team="someone-else"), metadata=admin_auth).limits
+    assert list(listed) == []
+    with pytest.raises(grpc.RpcError) as other_team:
+        stub.ListLimits(pb.ListLimitsRequest(team="someone-else"), metadata=tenant_auth)
+    assert other_team.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    [mine] = stub.ListLimits(pb.ListLimitsRequest(), metadata=tenant_auth).limits
+    assert (mine.project, mine.requests_per_minute) == ("app", 1)
+    assert stub.DeleteLimits(pb.DeleteLimitsRequest(team=team, project="app"), metadata=admin_auth).deleted
+    assert not stub.DeleteLimits(pb.DeleteLimitsRequest(team=team, project="app"), metadata=admin_auth).deleted
+
+
+def usage_for_key(stack, key: str) -> None:  # noqa: ANN001
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+            ipb.GenerateRequest(model="smollm2-135m-instruct", prompt="Hi",
+                                sampling=ipb.SamplingParams(max_tokens=1, temperature=0)),
+            metadata=(("authorization", f"Bearer {key}"),))

@@ -57,6 +57,21 @@ class AccountingServiceStub:
                 request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.SerializeToString,
                 response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.FromString,
                 _registered_method=True)
+        self.SetLimits = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/SetLimits',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListLimits = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/ListLimits',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsResponse.FromString,
+                _registered_method=True)
+        self.DeleteLimits = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/DeleteLimits',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class AccountingServiceServicer:
@@ -93,6 +108,28 @@ class AccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLimits(self, request, context):
+        """Sets a team's or project's rate limits, replacing earlier ones (admin keys only).
+        Gateways apply a change within a few seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLimits(self, request, context):
+        """A team's rate limits (tenant keys: their own team).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteLimits(self, request, context):
+        """Removes a team's or project's rate limits (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +152,21 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.ExportChargeback,
                     request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.FromString,
                     response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.SerializeToString,
+            ),
+            'SetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimits,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsResponse.SerializeToString,
+            ),
+            'ListLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLimits,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsResponse.SerializeToString,
+            ),
+            'DeleteLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteLimits,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +280,87 @@ class AccountingService:
             '/fareway.accounting.v1.AccountingService/ExportChargeback',
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.SerializeToString,
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/SetLimits',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.SetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/ListLimits',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/DeleteLimits',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
