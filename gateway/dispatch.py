@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import propagate
 
 from accounting.budgets import Reservation
 from accounting.recorder import UNREACHABLE, UsageRecorder
@@ -111,6 +112,13 @@ class _Run:
             budget_period=self.reservation.month if self.reservation else "")
 
 
+def _trace_context() -> tuple[tuple[str, str], ...]:
+    """The current span's W3C trace context as gRPC metadata, so the worker's span joins the trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
@@ -195,7 +203,7 @@ class Dispatcher:
         errors = []
         route = route_for(run.request, run.tenant.team)
         for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
-            call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining())
+            call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining(), metadata=_trace_context())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:

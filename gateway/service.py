@@ -53,8 +53,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         # Before the yield: a unary caller stops iterating at the final response.
                         usage = event.response.usage
                         span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens,
+                                             "fareway.cached_tokens": usage.cached_tokens,
                                              "fareway.completion_tokens": usage.completion_tokens,
-                                             "fareway.gpu_seconds": usage.gpu_seconds})
+                                             "fareway.gpu_seconds": usage.gpu_seconds,
+                                             "fareway.worker": usage.worker_id})
                     yield event
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802

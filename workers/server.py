@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from fareway.errors import Internal
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
@@ -36,9 +36,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.worker = worker
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        with _tracer.start_as_current_span("worker.generate") as span:
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
+        with _tracer.start_as_current_span("worker.generate", context=parent) as span:
             prepared = await self.worker.prepare(request)
-            span.set_attributes({"fareway.request_id": request.request_id,
+            span.set_attributes({"fareway.request_id": request.request_id, "fareway.model": self.worker.model_name,
+                                 "fareway.worker": self.worker.worker_id,
                                  "fareway.prompt_tokens": len(prepared.prompt_token_ids)})
             yield pb.GenerateResponse(usage=self._usage(
                 UsageSnapshot(len(prepared.prompt_token_ids), 0, 0, 0.0, 0.0, 0.0, 0.0)))

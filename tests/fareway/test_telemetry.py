@@ -33,3 +33,6 @@ def test_a_request_is_traced_through_gateway_and_worker(stack) -> None:  # noqa:
     assert gateway.attributes["fareway.completion_tokens"] == 2
     assert worker.attributes["fareway.prompt_tokens"] == gateway.attributes["fareway.prompt_tokens"]
     assert gateway.resource.attributes["service.name"] == "fareway-test"
+    # The trace context travels in the worker call's metadata: one trace, the worker's span under the gateway's.
+    assert worker.context.trace_id == gateway.context.trace_id and worker.parent is not None
+    assert worker.attributes["fareway.worker"] == gateway.attributes["fareway.worker"] == "test-worker"
