@@ -18,7 +18,7 @@ from accounting.reports import usage_report
 from accounting.rollups import Totals
 from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
-from fareway.auth import KeyStore, Tenant
+from fareway.auth import KeyInfo, KeyStore, Role, Tenant
 from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from gateway.limits import Limits, LimitStore
@@ -111,6 +111,26 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             raise InvalidArgument("name the team whose limits to delete", field="team")
         return pb.DeleteLimitsResponse(deleted=await self.limits.delete(request.team, request.project))
 
+    async def CreateApiKey(self, request: pb.CreateApiKeyRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
+        await self._admin(context, "create keys")
+        role = Role.ADMIN if request.role == pb.KEY_ROLE_ADMIN else Role.TENANT
+        key, info = await self.keys.create(request.team, request.project, role)
+        log.info("created %s key %s for %s/%s", role.value, info.key_id, info.team, info.project)
+        return pb.CreateApiKeyResponse(key=key, info=_key_pb(info))
+
+    async def ListApiKeys(self, request: pb.ListApiKeysRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
+        await self._admin(context, "list keys")
+        return pb.ListApiKeysResponse(keys=[_key_pb(info) for info in await self.keys.list()])
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.RevokeApiKeyResponse:
+        await self._admin(context, "revoke keys")
+        info = await self.keys.revoke(request.key_id)
+        log.info("revoked key %s of %s/%s", info.key_id, info.team, info.project)
+        return pb.RevokeApiKeyResponse(info=_key_pb(info))
+
     async def _admin(self, context: grpc.aio.ServicerContext, action: str) -> None:
         tenant = await self.keys.authenticate(context.invocation_metadata())
         if not tenant.is_admin:
@@ -164,3 +184,12 @@ async def sweep_stale_reservations(redis: aioredis.Redis, max_age_s: float,
         except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
             log.info("stale reservation sweep waits for Redis: %s", exc)
         await asyncio.sleep(interval_s)
+
+
+def _key_pb(info: KeyInfo) -> pb.ApiKeyInfo:
+    key = pb.ApiKeyInfo(key_id=info.key_id, team=info.team, project=info.project,
+                        role=pb.KEY_ROLE_ADMIN if info.role is Role.ADMIN else pb.KEY_ROLE_TENANT)
+    key.created_at.FromNanoseconds(int(info.created_at * 1e9))
+    if info.revoked_at is not None:
+        key.revoked_at.FromNanoseconds(int(info.revoked_at * 1e9))
+    return key

@@ -155,3 +155,35 @@ def usage_for_key(stack, key: str) -> None:  # noqa: ANN001
             ipb.GenerateRequest(model="smollm2-135m-instruct", prompt="Hi",
                                 sampling=ipb.SamplingParams(max_tokens=1, temperature=0)),
             metadata=(("authorization", f"Bearer {key}"),))
+
+
+def test_admin_keys_manage_keys_tenant_keys_cannot_and_no_key_is_ever_logged(stack, caplog) -> None:  # noqa: ANN001
+    import logging
+    caplog.set_level(logging.DEBUG)
+    team = f"k-{uuid.uuid4().hex[:6]}"
+    admin = stack.create_key("platform", "ops", admin=True)
+    tenant = stack.create_key(team, "app")
+    stub = accounting(stack)
+    admin_auth, tenant_auth = (("authorization", f"Bearer {admin}"),), (("authorization", f"Bearer {tenant}"),)
+    for call, request in ((stub.CreateApiKey, pb.CreateApiKeyRequest(team=team, project="app")),
+                          (stub.ListApiKeys, pb.ListApiKeysRequest()),
+                          (stub.RevokeApiKey, pb.RevokeApiKeyRequest(key_id="whatever"))):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, metadata=tenant_auth)
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    created = stub.CreateApiKey(pb.CreateApiKeyRequest(team=team, project="batch"), metadata=admin_auth)
+    assert (created.info.team, created.info.project, created.info.role) == (team, "batch", pb.KEY_ROLE_TENANT)
+    usage_for_key(stack, created.key)                       # the new key generates
+    assert [list(r.group) for r in report(stack, created.key, group_by=["team"]).rows] == [[team]]
+    listed = {k.key_id: k for k in stub.ListApiKeys(pb.ListApiKeysRequest(), metadata=admin_auth).keys}
+    assert created.info.key_id in listed and not listed[created.info.key_id].HasField("revoked_at")
+    revoked = stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=created.info.key_id), metadata=admin_auth)
+    assert revoked.info.HasField("revoked_at")
+    with pytest.raises(grpc.RpcError) as gone:
+        report(stack, created.key)
+    assert gone.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id="nope"), metadata=admin_auth)
+    assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    assert all(key not in caplog.text for key in (admin, tenant, created.key))

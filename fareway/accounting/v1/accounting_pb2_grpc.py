@@ -72,6 +72,21 @@ class AccountingServiceStub:
                 request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.SerializeToString,
                 response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/CreateApiKey',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/ListApiKeys',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/RevokeApiKey',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AccountingServiceServicer:
@@ -130,6 +145,27 @@ class AccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """Creates an API key (admin keys only); the response is the only place the key ever appears.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Every key's id, team, project, role and dates, never the keys (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes a key by its id (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +203,21 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.DeleteLimits,
                     request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.FromString,
                     response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +412,87 @@ class AccountingService:
             '/fareway.accounting.v1.AccountingService/DeleteLimits',
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsRequest.SerializeToString,
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/CreateApiKey',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/ListApiKeys',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/RevokeApiKey',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
