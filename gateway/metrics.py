@@ -10,8 +10,12 @@ Every finished request (its priced usage record) feeds them:
   fareway.tokens                   counter {token}, by kind (prompt, cached, completion)
   fareway.cost                     counter USD (cost to serve), by team
   fareway.gpu_seconds              counter s, by team
-and the pool is observed at each collection:
+and the pool is observed at each collection (load as last published to the registry or polled):
   fareway.workers                  gauge, workers up / down per model
+  fareway.worker.up                gauge 1 / 0, per worker
+  fareway.worker.sequences         gauge, running and waiting, per worker
+  fareway.worker.kv_usage          gauge, share of the KV cache in use, per worker
+  fareway.worker.prefix_cache_hit_rate gauge, per worker
 Attributes carry the team, project, model and worker (gen_ai.request.model,
 fareway.team, fareway.project, fareway.worker); never a key.
 """
@@ -19,11 +23,15 @@ fareway.team, fareway.project, fareway.worker); never a key.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from accounting.records import UsageRecord
+
+if TYPE_CHECKING:
+    from gateway.pool import WorkerEndpoint
 
 _NANO = 1e-9
 
@@ -45,16 +53,40 @@ class GatewayMetrics:
         self.gpu_seconds = meter.create_counter("fareway.gpu_seconds", unit="s", description="Device time, by team")
         self._meter = meter
 
-    def observe_workers(self, workers: Callable[[], Iterable[tuple[str, bool]]]) -> None:
-        """Reports (model, is_up) of every known worker as fareway.workers at each collection."""
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
+    def observe_pool(self, endpoints: Callable[[], Iterable[WorkerEndpoint]]) -> None:
+        """Reports the pool's workers at each collection."""
+        def attributes(e: WorkerEndpoint) -> dict[str, str]:
+            return {"gen_ai.request.model": e.info.model if e.info else "", "fareway.worker": e.name}
+
+        def workers(options: CallbackOptions) -> Iterable[Observation]:
             counts: dict[tuple[str, bool], int] = {}
-            for model, is_up in workers():
-                counts[(model, is_up)] = counts.get((model, is_up), 0) + 1
+            for e in endpoints():
+                key = (e.info.model if e.info else "", e.is_up)
+                counts[key] = counts.get(key, 0) + 1
             return [Observation(n, {"gen_ai.request.model": model, "fareway.worker.state": "up" if up else "down"})
                     for (model, up), n in counts.items()]
-        self._meter.create_observable_gauge("fareway.workers", callbacks=[observe],
-                                            description="Workers known to the gateway, up or down, per model")
+
+        def up(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(int(e.is_up), attributes(e)) for e in endpoints()]
+
+        def sequences(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(n, {**attributes(e), "fareway.sequence.state": state}) for e in endpoints()
+                    for state, n in (("running", e.load.num_running), ("waiting", e.load.num_waiting))]
+
+        def kv_usage(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(1.0 - e.load.kv_tokens_free / e.info.kv_capacity_tokens, attributes(e))
+                    for e in endpoints() if e.info and e.info.kv_capacity_tokens and e.is_up]
+
+        def hit_rate(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(e.load.prefix_cache_hit_rate, attributes(e)) for e in endpoints() if e.is_up]
+
+        for name, callback, description in (
+                ("fareway.workers", workers, "Workers known to the gateway, up or down, per model"),
+                ("fareway.worker.up", up, "1 while the worker can be reached"),
+                ("fareway.worker.sequences", sequences, "Sequences running and waiting on the worker"),
+                ("fareway.worker.kv_usage", kv_usage, "Share of the worker's KV cache in use"),
+                ("fareway.worker.prefix_cache_hit_rate", hit_rate, "Prompt tokens served from the prefix cache")):
+            self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
 
     def finished(self, record: UsageRecord) -> None:
         base = {"gen_ai.request.model": record.model, "fareway.team": record.team,

@@ -122,7 +122,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
     limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
     metrics = metrics or GatewayMetrics()
-    metrics.observe_workers(lambda: [(e.info.model if e.info else "", e.is_up) for e in pool.endpoints])
+    metrics.observe_pool(lambda: list(pool.endpoints))
     servicer = InferenceServicer(KeyStore(redis), pool,
                                  Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics))
     server = await start_server(config.listen, [ServiceSpec(

@@ -57,6 +57,12 @@ def test_a_request_feeds_the_genai_metrics_and_prometheus_serves_them(stack, bac
                      "gen_ai.server.time_per_output_token"):
             assert mine[name][0].count == 1, name
         assert any(p.attributes["fareway.worker.state"] == "up" and p.value >= 1 for p in seen["fareway.workers"])
+        [worker_up] = [p for p in seen["fareway.worker.up"] if p.attributes["fareway.worker"] == "test-worker"]
+        assert worker_up.value == 1
+        assert {p.attributes["fareway.sequence.state"] for p in seen["fareway.worker.sequences"]} == {"running",
+                                                                                                     "waiting"}
+        [kv_usage] = [p.value for p in seen["fareway.worker.kv_usage"] if p.attributes["fareway.worker"] == "test-worker"]
+        assert 0 <= kv_usage < 1
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
             text = page.read().decode()
         assert "gen_ai_client_token_usage" in text and f'fareway_team="{team}"' in text
