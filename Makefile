@@ -34,6 +34,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.accounting
 	$(BIN)/python -m bench.quantization
+	$(BIN)/python -m bench.gateway
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py

@@ -1,0 +1,430 @@
+"""The gateway's cost and its routing, with every piece a separate process (real
+redis-server, `fareway gateway`, workers of a random-weight model on SmolLM2's
+tokenizer), the client in this one:
+
+1. Overhead: latency of a 1-token request through the gateway (auth, rate limits,
+   a budget, usage accounting and idempotency-free dispatch, all on) minus the same
+   request sent to the worker directly; alternating, p50 and p99 of each.
+2. Requests per second one gateway process sustains with 32 concurrent grpc.aio
+   clients, vs the same clients on the worker directly (alternating rounds).
+3. Prefix-affinity vs round-robin routing over 2 workers (prefix caching on):
+   4 shared system prompts x 3 teams with varied user questions; fleet prefix-cache
+   hit rate (cached / prompt tokens over the responses) and requests per second.
+   Each run uses fresh teams, so it starts with cold caches; the runs alternate.
+   Each worker's KV cache holds about 70% of the prefixes' tokens: the fleet
+   holds them all, one worker does not (the regime where routing matters).
+
+On 2 cores the client, the gateway, the worker(s) and Redis share the CPU: the
+absolute figures are the machine's; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from fareway.auth import KeyStore, Role
+from fareway.inference.v1 import inference_pb2 as ipb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.worker.v1 import worker_pb2 as wpb
+from fareway.worker.v1 import worker_pb2_grpc
+
+SIZES = {
+    # tests/conftest.py's TINY_CONFIG: the worker's own time is small, so the gateway's shows.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+    # Big enough that a prefill of a few hundred tokens costs more than the request around it.
+    "small": dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
+}
+BASE_CONFIG = dict(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+CONCURRENCY = 32
+TEAMS, SYSTEM_PROMPTS, AFFINITY_CONCURRENCY, AFFINITY_MAX_TOKENS = 3, 4, 4, 4
+KV_FRACTION = 0.7
+"""Each affinity worker's KV capacity, as a share of the tokens of all the run's distinct prefixes."""
+PROMPT = "Say one word."
+
+
+def kv_bytes_per_token(size: str) -> int:
+    s = SIZES[size]
+    return 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * 4
+
+
+def tokenizer():  # noqa: ANN201 - workers.tokenizer.Tokenizer
+    """SmolLM2's tokenizer, read from the GGUF's header alone (no weights)."""
+    from workers.loader import default_model_path
+    from workers.loader.gguf_loader import gguf_tokenizer
+    from workers.models.gguf_header import read_gguf_header
+    return gguf_tokenizer(read_gguf_header(default_model_path()).metadata)
+
+
+# --- the worker process -------------------------------------------------------------------------
+
+async def serve_worker(port: int, size: str, kv_bytes: int, worker_id: str) -> None:
+    from fareway.process import wait_for_shutdown_signal
+    from workers.config import WorkerConfig
+    from workers.loader.checkpoint import Checkpoint
+    from workers.model_runner import RunnerConfig
+    from workers.models.config import LlamaConfig
+    from workers.server import create_worker_server
+    from workers.worker import Worker
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import random_llama_tensors
+
+    config = LlamaConfig(**BASE_CONFIG, **SIZES[size])
+    checkpoint = Checkpoint(config, random_llama_tensors(config), tokenizer(), f"bench-{size}", Path(size))
+    worker = Worker(WorkerConfig(worker_id=worker_id, runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=kv_bytes)),
+                    checkpoint)
+    server = await create_worker_server(worker, f"127.0.0.1:{port}")
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await server.stop(0)
+        worker.stop()
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+class Processes:
+    def __init__(self, data: Path, redis_url: str) -> None:
+        self.data, self.redis_url = data, redis_url
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, args: list[str], name: str, threads: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "REDIS_URL": self.redis_url, "FAREWAY_DATA_DIR": str(self.data),
+               "FAREWAY_TRACES": "none", "OMP_NUM_THREADS": str(threads)}
+        log = open(self.data / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        child = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        self.children.append(child)
+        return child
+
+    def worker(self, size: str, kv_bytes: int, name: str) -> str:
+        port = free_port()
+        self._spawn(["-m", "bench.gateway", "--serve-worker", str(port), "--size", size,
+                     "--kv-bytes", str(kv_bytes), "--worker-id", name], name, threads=1)
+        return f"127.0.0.1:{port}"
+
+    def gateway(self, workers: list[str], routing: str, name: str) -> str:
+        port = free_port()
+        args = ["-m", "fareway.cli", "gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
+                "--spool-dir", str(self.data / f"spool-{name}")]
+        for w in workers:
+            args += ["--worker", w]
+        self._spawn(args, name, threads=1)
+        return f"127.0.0.1:{port}"
+
+    def check(self) -> None:
+        for child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(f"{child.args} exited with {child.returncode}; see the logs in {self.data}")
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def wait_worker(procs: Processes, address: str) -> wpb.GetModelInfoResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        for _ in range(1200):
+            procs.check()
+            try:
+                return await stub.GetModelInfo(wpb.GetModelInfoRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+    raise TimeoutError(f"worker {address} did not start")
+
+
+async def wait_gateway(procs: Processes, address: str, key: str, model: str, num_workers: int) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for _ in range(1200):
+            procs.check()
+            try:
+                models = await stub.ListModels(ipb.ListModelsRequest(), timeout=1,
+                                               metadata=(("authorization", f"Bearer {key}"),))
+                if any(m.id == model and m.num_workers == num_workers for m in models.models):
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"gateway {address} did not see its {num_workers} workers")
+
+
+async def tenant(redis_url: str, team: str) -> str:
+    """A key for `team`, with generous rate limits and a budget (so both scripts run on every request)."""
+    from accounting.budgets import Budget, Budgets
+    from gateway.limits import Limits, LimitStore
+    redis = connect(redis_url)
+    try:
+        key, _ = await KeyStore(redis).create(team, "bench", Role.TENANT)
+        await LimitStore(redis).set(Limits(team, requests_per_minute=10_000_000, tokens_per_minute=1_000_000_000,
+                                           max_concurrent_requests=10_000))
+        await Budgets(redis).set(Budget(team, hard_usd=1_000_000.0))
+        return key
+    finally:
+        await redis.aclose()
+
+
+# --- 1 and 2: overhead and requests per second ---------------------------------------------------
+
+class Sides:
+    """One 1-token request, sent to the worker directly or through the gateway."""
+
+    def __init__(self, worker: str, gateway: str, key: str, team: str, model: str) -> None:
+        self.worker_channel = grpc.aio.insecure_channel(worker)
+        self.gateway_channel = grpc.aio.insecure_channel(gateway)
+        self.worker = worker_pb2_grpc.WorkerServiceStub(self.worker_channel)
+        self.gateway = inference_pb2_grpc.InferenceServiceStub(self.gateway_channel)
+        self.metadata = (("authorization", f"Bearer {key}"),)
+        self.sampling = ipb.SamplingParams(max_tokens=1, temperature=0)
+        self.model, self.salt = model, f"team:{team}"  # the salt the gateway would send: the same cache
+
+    async def direct(self) -> None:
+        request = wpb.GenerateRequest(request_id=uuid.uuid4().hex, model=self.model, prompt=PROMPT,
+                                      sampling=self.sampling, cache_salt=self.salt)
+        async for _ in self.worker.Generate(request, timeout=30):
+            pass
+
+    async def through_gateway(self) -> None:
+        response = await self.gateway.Generate(ipb.GenerateRequest(model=self.model, prompt=PROMPT,
+                                                                   sampling=self.sampling),
+                                               metadata=self.metadata, timeout=30)
+        assert response.usage.completion_tokens == 1, response
+
+    async def close(self) -> None:
+        await self.worker_channel.close()
+        await self.gateway_channel.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
+    for _ in range(30):  # warm-up: channels, the limits and key caches, the worker's prefix cache
+        await sides.direct()
+        await sides.through_gateway()
+    out: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for i in range(samples):
+        for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+            call = sides.direct if name == "direct" else sides.through_gateway
+            began = time.perf_counter()
+            await call()
+            out[name].append((time.perf_counter() - began) * 1000)
+    return out
+
+
+async def rate(call, seconds: float, concurrency: int = CONCURRENCY) -> float:  # noqa: ANN001 - async () -> None
+    """Completed requests per second with `concurrency` clients calling back to back."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await call()
+            done += 1
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / (time.perf_counter() - began)
+
+
+async def rates(sides: Sides, rounds: int, seconds: float) -> dict[str, list[float]]:
+    await rate(sides.direct, 1.0)
+    await rate(sides.through_gateway, 1.0)
+    out: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for i in range(rounds):
+        for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+            out[name].append(await rate(sides.direct if name == "direct" else sides.through_gateway, seconds))
+    return out
+
+
+# --- 3: prefix affinity vs round robin ------------------------------------------------------------
+
+WORDS = ("account invoice policy refund shipping order customer product warranty support ticket region "
+         "billing plan upgrade discount payment method address delivery return exchange size colour stock "
+         "manager escalate priority response template tone concise friendly formal summary").split()
+TOPICS = ("a late delivery", "a damaged parcel", "changing my plan", "a double charge", "my password",
+          "a refund", "the warranty", "an invoice copy", "a discount code", "moving house")
+
+
+def system_prompts(count: int) -> list[str]:
+    rng = random.Random(6)
+    return [f"You are support assistant number {i}. Follow these rules. "
+            + " ".join(rng.choice(WORDS) for _ in range(220)) for i in range(count)]
+
+
+def workload(num_requests: int, seed: int) -> list[tuple[int, int, str]]:
+    """(team index, system prompt index, user question), in a shuffled order."""
+    rng = random.Random(seed)
+    return [(rng.randrange(TEAMS), rng.randrange(SYSTEM_PROMPTS),
+             f"Question {n}: what should I do about {rng.choice(TOPICS)}? Reference {rng.randrange(10**6)}.")
+            for n in range(num_requests)]
+
+
+async def affinity_run(gateway: str, keys: list[str], prompts: list[str], work: list[tuple[int, int, str]],
+                       model: str) -> tuple[float, float]:
+    """(fleet prefix-cache hit rate, requests per second) of one run of the workload."""
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        queue = list(reversed(work))
+        prompt_tokens = cached_tokens = 0
+
+        async def client() -> None:
+            nonlocal prompt_tokens, cached_tokens
+            while queue:
+                team, system, question = queue.pop()
+                chat = ipb.ChatMessages(messages=[ipb.ChatMessage(role="system", content=prompts[system]),
+                                                  ipb.ChatMessage(role="user", content=question)])
+                response = await stub.Generate(
+                    ipb.GenerateRequest(model=model, chat=chat,
+                                        sampling=ipb.SamplingParams(max_tokens=AFFINITY_MAX_TOKENS, temperature=0)),
+                    metadata=(("authorization", f"Bearer {keys[team]}"),), timeout=120)
+                prompt_tokens += response.usage.prompt_tokens
+                cached_tokens += response.usage.cached_tokens
+        began = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(AFFINITY_CONCURRENCY)))
+        elapsed = time.perf_counter() - began
+    return cached_tokens / prompt_tokens, len(work) / elapsed
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+async def run(quick: bool) -> dict[str, object]:
+    samples, rounds, seconds = (100, 2, 3.0) if quick else (300, 3, 6.0)
+    affinity_requests, affinity_rounds = (72, 2) if quick else (144, 3)
+    tok = tokenizer()
+    prompts = system_prompts(SYSTEM_PROMPTS)
+    prefix_tokens = sum(len(tok.encode(p)) for p in prompts) * TEAMS
+    affinity_kv = int(KV_FRACTION * prefix_tokens) * kv_bytes_per_token("small")
+
+    with tempfile.TemporaryDirectory(prefix="fwbench-") as tmp, \
+            EmbeddedRedis(Path(tmp) / "redis", port=free_port()) as server:
+        procs = Processes(Path(tmp), server.url)
+        try:
+            tiny = procs.worker("tiny", 32 << 20, "tiny-0")
+            small = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(2)]
+            info = await wait_worker(procs, tiny)
+            small_info = [await wait_worker(procs, w) for w in small]
+            front = procs.gateway([tiny], "round-robin", "gateway-tiny")
+            routed = {policy: procs.gateway(small, policy, f"gateway-{policy}")
+                      for policy in ("prefix-affinity", "round-robin")}
+            key = await tenant(server.url, "bench")
+            await wait_gateway(procs, front, key, info.model, 1)
+            for address in routed.values():
+                await wait_gateway(procs, address, key, small_info[0].model, 2)
+
+            sides = Sides(tiny, front, key, "bench", info.model)
+            lat = await latencies(sides, samples)
+            rps = await rates(sides, rounds, seconds)
+            await sides.close()
+
+            hits: dict[str, list[float]] = {p: [] for p in routed}
+            throughput: dict[str, list[float]] = {p: [] for p in routed}
+            # Warm-up (its own teams): the gateways' and workers' code paths, not their caches.
+            for policy, address in routed.items():
+                keys = [await tenant(server.url, f"warm-{policy}-{t}") for t in range(TEAMS)]
+                await affinity_run(address, keys, prompts, workload(12, 0), small_info[0].model)
+            for i in range(affinity_rounds):
+                order = list(routed) if i % 2 == 0 else list(reversed(routed))
+                for policy in order:
+                    # Fresh teams: nothing this run sends is in any worker's cache (the salt is the team).
+                    keys = [await tenant(server.url, f"r{i}-{policy}-{t}") for t in range(TEAMS)]
+                    hit, rate_ = await affinity_run(routed[policy], keys, prompts, workload(affinity_requests, i),
+                                                    small_info[0].model)
+                    hits[policy].append(hit)
+                    throughput[policy].append(rate_)
+            procs.check()
+        finally:
+            procs.stop()
+
+    p50 = {k: percentile(v, 0.5) for k, v in lat.items()}
+    p99 = {k: percentile(v, 0.99) for k, v in lat.items()}
+    rps_m = {k: statistics.median(v) for k, v in rps.items()}
+    hit_m = {k: statistics.median(v) for k, v in hits.items()}
+    tput_m = {k: statistics.median(v) for k, v in throughput.items()}
+    aff, rr = "prefix-affinity", "round-robin"
+    return {
+        "bench": "gateway",
+        "overhead_p50_ms": round(p50["gateway"] - p50["direct"], 3),
+        "overhead_p99_ms": round(p99["gateway"] - p99["direct"], 3),
+        "requests_per_s": round(rps_m["gateway"]),
+        "affinity_hit_rate_vs_round_robin": round(hit_m[aff] / hit_m[rr], 2) if hit_m[rr] else None,
+        "affinity_throughput_vs_round_robin": round(tput_m[aff] / tput_m[rr], 2),
+        "direct_p50_ms": round(p50["direct"], 3), "direct_p99_ms": round(p99["direct"], 3),
+        "gateway_p50_ms": round(p50["gateway"], 3), "gateway_p99_ms": round(p99["gateway"], 3),
+        "gateway_p50_vs_direct": round(p50["gateway"] / p50["direct"], 2),
+        "latency_samples": samples,
+        "direct_requests_per_s": round(rps_m["direct"]),
+        "requests_per_s_vs_direct": round(rps_m["gateway"] / rps_m["direct"], 3),
+        "concurrency": CONCURRENCY,
+        "affinity_hit_rate": round(hit_m[aff], 4), "round_robin_hit_rate": round(hit_m[rr], 4),
+        "affinity_requests_per_s": round(tput_m[aff], 2), "round_robin_requests_per_s": round(tput_m[rr], 2),
+        "affinity_requests_per_run": affinity_requests, "affinity_runs": affinity_rounds,
+        "prefix_tokens": prefix_tokens, "kv_capacity_tokens_per_worker": small_info[0].kv_capacity_tokens,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and shorter rounds (~45 s)")
+    parser.add_argument("--serve-worker", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help=argparse.SUPPRESS)
+    parser.add_argument("--kv-bytes", type=int, default=32 << 20, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-id", default="bench", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_worker is not None:
+        asyncio.run(serve_worker(args.serve_worker, args.size, args.kv_bytes, args.worker_id))
+        return
+    from bench.common import print_results
+    f = asyncio.run(run(args.quick))
+    rows = [
+        ("setup", f"{f['cpu_count']} cores shared by the client, redis-server, `fareway gateway` and the workers "
+                  "(separate processes): absolute figures are this machine's, ratios are the result"),
+        ("1-token request, worker directly", f"p50 {f['direct_p50_ms']:.2f} ms, p99 {f['direct_p99_ms']:.2f} ms "
+                                             f"({f['latency_samples']} alternating samples)"),
+        ("same, through the gateway", f"p50 {f['gateway_p50_ms']:.2f} ms, p99 {f['gateway_p99_ms']:.2f} ms "
+                                      "(auth, rate limits, budget, accounting on; real Redis)"),
+        ("gateway overhead", f"p50 +{f['overhead_p50_ms']:.2f} ms (target <= 2 ms), "
+                             f"p99 +{f['overhead_p99_ms']:.2f} ms; p50 {f['gateway_p50_vs_direct']:.2f}x direct"),
+        (f"requests/s, {f['concurrency']} clients, directly", f"{f['direct_requests_per_s']:,}"),
+        (f"requests/s, {f['concurrency']} clients, one gateway", f"{f['requests_per_s']:,} "
+                                                                f"({f['requests_per_s_vs_direct']:.2f}x direct; "
+                                                                "target >= 1,000)"),
+        ("2 workers, prefix-affinity", f"hit rate {f['affinity_hit_rate']:.1%}, "
+                                       f"{f['affinity_requests_per_s']:.1f} requests/s"),
+        ("2 workers, round-robin", f"hit rate {f['round_robin_hit_rate']:.1%}, "
+                                   f"{f['round_robin_requests_per_s']:.1f} requests/s"),
+        ("affinity vs round-robin", f"hit rate {f['affinity_hit_rate_vs_round_robin']}x (target >= 2x), "
+                                    f"throughput {f['affinity_throughput_vs_round_robin']:.2f}x; "
+                                    f"{TEAMS} teams x {SYSTEM_PROMPTS} system prompts = {f['prefix_tokens']:,} prefix "
+                                    f"tokens, {f['kv_capacity_tokens_per_worker']:,} KV tokens per worker, "
+                                    f"{f['affinity_requests_per_run']} requests x {f['affinity_runs']} runs each"),
+    ]
+    print_results("gateway: overhead, throughput and prefix-affinity routing", rows, f)
+
+
+if __name__ == "__main__":
+    main()
