@@ -8,6 +8,7 @@ enough and keeps authentication to one Redis round trip.)
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import re
@@ -17,12 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 
 from fareway.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 KEY_PREFIX = "fw"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _KEYS_BY_ID = "fw:apikeys"
+_REVOKED_CHANNEL = "fw:apikeys:revoked"
+_MAX_CACHED_KEYS = 100_000
 
 
 def _digest_key(key: str) -> str:
@@ -72,8 +76,12 @@ def validate_name(kind: str, value: str) -> str:
 class KeyStore:
     """Creates, lists, revokes and checks API keys in Redis."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, cache_ttl_s: float = 0.0) -> None:
+        """cache_ttl_s: how long a valid key's tenant is remembered without asking Redis (a
+        gateway's hot path); a revocation then takes up to that long to apply. 0: no cache."""
         self._redis = redis
+        self._cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[Tenant, float]] = {}
 
     async def create(self, team: str, project: str, role: Role = Role.TENANT) -> tuple[str, KeyInfo]:
         """Creates a key and returns it (the only time it is ever visible) with its info."""
@@ -103,16 +111,39 @@ class KeyStore:
         if digest is None:
             raise NotFound(f"no API key with id {key_id!r}")
         await self._redis.hsetnx(digest, "revoked_at", repr(time.time()))
+        # Gateways caching the key drop it now (watch_revocations); the cache's TTL bounds a lost message.
+        await self._redis.publish(_REVOKED_CHANNEL, digest)
         return _info(await self._redis.hgetall(digest))
+
+    async def watch_revocations(self) -> None:
+        """Forgets cached keys as they are revoked anywhere; runs until cancelled (a gateway task).
+        A dropped connection is retried; what is missed meanwhile lapses with the cache's TTL."""
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(_REVOKED_CHANNEL)
+                    async for message in pubsub.listen():
+                        self._cache.pop(message["data"], None)
+            except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError):
+                await asyncio.sleep(1.0)
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Tenant:
         """The tenant named by `authorization: Bearer <key>` metadata."""
-        key = bearer_token(metadata)
-        record = await self._redis.hgetall(_digest_key(key))
+        digest = _digest_key(bearer_token(metadata))
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        record = await self._redis.hgetall(digest)
         if not record or "revoked_at" in record:
+            self._cache.pop(digest, None)
             # One message for unknown and revoked keys: never confirm a key exists.
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
-        return Tenant(record["team"], record["project"], record["key_id"], Role(record["role"]))
+        tenant = Tenant(record["team"], record["project"], record["key_id"], Role(record["role"]))
+        if self._cache_ttl_s > 0:
+            if len(self._cache) > _MAX_CACHED_KEYS:
+                self._cache.clear()
+            self._cache[digest] = (tenant, time.monotonic() + self._cache_ttl_s)
+        return tenant
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

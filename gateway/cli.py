@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-cost-reserve", type=float, default=10.0, metavar="USD_PER_1M_TOKENS",
                         help="what a cost-to-serve budget holds per token of a running request "
                              "(default: %(default)s)")
+    parser.add_argument("--key-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a valid API key is remembered; a revocation applies within this "
+                             "(default: %(default)s; 0 asks Redis on every request)")
     parser.add_argument("--limits-cache", type=float, default=5.0, metavar="SECONDS",
                         help="how long a team's rate limits are cached; a change applies within this "
                              "(default: %(default)s)")
@@ -103,6 +106,6 @@ def run(args: argparse.Namespace) -> int:
                            routing_by_model=routing_by_model, listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
                            tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"),
-                           limits_cache_ttl_s=args.limits_cache)
+                           limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

@@ -39,6 +39,8 @@ class GatewayConfig:
     """Serve the public port over TLS (mutual TLS with a client CA); None: plaintext."""
     worker_tls: ChannelTls | None = None
     """Call workers over TLS (presenting a client certificate for workers that require mutual TLS)."""
+    key_cache_ttl_s: float = 5.0
+    """How long a valid API key is remembered without asking Redis (a revocation takes this long to apply)."""
     limits_cache_ttl_s: float = 5.0
     """How long a team's rate limits are cached before they are read again (a change takes this long to apply)."""
 
@@ -54,6 +56,8 @@ class GatewayConfig:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.budget_cost_reserve_usd_per_million_tokens < 0:
             raise ValueError("budget_cost_reserve_usd_per_million_tokens must be >= 0")
+        if self.key_cache_ttl_s < 0:
+            raise ValueError(f"key_cache_ttl_s must be >= 0, got {self.key_cache_ttl_s}")
         if self.limits_cache_ttl_s < 0:
             raise ValueError(f"limits_cache_ttl_s must be >= 0, got {self.limits_cache_ttl_s}")
         if self.worker_refresh_interval_s <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -123,7 +124,8 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
     metrics = metrics or GatewayMetrics()
     metrics.observe_pool(lambda: list(pool.endpoints))
-    servicer = InferenceServicer(KeyStore(redis), pool,
+    keys = KeyStore(redis, config.key_cache_ttl_s)
+    servicer = InferenceServicer(keys, pool,
                                  Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
@@ -132,9 +134,13 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     pool.on_refresh = server.set_serving
     await pool.start()
     recorder.start_replaying()
+    revocations = asyncio.create_task(keys.watch_revocations())
     try:
         yield server
     finally:
+        revocations.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await revocations
         await server.stop()
         await recorder.stop()
         await pool.close()

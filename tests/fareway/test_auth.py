@@ -77,3 +77,32 @@ def test_admin_keys_carry_their_role(with_store) -> None:
         key, _ = await store.create("platform", "ops", Role.ADMIN)
         return await store.authenticate(bearer(key))
     assert with_store(body).is_admin
+
+
+def test_a_cached_key_is_forgotten_as_soon_as_it_is_revoked(with_redis) -> None:  # noqa: ANN001
+    """A gateway remembers valid keys for a few seconds, but a revocation reaches it at once."""
+    import asyncio
+
+    async def body(client):  # noqa: ANN001, ANN202
+        admin, gateway = KeyStore(client), KeyStore(client, cache_ttl_s=60)
+        watcher = asyncio.create_task(gateway.watch_revocations())
+        try:
+            from fareway.auth import _digest_key
+            other, _ = await admin.create("search", "other")
+            await gateway.authenticate(bearer(other))
+            await client.delete(_digest_key(other))           # gone from Redis, still remembered
+            assert (await gateway.authenticate(bearer(other))).project == "other"
+            key, info = await admin.create("search", "ranking")
+            await gateway.authenticate(bearer(key))          # now cached for a minute
+            await asyncio.sleep(0.2)                          # the watcher has subscribed
+            await admin.revoke(info.key_id)
+            for _ in range(50):
+                try:
+                    await gateway.authenticate(bearer(key))
+                except Unauthenticated:
+                    return True
+                await asyncio.sleep(0.02)
+            return False
+        finally:
+            watcher.cancel()
+    assert with_redis(body)
