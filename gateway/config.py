@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fareway.tls import ChannelTls, ServerTls
+from gateway.fairness import FairnessConfig
 from gateway.routing import DEFAULT_POLICY, POLICIES
 
 
@@ -41,6 +42,9 @@ class GatewayConfig:
     """Call workers over TLS (presenting a client certificate for workers that require mutual TLS)."""
     limits_cache_ttl_s: float = 5.0
     """How long a team's rate limits are cached before they are read again (a change takes this long to apply)."""
+    fairness: FairnessConfig | None = FairnessConfig()
+    """Past its workers' capacity, hold requests at the gateway and serve them fairly across tenants;
+    None: send every request on at once (the workers queue them first come, first served)."""
 
     def __post_init__(self) -> None:
         if not self.workers and not self.registry:

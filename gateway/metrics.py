@@ -12,6 +12,7 @@ Every finished request (its priced usage record) feeds them:
   fareway.gpu_seconds              counter s, by team
 and the pool is observed at each collection:
   fareway.workers                  gauge, workers up / down per model
+  fareway.queue.depth              gauge, requests waiting at the gateway for saturated workers, per tenant
 Attributes carry the team, project, model and worker (gen_ai.request.model,
 fareway.team, fareway.project, fareway.worker); never a key.
 """
@@ -55,6 +56,14 @@ class GatewayMetrics:
                     for (model, up), n in counts.items()]
         self._meter.create_observable_gauge("fareway.workers", callbacks=[observe],
                                             description="Workers known to the gateway, up or down, per model")
+
+    def observe_queues(self, depths: Callable[[], Iterable[tuple[str, tuple[str, str], int]]]) -> None:
+        """Reports (model, (team, project), requests waiting) as fareway.queue.depth at each collection."""
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(n, {"gen_ai.request.model": model, "fareway.team": team, "fareway.project": project})
+                    for model, (team, project), n in depths()]
+        self._meter.create_observable_gauge("fareway.queue.depth", callbacks=[observe],
+                                            description="Requests waiting at the gateway for a worker, per tenant")
 
     def finished(self, record: UsageRecord) -> None:
         base = {"gen_ai.request.model": record.model, "fareway.team": record.team,

@@ -6,11 +6,24 @@ sequence slots, flooded by one team while another sends a little."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from fareway.auth import Tenant
+from fareway.inference.v1 import inference_pb2 as pb
 from gateway.fairness import FairnessConfig, FairQueue, Share, Slot
+from gateway.limit_guard import LimitGuard
+from gateway.limits import Limits, LimitStore, RateLimiter
+from tests.gateway.fleet import Client, create_key, gateway
+from workers.config import WorkerConfig
+from workers.engine.scheduler import SchedulerConfig
+from workers.model_runner import RunnerConfig
+from workers.server import create_worker_server
+from workers.worker import Worker
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 10, 10
 
@@ -156,3 +169,79 @@ def test_no_known_capacity_means_no_queueing() -> None:
             slot.release()  # once only
         assert queue.num_running == 0
     run(body)
+
+
+# Through a real gateway in front of a real tiny worker that runs two sequences at once.
+
+@pytest.fixture()
+def two_slot_worker(background_loop, tiny_checkpoint) -> Iterator[str]:  # noqa: ANN001
+    worker = Worker(WorkerConfig(worker_id="tiny-two-slots", scheduler=SchedulerConfig(max_num_seqs=2),
+                                 runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20)), tiny_checkpoint)
+    server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
+    yield f"127.0.0.1:{server.port}"
+    background_loop.run(server.stop(0))
+    worker.stop()
+
+
+def flood(address: str, heavy_key: str, light_key: str) -> tuple[list[str], list[int]]:
+    """40 requests of the heavy team at once, 2 of the light team a moment later: the teams in the order their
+    requests finished ("sent" marks when the light team's were sent), and the completion tokens of each."""
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def generate(team: str, key: str, i: int) -> int:
+        response = Client(address, key).Generate(pb.GenerateRequest(
+            model="tiny-llama", prompt=f"{team} request {i} tells a story",
+            sampling=pb.SamplingParams(max_tokens=24, temperature=0)))
+        with lock:
+            finished.append(team)
+        return response.usage.completion_tokens
+    with ThreadPoolExecutor(42) as pool:
+        heavy = [pool.submit(generate, "heavy", heavy_key, i) for i in range(40)]
+        time.sleep(0.3)
+        with lock:
+            finished.append("sent")
+        light = [pool.submit(generate, "light", light_key, i) for i in range(2)]
+        tokens = [f.result() for f in heavy + light]
+    return finished, tokens
+
+
+def heavy_done(finished: list[str]) -> tuple[int, int]:
+    """The heavy team's requests finished before the light team's last one: in all, and after it sent them."""
+    last_light = max(i for i, team in enumerate(finished) if team == "light")
+    return finished[:last_light].count("heavy"), finished[finished.index("sent"):last_light].count("heavy")
+
+
+def test_a_tenant_sending_20x_the_load_leaves_the_other_its_share(
+        background_loop, redis_url, two_slot_worker) -> None:  # noqa: ANN001
+    """Fair: the light team's 2 requests wait for about one round of the 2 sequences the worker runs, and
+    finish while most of the heavy team's 40 still wait. Without fairness the worker serves them first come,
+    first served: after nearly all of the heavy team's."""
+    heavy, light = (create_key(background_loop, redis_url, team) for team in ("heavy", "light"))
+    with gateway(background_loop, redis_url, (two_slot_worker,)) as address:
+        fair, tokens = flood(address, heavy, light)
+    assert sum(tokens) > 42 * 8  # requests long enough for the queue to matter
+    in_all, after_sent = heavy_done(fair)
+    assert in_all <= 20 and after_sent <= 4, fair
+    with gateway(background_loop, redis_url, (two_slot_worker,), fairness=None) as address:
+        fifo, _ = flood(address, heavy, light)
+    in_all, after_sent = heavy_done(fifo)
+    assert in_all >= 30 and after_sent >= 25, fifo
+
+
+def test_weights_and_priorities_come_from_the_limits(with_redis) -> None:  # noqa: ANN001
+    async def body(client):  # noqa: ANN001, ANN202
+        store = LimitStore(client, cache_ttl_s=0)
+        await store.set(Limits("search", weight=3.0))
+        await store.set(Limits("search", "ranking", requests_per_minute=10, priority=2))
+        guard = LimitGuard(store, RateLimiter(client))
+        by_team = await guard.share(Tenant("search", "ranking", "k"), by_project=False)
+        by_project = await guard.share(Tenant("search", "ranking", "k"), by_project=True)
+        other = await guard.share(Tenant("ads", "", "k"), by_project=True)
+        hold = await guard.admit(Tenant("search", "", "k"), "r1", pb.GenerateRequest(prompt="hi"), 100, None)
+        return by_team, by_project, other, hold
+    by_team, by_project, other, hold = with_redis(body)
+    assert by_team == Share(("search", ""), 3.0, 0)
+    assert by_project == Share(("search", "ranking"), 3.0, 2)
+    assert other == Share(("ads", ""), 1.0, 0)
+    assert not (hold.tokens or hold.slots)  # a weight alone limits nothing
