@@ -6,19 +6,28 @@ sequence slots, flooded by one team while another sends a little."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from fareway.auth import Tenant
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.redis_store import connect
+from gateway.config import GatewayConfig
 from gateway.fairness import FairnessConfig, FairQueue, Share, Slot
 from gateway.limit_guard import LimitGuard
 from gateway.limits import Limits, LimitStore, RateLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.service import running_gateway
 from tests.gateway.fleet import Client, create_key, gateway
+from tests.gateway.test_metrics import points
 from workers.config import WorkerConfig
 from workers.engine.scheduler import SchedulerConfig
 from workers.model_runner import RunnerConfig
@@ -245,3 +254,45 @@ def test_weights_and_priorities_come_from_the_limits(with_redis) -> None:  # noq
     assert by_project == Share(("search", "ranking"), 3.0, 2)
     assert other == Share(("ads", ""), 1.0, 0)
     assert not (hold.tokens or hold.slots)  # a weight alone limits nothing
+
+
+def test_a_deadline_passing_in_the_queue_and_cancelled_streams_leave_no_slot_behind(
+        background_loop, redis_url, two_slot_worker) -> None:  # noqa: ANN001
+    memory = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[memory])
+    exits = contextlib.AsyncExitStack()
+
+    async def start() -> int:
+        client = connect(redis_url)
+        exits.push_async_callback(client.aclose)
+        config = GatewayConfig(workers=(two_slot_worker,), listen="127.0.0.1:0", worker_refresh_interval_s=0.2)
+        metrics = GatewayMetrics(provider.get_meter("test"))
+        return (await exits.enter_async_context(running_gateway(config, client, metrics=metrics))).port
+    address = f"127.0.0.1:{background_loop.run(start())}"
+    heavy, light = (Client(address, create_key(background_loop, redis_url, team)) for team in ("heavy", "light"))
+    long = pb.GenerateStreamRequest(model="tiny-llama", prompt="go on", sampling=pb.SamplingParams(
+        max_tokens=900, temperature=0))
+    short = pb.GenerateRequest(model="tiny-llama", prompt="hi", sampling=pb.SamplingParams(max_tokens=2))
+    try:
+        streams = [heavy.GenerateStream(long) for _ in range(2)]
+        for stream in streams:
+            next(stream)  # both running: the worker's two sequences are taken
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(light.stub.Generate, short, metadata=light.metadata, timeout=1.0)
+            time.sleep(0.5)
+            depth = {p.attributes["fareway.team"]: p.value for p in points(memory)["fareway.queue.depth"]}
+            assert depth == {"heavy": 0, "light": 1}
+            with pytest.raises(grpc.RpcError) as expired:
+                waiting.result()
+        assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        depth = {p.attributes["fareway.team"]: p.value for p in points(memory)["fareway.queue.depth"]}
+        assert depth == {"heavy": 0, "light": 0}
+        for stream in streams:
+            stream.cancel()
+        # Both slots came back: two requests run at once again, well within their deadline.
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(light.stub.Generate, short, metadata=light.metadata, timeout=5.0) for _ in range(2)]
+            assert all(f.result().usage.completion_tokens >= 1 for f in done)
+    finally:
+        background_loop.run(exits.aclose())
+        provider.shutdown()
