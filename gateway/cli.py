@@ -49,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limits-cache", type=float, default=5.0, metavar="SECONDS",
                         help="how long a team's rate limits are cached; a change applies within this "
                              "(default: %(default)s)")
+    parser.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
+                        help="past the workers' capacity, hold requests at the gateway and serve them fairly across "
+                             "tenants (Virtual Token Counter, weights and priorities from `fareway limits`); "
+                             "--no-fairness sends every request on at once (default: on)")
+    parser.add_argument("--fair-capacity", type=float, default=1.0, metavar="FACTOR",
+                        help="requests let through per model: FACTOR x the up workers' max_num_seqs (default: %(default)s)")
+    parser.add_argument("--fair-share", choices=("team", "project"), default="team",
+                        help="share fairly among teams, or among team/project pairs (default: %(default)s)")
+    parser.add_argument("--fair-token-weights", type=float, nargs=2, default=(1.0, 2.0), metavar=("PROMPT", "COMPLETION"),
+                        help="service counted per prompt and per completion token (default: 1 2)")
 
 
 def _workers(args: argparse.Namespace, registry: bool) -> tuple[str, ...]:
@@ -97,6 +107,7 @@ async def serve(config, redis_config: RedisConfig) -> None:  # noqa: ANN001 - Ga
 def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
     from gateway.config import GatewayConfig
+    from gateway.fairness import FairnessConfig
 
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway", args.metrics_port))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
@@ -106,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
                            routing_by_model=routing_by_model, listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
                            tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"),
-                           limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache)
+                           limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache, fairness=FairnessConfig(
+                               capacity_factor=args.fair_capacity, prompt_token_weight=args.fair_token_weights[0],
+                               completion_token_weight=args.fair_token_weights[1],
+                               by_project=args.fair_share == "project") if args.fairness else None)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fareway.tls import ChannelTls, ServerTls
+from gateway.fairness import FairnessConfig
 from gateway.routing import DEFAULT_POLICY, POLICIES
 
 
@@ -43,6 +44,9 @@ class GatewayConfig:
     """How long a valid API key is remembered without asking Redis (a revocation takes this long to apply)."""
     limits_cache_ttl_s: float = 5.0
     """How long a team's rate limits are cached before they are read again (a change takes this long to apply)."""
+    fairness: FairnessConfig | None = FairnessConfig()
+    """Past its workers' capacity, hold requests at the gateway and serve them fairly across tenants;
+    None: send every request on at once (the workers queue them first come, first served)."""
 
     def __post_init__(self) -> None:
         if not self.workers and not self.registry:

@@ -21,8 +21,9 @@ from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
-from gateway.budget_guard import BudgetGuard
+from gateway.budget_guard import BudgetGuard, max_prompt_tokens
 from gateway.config import GatewayConfig
+from gateway.fairness import FairScheduler, Slot, estimate_prompt_tokens
 from gateway.idempotency import IdempotencyStore, Outcome, replay
 from gateway.limit_guard import LimitGuard
 from gateway.limits import Hold
@@ -72,12 +73,16 @@ class _Run:
     ttft_ms: float = 0.0
     reservation: Reservation | None = None
     hold: Hold | None = None
+    slot: Slot | None = None
+    """Its place in the model's capacity, when the gateway queues fairly."""
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
 
     def add(self, message: wpb.GenerateResponse) -> Delta | None:
         self.usage.CopyFrom(message.usage)
+        if self.slot is not None:
+            self.slot.charge(self.usage.prompt_tokens, self.usage.completion_tokens)
         if message.finish_reason:
             self.finish_reason = message.finish_reason
             self.stop_sequence = message.stop_sequence
@@ -145,7 +150,7 @@ def worker_request(request: pb.GenerateRequest | pb.GenerateStreamRequest, reque
 class Dispatcher:
     def __init__(self, config: GatewayConfig, pool: WorkerPool, recorder: UsageRecorder,
                  idempotency: IdempotencyStore, budget_guard: BudgetGuard, limit_guard: LimitGuard,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, fairness: FairScheduler | None = None) -> None:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
         self.pool = pool
@@ -153,6 +158,7 @@ class Dispatcher:
         self.idempotency = idempotency
         self.budget_guard = budget_guard
         self.limit_guard = limit_guard
+        self.fairness = fairness
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
@@ -167,6 +173,7 @@ class Dispatcher:
         try:
             try:
                 await self._admit(run, context)
+                await self._wait_turn(run, context)
                 call = await self._open(run, context)
             except BaseException:
                 await asyncio.shield(self._never_ran(run))
@@ -176,6 +183,8 @@ class Dispatcher:
         finally:
             # However the request ends (a refusal, a worker failure, the caller going away):
             # its tokens are settled to what it used and its concurrency slots are freed.
+            if run.slot is not None:
+                run.slot.release()
             if run.hold is not None:
                 await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
@@ -189,6 +198,18 @@ class Dispatcher:
         book = await self.recorder.prices.get()
         run.reservation = await self.budget_guard.admit(run.tenant, run.request_id, run.request, book,
                                                         context_length)
+
+    async def _wait_turn(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+        """Past the workers' capacity, waits for the tenant's fair turn (gateway/fairness.py)."""
+        if self.fairness is None:
+            return
+        share = await self.limit_guard.share(run.tenant, self.fairness.config.by_project)
+        queue = self.fairness.queue(run.request.model)
+        try:
+            async with asyncio.timeout(context.time_remaining()):
+                run.slot = await queue.acquire(share, estimate_prompt_tokens(max_prompt_tokens(run.request)))
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it waited for a worker") from None
 
     async def _never_ran(self, run: _Run) -> None:
         """Undoes the claims of a request refused before it reached a worker: it leaves no record."""

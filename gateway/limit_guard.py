@@ -1,6 +1,7 @@
 """Rate-limit admission: before a request runs it counts against its team's and
 project's requests and tokens per minute and takes a concurrency slot
-(gateway/limits.py); when it ends its tokens are settled and the slot freed."""
+(gateway/limits.py); when it ends its tokens are settled and the slot freed.
+The same settings give the tenant's fair share of saturated workers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fareway.auth import Tenant
 from fareway.errors import ResourceExhausted
 from fareway.inference.v1 import inference_pb2 as pb
 from gateway.budget_guard import max_prompt_tokens
+from gateway.fairness import Share
 from gateway.limits import TEAM_SCOPE, Exceeded, Hold, LimitsExceeded, LimitStore, RateLimiter
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class LimitGuard:
     async def admit(self, tenant: Tenant, request_id: str, request: pb.GenerateRequest | pb.GenerateStreamRequest,
                     context_length: int, time_remaining_s: float | None) -> Hold:
         """Admits the request against every applicable limit, or raises RESOURCE_EXHAUSTED naming one."""
-        limits = await self.store.for_tenant(tenant.team, tenant.project)
+        limits = [x for x in await self.store.for_tenant(tenant.team, tenant.project) if x.has_rate_limits]
         if not limits:
             return Hold(tenant.team, request_id)
         completion = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else context_length
@@ -47,6 +49,18 @@ class LimitGuard:
             return await self.limiter.admit(tenant.team, request_id, limits, tokens, lease_s=lease_s)
         except LimitsExceeded as refused:
             raise _refusal(tenant, refused.exceeded, completion) from None
+
+    async def share(self, tenant: Tenant, by_project: bool) -> Share:
+        """The tenant's fair-share weight and priority: the team's, or with `by_project` the project's own
+        where it sets them (each project then shares as a tenant of its own)."""
+        try:
+            limits = await self.store.for_tenant(tenant.team, tenant.project if by_project else "")
+        except UNREACHABLE as exc:
+            log.warning("could not read the fair share of team %s (using weight 1, priority 0): %s", tenant.team, exc)
+            limits = []
+        weight = next((x.weight for x in reversed(limits) if x.weight is not None), 1.0)
+        priority = next((x.priority for x in reversed(limits) if x.priority is not None), 0)
+        return Share((tenant.team, tenant.project if by_project else ""), weight, priority)
 
     async def settle(self, hold: Hold, usage: pb.Usage) -> None:
         """Settles the request's tokens to its usage and frees its slots; never raises for Redis being away

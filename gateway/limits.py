@@ -1,7 +1,7 @@
 """Rate and concurrency limits per team and per project, shared by every gateway replica.
 
 Each admission is one atomic Redis script over the team's keys:
-  fw:{team}:limits            <scope> -> "rpm=N;tpm=N;concurrent=N" (-1: no limit)
+  fw:{team}:limits            <scope> -> "rpm=N;tpm=N;concurrent=N[;weight=W][;priority=P]" (-1: no limit)
   fw:{team}:rate              <scope>:rpm, <scope>:tpm -> theoretical arrival time, in microseconds
   fw:{team}:inflight:<scope>  sorted set: request id -> when its slot lapses (microseconds)
 where <scope> is "team" or "project:<name>".
@@ -13,6 +13,9 @@ is one number per bucket. The clock is Redis's own (TIME), so every replica
 agrees on it. Tokens are reserved at admission (a bound on the prompt plus
 max_tokens) and settled to the actual count when the request ends; concurrency
 slots lapse on their own if a gateway dies before releasing them.
+
+The same entry carries the scope's fair-share weight and priority, which order
+requests waiting for saturated workers (gateway/fairness.py).
 """
 
 from __future__ import annotations
@@ -54,29 +57,48 @@ class Limits:
     tokens_per_minute: int | None = None
     """Prompt plus completion tokens."""
     max_concurrent_requests: int | None = None
+    weight: float | None = None
+    """Share of saturated workers relative to other tenants of the same priority (None: 1)."""
+    priority: int | None = None
+    """Waiting requests of a higher priority run first (None: 0)."""
 
     def __post_init__(self) -> None:
         if not self.team:
             raise ValueError("limits need a team")
         values = [getattr(self, name) for name in _LIMIT_NAMES]
-        if all(v is None for v in values):
-            raise ValueError("give at least one of requests per minute, tokens per minute or concurrent requests")
+        if all(v is None for v in values) and self.weight is None and self.priority is None:
+            raise ValueError("give at least one of requests per minute, tokens per minute, concurrent requests, "
+                             "weight or priority")
         for name, value in zip(_LIMIT_NAMES, values, strict=True):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.weight is not None and not self.weight > 0:
+            raise ValueError(f"weight must be positive, got {self.weight}")
+
+    @property
+    def has_rate_limits(self) -> bool:
+        return any(getattr(self, name) is not None for name in _LIMIT_NAMES)
 
     @property
     def scope(self) -> str:
         return project_scope(self.project) if self.project else TEAM_SCOPE
 
     def encode(self) -> str:
-        return ";".join(f"{_SHORT[name]}={_or_none(getattr(self, name))}" for name in _LIMIT_NAMES)
+        parts = [f"{_SHORT[name]}={_or_none(getattr(self, name))}" for name in _LIMIT_NAMES]
+        if self.weight is not None:
+            parts.append(f"weight={self.weight!r}")
+        if self.priority is not None:
+            parts.append(f"priority={self.priority}")
+        return ";".join(parts)
 
     @classmethod
     def decode(cls, team: str, scope: str, text: str) -> Limits:
-        values = {k: int(v) for k, v in (part.split("=", 1) for part in text.split(";"))}
+        values = dict(part.split("=", 1) for part in text.split(";"))
+        limits = (int(values[_SHORT[name]]) for name in _LIMIT_NAMES)
         return cls(team, scope.removeprefix("project:") if scope != TEAM_SCOPE else "",
-                   *(None if values[_SHORT[name]] < 0 else values[_SHORT[name]] for name in _LIMIT_NAMES))
+                   *(None if value < 0 else value for value in limits),
+                   weight=float(values["weight"]) if "weight" in values else None,
+                   priority=int(values["priority"]) if "priority" in values else None)
 
 
 def _or_none(value: int | None) -> int:

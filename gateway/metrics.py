@@ -16,6 +16,7 @@ and the pool is observed at each collection (load as last published to the regis
   fareway.worker.sequences         gauge, running and waiting, per worker
   fareway.worker.kv_usage          gauge, share of the KV cache in use, per worker
   fareway.worker.prefix_cache_hit_rate gauge, per worker
+  fareway.queue.depth              gauge, requests waiting at the gateway for saturated workers, per tenant
 Attributes carry the team, project, model and worker (gen_ai.request.model,
 fareway.team, fareway.project, fareway.worker); never a key.
 """
@@ -87,6 +88,14 @@ class GatewayMetrics:
                 ("fareway.worker.kv_usage", kv_usage, "Share of the worker's KV cache in use"),
                 ("fareway.worker.prefix_cache_hit_rate", hit_rate, "Prompt tokens served from the prefix cache")):
             self._meter.create_observable_gauge(name, callbacks=[callback], description=description)
+
+    def observe_queues(self, depths: Callable[[], Iterable[tuple[str, tuple[str, str], int]]]) -> None:
+        """Reports (model, (team, project), requests waiting) as fareway.queue.depth at each collection."""
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(n, {"gen_ai.request.model": model, "fareway.team": team, "fareway.project": project})
+                    for model, (team, project), n in depths()]
+        self._meter.create_observable_gauge("fareway.queue.depth", callbacks=[observe],
+                                            description="Requests waiting at the gateway for a worker, per tenant")
 
     def finished(self, record: UsageRecord) -> None:
         base = {"gen_ai.request.model": record.model, "fareway.team": record.team,

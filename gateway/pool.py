@@ -245,6 +245,10 @@ class WorkerPool:
             raise NotFound(f"model {model!r} is not served; available: {', '.join(sorted(served))}")
         return served[model]
 
+    def num_sequence_slots(self, model: str) -> int:
+        """Sequences the up workers of a model run at once (their max_num_seqs, summed)."""
+        return sum(e.info.max_num_seqs for e in self.endpoints if e.is_up and e.info and e.info.model == model)
+
     def candidates(self, model: str, route: Route | None = None) -> list[WorkerEndpoint]:
         """Workers to try for a request, in order: those up, as the model's routing policy orders
         them for it (a routing decision: round-robin turns), then those down."""

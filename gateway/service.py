@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,6 +26,7 @@ from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.dispatch import Delta, Dispatcher, Final, copy_input
+from gateway.fairness import FairScheduler
 from gateway.idempotency import IdempotencyStore
 from gateway.limit_guard import LimitGuard
 from gateway.limits import LimitStore, RateLimiter
@@ -124,14 +126,26 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
     metrics = metrics or GatewayMetrics()
     metrics.observe_pool(lambda: list(pool.endpoints))
+    fairness = None
+    if config.fairness is not None:
+        factor = config.fairness.capacity_factor
+        # No sequence slots known (no worker up): nothing is held back, and the request fails as it would.
+        fairness = FairScheduler(config.fairness,
+                                 lambda model: math.ceil(n * factor) if (n := pool.num_sequence_slots(model)) else None)
+        metrics.observe_queues(fairness.depths)
     keys = KeyStore(redis, config.key_cache_ttl_s)
-    servicer = InferenceServicer(keys, pool,
-                                 Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics))
+    servicer = InferenceServicer(keys, pool, Dispatcher(config, pool, recorder, idempotency, guard,
+                                                        limit_guard, metrics, fairness))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
         credentials=credentials or (config.tls.credentials() if config.tls else None), serving=False)
-    pool.on_refresh = server.set_serving
+
+    async def on_refresh(is_serving: bool) -> None:
+        if fairness is not None:
+            fairness.dispatch()  # workers that came up make room
+        await server.set_serving(is_serving)
+    pool.on_refresh = on_refresh
     await pool.start()
     recorder.start_replaying()
     revocations = asyncio.create_task(keys.watch_revocations())

@@ -556,12 +556,12 @@ def test_rate_limits_from_the_command_line(stack) -> None:  # noqa: ANN001
     team = new_team()
     assert fareway("limits", "set", "--team", team, "--rpm", "600", "--concurrent", "4",
                    redis_url=stack.redis_url).returncode == 0
-    assert fareway("limits", "set", "--team", team, "--project", "ranking", "--tpm", "250000",
+    assert fareway("limits", "set", "--team", team, "--project", "ranking", "--tpm", "250000", "--weight", "2.5",
                    redis_url=stack.redis_url).returncode == 0
     listed = fareway("limits", "list", "--team", team, redis_url=stack.redis_url)
     assert listed.returncode == 0, listed.stderr
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in listed.stdout.splitlines() if team in line]
-    assert rows == [[team, "team", "600", "-", "4"], [team, "project:ranking", "-", "250,000", "-"]]
+    assert rows == [[team, "team", "600", "-", "4", "-", "-"], [team, "project:ranking", "-", "250,000", "-", "2.5", "-"]]
     assert team in fareway("limits", "list", redis_url=stack.redis_url).stdout
     refused = fareway("limits", "set", "--team", team, "--rpm", "0", redis_url=stack.redis_url)
     assert refused.returncode == 1 and "requests_per_minute must be at least 1" in refused.stderr
