@@ -3,7 +3,6 @@ UNAVAILABLE with the partial usage recorded after it."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -12,13 +11,12 @@ import pytest
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect, free_port
-from gateway.config import GatewayConfig
-from gateway.service import running_gateway
+from fareway.redis_store import free_port
 from workers.config import WorkerConfig
 from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
+from tests.gateway.fleet import gateway
 
 
 @pytest.fixture()
@@ -31,21 +29,8 @@ def tiny_worker(background_loop, tiny_checkpoint) -> Iterator[tuple[str, object]
     worker.stop()
 
 
-@contextlib.contextmanager
-def gateway_for(background_loop, redis_url: str, workers: tuple[str, ...]) -> Iterator[str]:  # noqa: ANN001
-    exits = contextlib.AsyncExitStack()
-
-    async def start() -> int:
-        client = connect(redis_url)
-        exits.push_async_callback(client.aclose)
-        server = await exits.enter_async_context(running_gateway(
-            GatewayConfig(workers=workers, listen="127.0.0.1:0", worker_refresh_interval_s=0.2), client))
-        return server.port
-    port = background_loop.run(start())
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        background_loop.run(exits.aclose())
+def gateway_for(background_loop, redis_url: str, workers: tuple[str, ...]):  # noqa: ANN001, ANN201
+    return gateway(background_loop, redis_url, workers)
 
 
 def call(address: str, key: str, request, stream: bool = False):  # noqa: ANN001, ANN201

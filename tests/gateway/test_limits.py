@@ -4,7 +4,6 @@ lapse), then through real gateways sharing one Redis."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 import uuid
@@ -19,13 +18,12 @@ from grpc_status import rpc_status
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.redis_store import connect
-from gateway.config import GatewayConfig
 from gateway.limits import Limits, LimitsExceeded, LimitStore, RateLimiter, inflight_key, rate_key
-from gateway.service import running_gateway
 from workers.config import WorkerConfig
 from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
+from tests.gateway.fleet import gateway
 
 S = 1_000_000  # microseconds per second
 T0 = 1_793_491_200 * S
@@ -162,21 +160,8 @@ def tiny_worker(background_loop, tiny_checkpoint) -> Iterator[str]:  # noqa: ANN
     worker.stop()
 
 
-@contextlib.contextmanager
-def gateway_for(background_loop, redis_url: str, worker: str) -> Iterator[str]:  # noqa: ANN001
-    exits = contextlib.AsyncExitStack()
-
-    async def start() -> int:
-        client = connect(redis_url)
-        exits.push_async_callback(client.aclose)
-        server = await exits.enter_async_context(running_gateway(
-            GatewayConfig(workers=(worker,), listen="127.0.0.1:0", worker_refresh_interval_s=0.2), client))
-        return server.port
-    port = background_loop.run(start())
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        background_loop.run(exits.aclose())
+def gateway_for(background_loop, redis_url: str, worker: str):  # noqa: ANN001, ANN201 - a context manager
+    return gateway(background_loop, redis_url, (worker,))
 
 
 def call(address: str, key: str, request, stream: bool = False):  # noqa: ANN001, ANN201

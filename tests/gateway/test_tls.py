@@ -21,14 +21,12 @@ from cryptography.x509.oid import NameOID
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect
 from fareway.tls import ChannelTls, ServerTls, secure_or_insecure_channel
-from gateway.config import GatewayConfig
-from gateway.service import running_gateway
 from workers.config import WorkerConfig
 from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
+from tests.gateway.fleet import gateway as fleet_gateway
 
 
 @dataclass(frozen=True)
@@ -96,21 +94,6 @@ def worker_serving(background_loop, checkpoint, tls: ServerTls | None) -> Iterat
         worker.stop()
 
 
-@contextlib.contextmanager
-def gateway_serving(background_loop, redis_url: str, config: GatewayConfig) -> Iterator[str]:  # noqa: ANN001
-    exits = contextlib.AsyncExitStack()
-
-    async def start() -> int:
-        client = connect(redis_url)
-        exits.push_async_callback(client.aclose)
-        return (await exits.enter_async_context(running_gateway(config, client))).port
-    port = background_loop.run(start())
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        background_loop.run(exits.aclose())
-
-
 def generate(address: str, key: str, tls: ChannelTls | None) -> pb.GenerateResponse:
     with secure_or_insecure_channel(address, tls) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -126,9 +109,7 @@ def test_mutual_tls_on_both_ports(stack, background_loop, tiny_checkpoint, pki: 
     mtls = ServerTls(pki.server_cert, pki.server_key, client_ca_file=pki.ca)
     client = ChannelTls(pki.ca, pki.client_cert, pki.client_key)
     with worker_serving(background_loop, tiny_checkpoint, mtls) as worker:
-        config = GatewayConfig(workers=(worker,), listen="127.0.0.1:0", worker_refresh_interval_s=0.2,
-                               tls=mtls, worker_tls=client)
-        with gateway_serving(background_loop, stack.redis_url, config) as gateway:
+        with fleet_gateway(background_loop, stack.redis_url, (worker,), tls=mtls, worker_tls=client) as gateway:
             deadline = time.monotonic() + 10
             while True:  # the pool's first refresh
                 try:
@@ -144,8 +125,7 @@ def test_mutual_tls_on_both_ports(stack, background_loop, tiny_checkpoint, pki: 
                     generate(gateway, key, tls)
                 assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         # A gateway without a client certificate cannot use the worker: no worker, UNAVAILABLE.
-        config = GatewayConfig(workers=(worker,), listen="127.0.0.1:0", worker_tls=ChannelTls(pki.ca))
-        with gateway_serving(background_loop, stack.redis_url, config) as gateway:
+        with fleet_gateway(background_loop, stack.redis_url, (worker,), worker_tls=ChannelTls(pki.ca)) as gateway:
             with pytest.raises(grpc.RpcError) as refused:
                 generate(gateway, key, None)
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -154,9 +134,8 @@ def test_mutual_tls_on_both_ports(stack, background_loop, tiny_checkpoint, pki: 
 def test_tls_without_client_certificates(stack, background_loop, tiny_checkpoint, pki: Pki) -> None:  # noqa: ANN001
     key = stack.create_key(f"t-{uuid.uuid4().hex[:6]}")
     with worker_serving(background_loop, tiny_checkpoint, None) as worker:
-        config = GatewayConfig(workers=(worker,), listen="127.0.0.1:0",
-                               tls=ServerTls(pki.server_cert, pki.server_key))
-        with gateway_serving(background_loop, stack.redis_url, config) as gateway:
+        with fleet_gateway(background_loop, stack.redis_url, (worker,),
+                           tls=ServerTls(pki.server_cert, pki.server_key)) as gateway:
             assert generate(gateway, key, ChannelTls(pki.ca)).usage.completion_tokens == 2
             with pytest.raises(grpc.RpcError):
                 generate(gateway, key, None)
