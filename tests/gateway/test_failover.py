@@ -3,6 +3,7 @@ UNAVAILABLE with the partial usage recorded after it."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -81,3 +82,45 @@ def test_a_worker_dying_mid_stream_gives_unavailable_and_records_the_partial_usa
     [record] = stack.records(team)
     assert (record.status, record.finish_reason, record.worker_id) == ("UNAVAILABLE", "error", "tiny-worker")
     assert streamed <= record.completion_tokens < 500 and record.gpu_seconds > 0
+
+
+def test_a_worker_that_went_away_is_ejected_then_probed_back_in(stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
+    """The gateway's health follows its workers: NOT_SERVING once the only worker is gone, SERVING
+    again (and requests served) once a worker answers at that address again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    key = stack.create_key(f"t-{uuid.uuid4().hex[:6]}")
+    address = f"127.0.0.1:{free_port()}"
+    request = pb.GenerateRequest(model="tiny-llama", prompt="hi", sampling=pb.SamplingParams(max_tokens=2))
+
+    def start_worker() -> tuple[Worker, object]:
+        worker = Worker(WorkerConfig(worker_id="phoenix", runner=RunnerConfig(
+            device="cpu", kv_cache_memory_bytes=4 << 20)), tiny_checkpoint)
+        return worker, background_loop.run(create_worker_server(worker, address))
+
+    def health(gateway_address: str) -> int:
+        with grpc.insecure_channel(gateway_address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def eventually(condition) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.1)
+
+    worker, server = start_worker()
+    with gateway_for(background_loop, stack.redis_url, (address,)) as gateway_address:
+        assert call(gateway_address, key, request).usage.worker_id == "phoenix"
+        background_loop.run(server.stop(0))
+        worker.stop()
+        eventually(lambda: health(gateway_address) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(gateway_address, key, request)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        worker, server = start_worker()
+        try:
+            eventually(lambda: health(gateway_address) == health_pb2.HealthCheckResponse.SERVING)
+            assert call(gateway_address, key, request).usage.completion_tokens == 2
+        finally:
+            background_loop.run(server.stop(0))
+            worker.stop()
