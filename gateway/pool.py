@@ -103,6 +103,12 @@ class WorkerEndpoint:
             return self.registration.device_count
         return max(self.info.device_count, 1) if self.info else 1
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        if self.info and self.info.kv_capacity_tokens:
+            return self.info.kv_capacity_tokens
+        return self.registration.kv_capacity_tokens if self.registration else 0
+
     def set_load(self, load: WorkerLoad) -> None:
         self.load, self.num_sent_since_load = load, 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import statistics
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -41,6 +42,9 @@ class Routable(Protocol):
     def usd_per_device_hour(self) -> float | None: ...
     @property
     def device_count(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens its KV cache holds; 0 when not known."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Route:
 
     prefix_key: str = ""
     session_id: str = ""
+    prefix_tokens: int = 0
+    """About how many tokens the shared prefix (system prompt, or prompt) takes in a KV cache."""
 
 
 def route_for(request: pb.GenerateRequest | pb.GenerateStreamRequest, team: str) -> Route:
@@ -61,7 +67,8 @@ def route_for(request: pb.GenerateRequest | pb.GenerateStreamRequest, team: str)
         text = "\n".join(system) if system else (messages[0].content if messages else "")
     else:
         text = request.prompt
-    return Route(f"{team}\0{text[:PREFIX_KEY_CHARS]}", request.session_id)
+    # ~4 characters a token: only used to estimate how full each worker's cache is.
+    return Route(f"{team}\0{text[:PREFIX_KEY_CHARS]}", request.session_id, len(text) // 4 + 1)
 
 
 def rendezvous_order(key: str, workers: Sequence[Routable]) -> list[Routable]:
@@ -102,18 +109,59 @@ class LeastLoad:
 
 @dataclass
 class PrefixAffinity:
-    """Requests sharing a prefix key go to the key's rendezvous winner, whose KV cache most likely
-    holds the prefix; unless that worker has more than `overload_margin` sequences over the least
-    loaded one, when the request goes least-load instead (a hot prefix spills over)."""
+    """Cache-aware routing: requests sharing a prefix key go to the worker that is the key's home,
+    whose KV cache most likely holds the prefix.
+
+    A key seen for the first time (or whose home left) gets as home the worker with the least
+    prefix tokens homed on it for its KV capacity, ties broken by rendezvous order; so prefixes
+    spread evenly over the fleet instead of by the luck of a hash. Homes are kept (least recently
+    used first out, past `max_keys`) rather than forgotten when a worker's cache is estimated
+    full: estimating tokens from characters overshoots on some text, and a prefix bouncing between
+    workers misses on both. A request whose home has more than `overload_margin` sequences over the
+    least loaded worker goes least-load instead (a hot prefix spills over).
+
+    Homes are this gateway's own, like the per-router prefix trees of SGLang's cache-aware router:
+    replicas learn the same homes only as far as they see the same traffic.
+    """
 
     overload_margin: int = 4
+    max_keys: int = 100_000
+    _homes: OrderedDict[str, tuple[str, int]] = field(default_factory=OrderedDict)
+    """key -> (home worker, its prefix tokens), least recently used first."""
+    _held: dict[str, int] = field(default_factory=dict)
+    """worker -> estimated tokens of the prefixes homed on it."""
 
     def order(self, workers: Sequence[Routable], route: Route) -> list[Routable]:
-        ordered = rendezvous_order(route.prefix_key, workers)
+        if not workers:
+            return []
+        by_name = {w.name: w for w in workers}
+        home = self._homes.get(route.prefix_key)
+        if home is not None and home[0] in by_name:
+            self._homes.move_to_end(route.prefix_key)
+            chosen = by_name[home[0]]
+        else:
+            chosen = self._assign(route, workers)
         least = least_load_order(workers)
-        if ordered and ordered[0].num_queued > least[0].num_queued + self.overload_margin:
+        if chosen.num_queued > least[0].num_queued + self.overload_margin:
             return least
-        return ordered
+        return [chosen, *(w for w in rendezvous_order(route.prefix_key, workers) if w is not chosen)]
+
+    def _assign(self, route: Route, workers: Sequence[Routable]) -> Routable:
+        def room(w: Routable) -> float:
+            held = self._held.get(w.name, 0)
+            return 1.0 - held / w.kv_capacity_tokens if w.kv_capacity_tokens else -float(held)
+        chosen = max(rendezvous_order(route.prefix_key, workers), key=room)  # max keeps the first of equals
+        self._forget(route.prefix_key)
+        self._homes[route.prefix_key] = (chosen.name, route.prefix_tokens)
+        self._held[chosen.name] = self._held.get(chosen.name, 0) + route.prefix_tokens
+        while len(self._homes) > self.max_keys:
+            self._forget(next(iter(self._homes)))
+        return chosen
+
+    def _forget(self, key: str) -> None:
+        home = self._homes.pop(key, None)
+        if home is not None:
+            self._held[home[0]] -= home[1]
 
 
 @dataclass

@@ -18,6 +18,7 @@ class FakeWorker:
     load: WorkerLoad = field(default_factory=WorkerLoad)
     usd_per_device_hour: float | None = 2.0
     device_count: int = 1
+    kv_capacity_tokens: int = 0
 
     @property
     def num_queued(self) -> int:
@@ -56,6 +57,23 @@ def test_prefix_affinity_only_moves_the_keys_of_a_worker_that_left() -> None:
     before = {i: policy.order(workers, Route(f"k{i}"))[0].name for i in range(100)}
     after = {i: policy.order(workers[:3], Route(f"k{i}"))[0].name for i in range(100)}
     assert all(after[i] == before[i] for i in before if before[i] != "w3")
+
+
+def test_prefix_affinity_homes_new_prefixes_where_the_caches_have_room() -> None:
+    """Prefixes spread evenly (not by the luck of a hash), weighted by KV capacity; a key keeps its
+    home, and finds a new one when its home leaves."""
+    even = PrefixAffinity()
+    workers = [FakeWorker("a"), FakeWorker("b")]
+    homes = [even.order(workers, Route(f"t\0prompt {i}", prefix_tokens=100))[0].name for i in range(12)]
+    assert sorted(homes.count(n) for n in "ab") == [6, 6]
+    big, small = FakeWorker("big", kv_capacity_tokens=3000), FakeWorker("small", kv_capacity_tokens=1000)
+    weighted = PrefixAffinity()
+    homes = [weighted.order([big, small], Route(f"t\0p{i}", prefix_tokens=100))[0].name for i in range(20)]
+    assert (homes.count("big"), homes.count("small")) == (15, 5)
+    assert all(weighted.order([small, big], Route(f"t\0p{i}", prefix_tokens=100))[0].name == homes[i]
+               for i in range(20))
+    moved = [weighted.order([big], Route(f"t\0p{i}", prefix_tokens=100))[0].name for i in range(20)]
+    assert moved == ["big"] * 20
 
 
 def test_prefix_affinity_falls_back_to_least_load_when_its_worker_is_overloaded() -> None:
