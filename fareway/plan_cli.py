@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a .gguf file, a Hugging Face folder, or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--hardware", default="nvidia-h100", metavar="NAME",
                         help=f"hardware class ({', '.join(HARDWARE)}) or a name like H100, MI300X")
-    parser.add_argument("--weights", default="auto", metavar="DTYPE",
-                        help=f"weight dtype: {', '.join(WEIGHT_DTYPES)}; auto is bf16 (fp32 on a CPU)")
+    parser.add_argument("--weights", default="int8", metavar="DTYPE",
+                        help=f"weight dtype: {', '.join(WEIGHT_DTYPES)}, or auto: the compute dtype, bf16 "
+                             f"(fp32 on a CPU) (default: %(default)s, as `fareway worker`)")
     parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
                         help=f"KV cache dtype: {', '.join(KV_DTYPES)}; auto is the compute dtype")
     parser.add_argument("--tensor-parallel-size", "--tp", default=1, type=int, metavar="N",

@@ -142,7 +142,7 @@ def test_compare_refuses_bad_axes(items: list[str], message: str) -> None:
 def test_plan_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "llama-3.1-8b", "--hardware", "H100", "--tokens-per-second", "2000"]) == 0
     out = capsys.readouterr().out
-    assert "1 x nvidia-h100, weights bf16, KV bf16" in out
+    assert "1 x nvidia-h100, weights int8, KV bf16" in out  # the worker's defaults: int8 weights, KV in bf16
     assert "131,072" in out
     assert f"{2.49 / (2000 * 3600) * 1e6:.4f}" in out
 
@@ -175,7 +175,7 @@ def test_plan_price_override(capsys: pytest.CaptureFixture[str]) -> None:
                  "--usd-per-device-hour", "0.5", "--tokens-per-second", "100"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["plans"]
     assert result["memory_bytes_per_device"] == 8 * GIB
-    assert result["weight_dtype"] == "fp32" and result["kv_dtype"] == "fp32"
+    assert result["weight_dtype"] == "int8" and result["kv_dtype"] == "fp32"  # as a CPU worker runs by default
     assert result["usd_per_million_tokens"] == pytest.approx(0.5 / 0.36)
 
 
