@@ -106,8 +106,9 @@ class ModelRunner:
         choice = quantize_model(self.model, config.weights, self.device, self.dtype)
         self.linear_kernel = choice.name if choice else "none"
         """The kernel running the linear layers, e.g. "fbgemm-int8", "onednn-fp32"."""
-        self.weight_bytes = _module_bytes(self.model.modules())
-        """Bytes the weights take on the device, as the kernels hold them (packed copies included)."""
+        self.weight_bytes = self.group.sum(_module_bytes(self.model.modules()))
+        """Bytes the weights take on the replica's devices (every rank's shard), as the kernels hold
+        them (packed copies included)."""
         self.decode_bytes_per_step = _module_bytes(
             m for m in self.model.modules() if not isinstance(m, (torch.nn.Embedding, Int8Embedding)))
         """Weight bytes a decode step reads: all but the embedding tables, of which it reads a row per token."""

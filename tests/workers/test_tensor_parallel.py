@@ -178,6 +178,10 @@ def test_model_info_and_gpu_seconds_count_every_rank(tiny_checkpoint, background
         background_loop.run(server.stop(0))
         worker.stop()
     assert (info.tensor_parallel_size, info.device_count) == (2, 2)
+    # Weight bytes are the replica's: both ranks' shards (each rank also holds the embedding and head).
+    from workers.model_runner import _module_bytes
+    rank0 = _module_bytes(worker.runner.model.modules())
+    assert info.weight_bytes == worker.runner.weight_bytes and rank0 < info.weight_bytes <= 2 * rank0
     # Each rank holds one of the 2 KV heads: the pool's bytes per token are those of one device.
     c = tiny_checkpoint.config
     assert info.kv_bytes_per_token == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4

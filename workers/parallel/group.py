@@ -99,10 +99,17 @@ class RankGroup:
 
     def min(self, value: int) -> int:
         """The smallest of the ranks' values (each rank calls this with its own)."""
+        return self._all_reduce(value, dist.ReduceOp.MIN)
+
+    def sum(self, value: int) -> int:
+        """The sum of the ranks' values (each rank calls this with its own)."""
+        return self._all_reduce(value, dist.ReduceOp.SUM)
+
+    def _all_reduce(self, value: int, op: dist.ReduceOp) -> int:
         if self.world_size == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self._step_group)
+        dist.all_reduce(tensor, op=op, group=self._step_group)
         return int(tensor.item())
 
     def send_step(self, step: StepInputs) -> None:
