@@ -142,3 +142,46 @@ class WorkerRegistry:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def gateways_key(model: str) -> str:
+    return f"fw:registry:gateways:{model}"
+
+
+class GatewayPeers:
+    """The gateway replicas in front of a model's workers, counted so each takes its share of them.
+
+      fw:registry:gateways:{model}   sorted set: gateway id -> when its membership lapses (unix s)
+
+    Each gateway renews its entry for every model it serves about once a second (`beat`), which
+    also drops lapsed entries and counts the rest; a gateway that stops is forgotten after ttl_s.
+    """
+
+    def __init__(self, redis: aioredis.Redis, gateway_id: str, ttl_s: float = DEFAULT_TTL_S) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self._redis = redis
+        self.gateway_id = gateway_id
+        self.ttl_s = ttl_s
+        self._counts: dict[str, int] = {}
+
+    def count(self, model: str) -> int:
+        """Live gateways serving `model`, this one included, as of the last beat (1 before any)."""
+        return self._counts.get(model, 1)
+
+    async def beat(self, models: list[str], now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for model in models:
+                pipe.zadd(gateways_key(model), {self.gateway_id: now + self.ttl_s})
+                pipe.zremrangebyscore(gateways_key(model), "-inf", now)
+                pipe.zcard(gateways_key(model))
+            results = await pipe.execute()
+        self._counts = {model: max(int(results[3 * i + 2]), 1) for i, model in enumerate(models)}
+        return dict(self._counts)
+
+    async def leave(self) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for model in self._counts:
+                pipe.zrem(gateways_key(model), self.gateway_id)
+            await pipe.execute()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,14 +14,14 @@ from opentelemetry import trace
 
 from accounting.budgets import Budgets
 from accounting.ledger import Ledger
-from accounting.recorder import UsageRecorder
+from accounting.recorder import UNREACHABLE, UsageRecorder
 from accounting.spool import Spool
 from fareway.auth import KeyStore
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.registry import WorkerRegistry
+from fareway.registry import GatewayPeers, WorkerRegistry
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
@@ -127,11 +128,13 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     metrics = metrics or GatewayMetrics()
     metrics.observe_pool(lambda: list(pool.endpoints))
     fairness = None
+    peers = GatewayPeers(redis, f"gateway-{uuid.uuid4().hex[:12]}")
     if config.fairness is not None:
         factor = config.fairness.capacity_factor
-        # No sequence slots known (no worker up): nothing is held back, and the request fails as it would.
-        fairness = FairScheduler(config.fairness,
-                                 lambda model: math.ceil(n * factor) if (n := pool.num_sequence_slots(model)) else None)
+        # Each replica runs its share of the fleet's sequence slots. No slots known (no worker up):
+        # nothing is held back, and the request fails as it would.
+        fairness = FairScheduler(config.fairness, lambda model: math.ceil(n * factor / peers.count(model))
+                                 if (n := pool.num_sequence_slots(model)) else None)
         metrics.observe_queues(fairness.depths)
     keys = KeyStore(redis, config.key_cache_ttl_s)
     servicer = InferenceServicer(keys, pool, Dispatcher(config, pool, recorder, idempotency, guard,
@@ -149,12 +152,27 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     await pool.start()
     recorder.start_replaying()
     revocations = asyncio.create_task(keys.watch_revocations())
+    counting = asyncio.create_task(_count_peers(peers, pool)) if fairness is not None else None
     try:
         yield server
     finally:
-        revocations.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await revocations
+        for task in (revocations, counting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if counting is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                await peers.leave()
         await server.stop()
         await recorder.stop()
         await pool.close()
+
+
+async def _count_peers(peers: GatewayPeers, pool: WorkerPool, interval_s: float = 1.0) -> None:
+    """Keeps the count of gateways per served model current; while Redis is unreachable the last
+    counts stand."""
+    while True:
+        with contextlib.suppress(*UNREACHABLE):
+            await peers.beat(sorted(pool.models()))
+        await asyncio.sleep(interval_s)

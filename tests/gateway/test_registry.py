@@ -111,3 +111,36 @@ def test_a_configured_worker_that_also_registers_is_one_worker_with_its_publishe
             wait_for(lambda: num_workers(client) == 2)
             time.sleep(0.5)  # a few more registry polls: still two, not three
             assert num_workers(client) == 2
+
+
+def test_gateway_replicas_count_each_other_to_share_the_fleet(with_redis) -> None:  # noqa: ANN001
+    """Each gateway queues for its share of a model's sequence slots: it counts the live replicas
+    serving that model."""
+    from fareway.registry import GatewayPeers
+
+    async def body(client) -> None:  # noqa: ANN001
+        first, second = GatewayPeers(client, "g1", ttl_s=0.5), GatewayPeers(client, "g2", ttl_s=0.5)
+        assert first.count("m") == 1 and await first.beat(["m", "other"]) == {"m": 1, "other": 1}
+        assert await second.beat(["m"]) == {"m": 2} and await first.beat(["m", "other"]) == {"m": 2, "other": 1}
+        await second.leave()
+        assert (await first.beat(["m"]))["m"] == 1
+        await second.beat(["m"])
+        await asyncio.sleep(0.7)            # g2 stops beating: it lapses
+        assert await first.beat(["m"]) == {"m": 1} and first.count("m") == 1
+    with_redis(body)
+
+
+def test_running_gateways_register_as_peers_of_their_model(background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(redis_url)
+    peers = "fw:registry:gateways:tiny-llama"
+    with tiny_workers(background_loop, tiny_checkpoint, 1) as workers:
+        address = (workers[0].address,)
+        with gateway(background_loop, redis_url, address), gateway(background_loop, redis_url, address):
+            deadline = time.monotonic() + 5
+            while client.zcard(peers) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert client.zcard(peers) == 0   # both left as they stopped
+    client.close()
