@@ -8,6 +8,7 @@ import logging
 
 from fareway.config import RedisConfig, TelemetryConfig
 from fareway.process import wait_for_shutdown_signal
+from fareway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ async def serve(listen: str, redis_config: RedisConfig, reservation_max_age_s: f
         try:
             await wait_for_shutdown_signal()
         finally:
-            sweeper.cancel()
+            await stop_task(sweeper)
             await server.stop()
             await redis.aclose()
 

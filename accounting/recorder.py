@@ -16,6 +16,7 @@ from accounting.pricebook import PriceBook, price_record
 from accounting.pricebook_store import PriceBookCache, PriceBookStore
 from accounting.records import UsageRecord
 from accounting.spool import Spool
+from fareway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,7 @@ class UsageRecorder:
 
     async def stop(self) -> None:
         if self._replayer is not None:
-            self._replayer.cancel()
-            try:
-                await self._replayer
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._replayer)
             self._replayer = None
 
     async def _replay_forever(self, interval_s: float) -> None:

@@ -164,6 +164,7 @@ class GatewayPeers:
         self.gateway_id = gateway_id
         self.ttl_s = ttl_s
         self._counts: dict[str, int] = {}
+        self._announced: set[str] = set()  # every model an entry may have been written for
 
     def count(self, model: str) -> int:
         """Live gateways serving `model`, this one included, as of the last beat (1 before any)."""
@@ -171,6 +172,7 @@ class GatewayPeers:
 
     async def beat(self, models: list[str], now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
+        self._announced.update(models)  # before sending: a beat cut off mid-reply may have landed
         async with self._redis.pipeline(transaction=True) as pipe:
             for model in models:
                 pipe.zadd(gateways_key(model), {self.gateway_id: now + self.ttl_s})
@@ -182,6 +184,6 @@ class GatewayPeers:
 
     async def leave(self) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            for model in self._counts:
+            for model in self._announced:
                 pipe.zrem(gateways_key(model), self.gateway_id)
             await pipe.execute()

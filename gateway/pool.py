@@ -17,7 +17,6 @@ workers' load is polled with their model info at each refresh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -28,8 +27,9 @@ import grpc
 import redis.exceptions
 
 from fareway.errors import NotFound, Unavailable
-from fareway.tls import ChannelTls, aio_channel
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
+from fareway.tasks import stop_task
+from fareway.tls import ChannelTls, aio_channel
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
 from gateway.routing import Route, Router
@@ -142,9 +142,7 @@ class WorkerPool:
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         for endpoint in self.endpoints:
             await endpoint.channel.close()
 

@@ -22,6 +22,7 @@ from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.registry import GatewayPeers, WorkerRegistry
+from fareway.tasks import stop_task
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
@@ -158,9 +159,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     finally:
         for task in (revocations, counting):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
         if counting is not None:
             with contextlib.suppress(*UNREACHABLE):
                 await peers.leave()

@@ -29,7 +29,18 @@ class BackgroundLoop:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            self.print_tasks()  # what the loop is stuck on, for the failure's report
+            raise
+
+    def print_tasks(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            print(f"task {task.get_name()}: {task.get_coro()!r}")
+            for frame in task.get_stack():
+                print(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -5,13 +5,13 @@ them were idle (accounting/capacity.py prices the idle part)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 import redis.exceptions
 
 from accounting.capacity import CapacityStore, WorkerInfo
+from fareway.tasks import stop_task
 from workers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ class CapacityReporter:
     async def stop(self) -> None:
         """Stops reporting after a last report (call after the engine has stopped)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         if self._last is not None:
             await self.report()

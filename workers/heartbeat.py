@@ -4,7 +4,6 @@ publishes its load about once a second, and takes it out first at shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -13,6 +12,7 @@ import redis.exceptions
 
 from accounting.pricebook_store import PriceBookStore
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
+from fareway.tasks import stop_task
 from workers.engine.llm_engine import LoadSnapshot
 from workers.worker import Worker
 
@@ -114,9 +114,7 @@ class RegistryHeartbeat:
     async def pause(self) -> None:
         """Stops heartbeating without deregistering: the entry expires after the TTL."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
 
     async def _beat_forever(self) -> None:

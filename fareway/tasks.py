@@ -1,0 +1,19 @@
+"""Stopping background tasks reliably."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def stop_task(task: asyncio.Task, retry_s: float = 0.5) -> None:
+    """Cancels `task` and waits until it has ended, cancelling again every `retry_s`.
+
+    One cancel is not always enough: redis-py can swallow a cancel that lands while one of its
+    reads runs under a timeout (redis/redis-py#2028, #2551), and the task then runs on, e.g. into
+    a pub/sub listen that never returns. An exception the task ended with is raised here.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry_s)
+    if not task.cancelled():
+        task.result()
