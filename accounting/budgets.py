@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from accounting.pricebook import NANO_USD_PER_USD
 from accounting.records import UsageRecord
+from fareway.redis_batch import batched_script
 
 BASES = ("cost", "list")
 TEAM_SCOPE = "team"
@@ -206,8 +207,8 @@ class BudgetRefused(Exception):
 class Budgets:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._reserve = redis.register_script(_RESERVE_SCRIPT)
-        self._release = redis.register_script(_RELEASE_SCRIPT)
+        self._reserve = batched_script(redis, _RESERVE_SCRIPT)
+        self._release = batched_script(redis, _RELEASE_SCRIPT)
 
     async def set(self, budget: Budget) -> None:
         await self._redis.hset(budgets_key(budget.team), budget.scope, budget.encode())

@@ -15,6 +15,7 @@ and the month's spend, and release the request's budget reservation.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 from accounting import budgets
 from accounting.records import UsageRecord
 from accounting.rollups import METRICS, bucket, bucket_start, cell_field, metric_values
+from fareway.redis_batch import batched_script, batcher_for
 
 TEAMS_KEY = "fw:teams"
 DEFAULT_RETENTION_DAYS = 400
@@ -107,7 +109,8 @@ class Ledger:
     def __init__(self, redis: aioredis.Redis, config: LedgerConfig | None = None) -> None:
         self._redis = redis
         self.config = config or LedgerConfig()
-        self._record = redis.register_script(_RECORD_SCRIPT)
+        self._record = batched_script(redis, _RECORD_SCRIPT)
+        self._batcher = batcher_for(redis)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -129,9 +132,10 @@ class Ledger:
     async def record(self, record: UsageRecord, now: float | None = None) -> bool:
         """Records a priced usage record unless its request was already recorded; True if it was new."""
         args = self._header(now if now is not None else record.ended_at, 1) + self._args(record)
-        added = await self._record(keys=[team_prefix(record.team)], args=args)
-        # Outside the script: a global key would put the script across Cluster slots.
-        await self._redis.sadd(TEAMS_KEY, record.team)
+        # The team's set is outside the script (a global key would put the script across Cluster
+        # slots), in the same round trip.
+        added, _ = await asyncio.gather(self._record(keys=[team_prefix(record.team)], args=args),
+                                        self._batcher.command("SADD", TEAMS_KEY, record.team))
         return bool(added)
 
     async def record_many(self, records: Sequence[UsageRecord], now: float | None = None) -> int:

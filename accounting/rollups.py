@@ -20,6 +20,7 @@ from the ledger.
 from __future__ import annotations
 
 import calendar
+import functools
 import json
 import re
 import datetime as dt
@@ -97,8 +98,10 @@ def hour_bucket(unix_seconds: float) -> str:
     return bucket("h", unix_seconds)
 
 
+@functools.lru_cache(maxsize=4096)
 def bucket_start(name: str) -> float:
-    """The start of a bucket of any level, from its name."""
+    """The start of a bucket of any level, from its name (cached: every record asks for its hour's
+    and month's, and strptime is slow)."""
     level = {7: "m", 13: "h"}[len(name)]
     return dt.datetime.strptime(name, LEVELS[level]).replace(tzinfo=dt.UTC).timestamp()
 

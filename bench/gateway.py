@@ -6,7 +6,9 @@ tokenizer), the client in this one:
    a budget, usage accounting and idempotency-free dispatch, all on) minus the same
    request sent to the worker directly; alternating, p50 and p99 of each.
 2. Requests per second one gateway process sustains with 32 concurrent grpc.aio
-   clients, vs the same clients on the worker directly (alternating rounds).
+   clients, vs the same clients on the worker directly (alternating rounds); and the
+   gateway process's CPU time per request in those rounds (from /proc), which bounds
+   what one core given to the gateway alone would sustain.
 3. Prefix-affinity vs round-robin routing over 2 workers (prefix caching on):
    4 shared system prompts x 3 teams with varied user questions; fleet prefix-cache
    hit rate (cached / prompt tokens over the responses) and requests per second.
@@ -101,6 +103,7 @@ class Processes:
     def __init__(self, data: Path, redis_url: str) -> None:
         self.data, self.redis_url = data, redis_url
         self.children: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
 
     def _spawn(self, args: list[str], name: str, threads: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "REDIS_URL": self.redis_url, "FAREWAY_DATA_DIR": str(self.data),
@@ -109,6 +112,7 @@ class Processes:
         child = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
         self.children.append(child)
+        self.pids[name] = child.pid
         return child
 
     def worker(self, size: str, kv_bytes: int, name: str) -> str:
@@ -216,6 +220,12 @@ class Sides:
         await self.gateway_channel.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -235,8 +245,10 @@ async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
     return out
 
 
-async def rate(call, seconds: float, concurrency: int = CONCURRENCY) -> float:  # noqa: ANN001 - async () -> None
-    """Completed requests per second with `concurrency` clients calling back to back."""
+async def rate(call, seconds: float, concurrency: int = CONCURRENCY,  # noqa: ANN001 - async () -> None
+               counted: list[int] | None = None) -> float:
+    """Completed requests per second with `concurrency` clients calling back to back (their number is
+    appended to `counted`)."""
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -247,16 +259,25 @@ async def rate(call, seconds: float, concurrency: int = CONCURRENCY) -> float:  
             done += 1
     began = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
+    if counted is not None:
+        counted.append(done)
     return done / (time.perf_counter() - began)
 
 
-async def rates(sides: Sides, rounds: int, seconds: float) -> dict[str, list[float]]:
+async def rates(sides: Sides, rounds: int, seconds: float, gateway_pid: int) -> dict[str, list[float]]:
+    """Requests per second of each side; "cpu_ms" has the gateway process's CPU per request in its rounds."""
     await rate(sides.direct, 1.0)
     await rate(sides.through_gateway, 1.0)
-    out: dict[str, list[float]] = {"direct": [], "gateway": []}
+    out: dict[str, list[float]] = {"direct": [], "gateway": [], "cpu_ms": []}
     for i in range(rounds):
         for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
-            out[name].append(await rate(sides.direct if name == "direct" else sides.through_gateway, seconds))
+            if name == "direct":
+                out[name].append(await rate(sides.direct, seconds))
+                continue
+            counted: list[int] = []
+            cpu = cpu_seconds(gateway_pid)
+            out[name].append(await rate(sides.through_gateway, seconds, counted=counted))
+            out["cpu_ms"].append((cpu_seconds(gateway_pid) - cpu) * 1000 / counted[0])
     return out
 
 
@@ -337,7 +358,7 @@ async def run(quick: bool) -> dict[str, object]:
 
             sides = Sides(tiny, front, key, "bench", info.model)
             lat = await latencies(sides, samples)
-            rps = await rates(sides, rounds, seconds)
+            rps = await rates(sides, rounds, seconds, procs.pids["gateway-tiny"])
             await sides.close()
 
             hits: dict[str, list[float]] = {p: [] for p in routed}
@@ -378,6 +399,8 @@ async def run(quick: bool) -> dict[str, object]:
         "latency_samples": samples,
         "direct_requests_per_s": round(rps_m["direct"]),
         "requests_per_s_vs_direct": round(rps_m["gateway"] / rps_m["direct"], 3),
+        "gateway_cpu_ms_per_request": round(rps_m["cpu_ms"], 3),
+        "requests_per_s_per_gateway_core": round(1000 / rps_m["cpu_ms"]),
         "concurrency": CONCURRENCY,
         "affinity_hit_rate": round(hit_m[aff], 4), "round_robin_hit_rate": round(hit_m[rr], 4),
         "affinity_requests_per_s": round(tput_m[aff], 2), "round_robin_requests_per_s": round(tput_m[rr], 2),
@@ -413,6 +436,9 @@ def main() -> None:
         (f"requests/s, {f['concurrency']} clients, one gateway", f"{f['requests_per_s']:,} "
                                                                 f"({f['requests_per_s_vs_direct']:.2f}x direct; "
                                                                 "target >= 1,000)"),
+        ("gateway CPU per request", f"{f['gateway_cpu_ms_per_request']:.2f} ms at {f['concurrency']} clients: "
+                                    f"one core would sustain ~{f['requests_per_s_per_gateway_core']:,} requests/s "
+                                    "if the gateway had it to itself"),
         ("2 workers, prefix-affinity", f"hit rate {f['affinity_hit_rate']:.1%}, "
                                        f"{f['affinity_requests_per_s']:.1f} requests/s"),
         ("2 workers, round-robin", f"hit rate {f['round_robin_hit_rate']:.1%}, "

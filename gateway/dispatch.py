@@ -193,11 +193,22 @@ class Dispatcher:
         (RESOURCE_EXHAUSTED past either)."""
         endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
-        run.hold = await self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
-                                                context.time_remaining())
         book = await self.recorder.prices.get()
-        run.reservation = await self.budget_guard.admit(run.tenant, run.request_id, run.request, book,
-                                                        context_length)
+        # Side by side, so both scripts share one Redis round trip (fareway/redis_batch.py). What one
+        # admitted is undone when the other refuses: the hold is settled and the reservation released
+        # as for any request that never ran.
+        hold, reservation = await asyncio.gather(
+            self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
+                                   context.time_remaining()),
+            self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length),
+            return_exceptions=True)
+        if not isinstance(hold, BaseException):
+            run.hold = hold
+        if not isinstance(reservation, BaseException):
+            run.reservation = reservation
+        for outcome in (hold, reservation):  # a rate limit is named before a budget
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _wait_turn(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         """Past the workers' capacity, waits for the tenant's fair turn (gateway/fairness.py)."""
@@ -275,8 +286,14 @@ class Dispatcher:
 
     async def _finish(self, run: _Run, status: grpc.StatusCode, finish_reason: int,
                       response: pb.GenerateResponse | None, message: str = "") -> None:
-        """Writes the usage record (spooled if Redis is down), then the idempotency outcome."""
-        self.metrics.finished(await self.recorder.record(run.record(status, finish_reason)))
+        """Writes the usage record (spooled if Redis is down) and settles the request's limits, in one
+        round trip; then the idempotency outcome."""
+        record = self.recorder.record(run.record(status, finish_reason))
+        if run.hold is None:
+            priced = await record
+        else:
+            priced, _ = await asyncio.gather(record, self.limit_guard.settle(run.hold, run.usage))
+        self.metrics.finished(priced)
         if run.request.request_id:
             try:
                 await self.idempotency.complete(run.tenant, run.request.request_id,

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from fareway.auth import Tenant
 from fareway.errors import Aborted, FarewayError
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.redis_batch import batched_script
 
 # KEYS[1] claim key; ARGV[1] lease seconds. Returns {} when claimed, else the stored hash.
 _CLAIM_SCRIPT = """
@@ -40,7 +41,7 @@ class Outcome:
 class IdempotencyStore:
     def __init__(self, redis: aioredis.Redis, *, ttl_s: int, lease_s: int) -> None:
         self._redis = redis
-        self._claim = redis.register_script(_CLAIM_SCRIPT)
+        self._claim = batched_script(redis, _CLAIM_SCRIPT)
         self._ttl_s = ttl_s
         self._lease_s = lease_s
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from fareway.redis_batch import batched_script
+
 TEAM_SCOPE = "team"
 NO_LIMIT = -1
 _US_PER_MINUTE = 60_000_000
@@ -250,8 +252,8 @@ class RateLimiter:
     def __init__(self, redis: aioredis.Redis, slot_lease_s: float = 900.0) -> None:
         self.slot_lease_s = slot_lease_s
         """How long a concurrency slot lasts if its gateway never releases it (it died)."""
-        self._admit = redis.register_script(_ADMIT_SCRIPT)
-        self._settle = redis.register_script(_SETTLE_SCRIPT)
+        self._admit = batched_script(redis, _ADMIT_SCRIPT)
+        self._settle = batched_script(redis, _SETTLE_SCRIPT)
 
     async def admit(self, team: str, request_id: str, limits: list[Limits], tokens: int, *,
                     lease_s: float | None = None, now_us: int | None = None) -> Hold:
