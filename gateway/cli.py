@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share fairly among teams, or among team/project pairs (default: %(default)s)")
     parser.add_argument("--fair-token-weights", type=float, nargs=2, default=(1.0, 2.0), metavar=("PROMPT", "COMPLETION"),
                         help="service counted per prompt and per completion token (default: 1 2)")
+    parser.add_argument("--fair-sync-interval", type=float, default=0.25, metavar="SECONDS",
+                        help="how often the fair-share counters are synced with the other gateway replicas through "
+                             "Redis; 0 counts this replica's service alone (default: %(default)s)")
 
 
 def _workers(args: argparse.Namespace, registry: bool) -> tuple[str, ...]:
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                            limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache, fairness=FairnessConfig(
                                capacity_factor=args.fair_capacity, prompt_token_weight=args.fair_token_weights[0],
                                completion_token_weight=args.fair_token_weights[1],
-                               by_project=args.fair_share == "project") if args.fairness else None)
+                               by_project=args.fair_share == "project", sync_interval_s=args.fair_sync_interval)
+                           if args.fairness else None)
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

@@ -18,7 +18,11 @@ becomes backlogged is lifted to the smallest counter among the backlogged
 tenants (or, when none is, to the counter of the tenant that last left the
 queue), so time spent idle is not banked as credit to flood with later.
 
-Counters live in one gateway process; each replica shares its own capacity.
+Each gateway replica runs its share of the model's capacity, and the replicas
+share the counters through Redis (gateway/fair_counters.py): a tenant served on
+one replica is behind on every other, so a tenant whose client holds its
+connection to one replica still gets its share there while a flood spreads
+across all of them. Without Redis (or between syncs) a replica counts alone.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ class FairnessConfig:
     """w_q: service counted per completion token (decoding costs more per token than prefill)."""
     by_project: bool = False
     """Share among team/project pairs rather than among teams."""
+    sync_interval_s: float = 0.25
+    """How often the counters are synced with the other replicas through Redis; 0: this replica counts alone."""
 
     def __post_init__(self) -> None:
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
         if self.prompt_token_weight < 0 or self.completion_token_weight < 0:
             raise ValueError("token weights must be >= 0")
+        if self.sync_interval_s < 0:
+            raise ValueError(f"sync_interval_s must be >= 0, got {self.sync_interval_s}")
         if self.prompt_token_weight + self.completion_token_weight == 0:
             raise ValueError("at least one token weight must be positive")
 
@@ -73,6 +81,26 @@ def estimate_prompt_tokens(prompt_bytes: int) -> int:
     return max(1, prompt_bytes // _BYTES_PER_TOKEN)
 
 
+class Counters:
+    """Each tenant's service received, normalized by its weight: the virtual token counters."""
+
+    def __init__(self) -> None:
+        self._values: dict[Tenant, float] = {}
+
+    def get(self, tenant: Tenant) -> float:
+        return self._values.get(tenant, 0.0)
+
+    def tenants(self) -> list[Tenant]:
+        return list(self._values)
+
+    def add(self, tenant: Tenant, amount: float) -> None:
+        self._values[tenant] = self.get(tenant) + amount
+
+    def lift(self, tenant: Tenant, floor: float) -> None:
+        """Raises the tenant's counter to `floor` if it is below."""
+        self._values[tenant] = max(self.get(tenant), floor)
+
+
 class Slot:
     """A running request's place in its model's capacity; charges its tenant as it is served."""
 
@@ -88,7 +116,7 @@ class Slot:
         added = (self._queue.config.prompt_token_weight * (prompt_tokens - self.prompt_tokens)
                  + self._queue.config.completion_token_weight * (completion_tokens - self.completion_tokens))
         self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
-        self._queue.counters[self.share.tenant] += added / self.share.weight
+        self._queue.counters.add(self.share.tenant, added / self.share.weight)
 
     def release(self) -> None:
         """Frees the slot for the next queued request (once)."""
@@ -107,11 +135,12 @@ class _Waiter:
 class FairQueue:
     """One model's capacity, shared by VTC across tenants. Not thread-safe: one event loop."""
 
-    def __init__(self, capacity: Callable[[], int | None], config: FairnessConfig | None = None) -> None:
+    def __init__(self, capacity: Callable[[], int | None], config: FairnessConfig | None = None,
+                 counters: Counters | None = None) -> None:
         self._capacity = capacity
         """Requests allowed to run at once now; None: no bound (nothing is known of the workers)."""
         self.config = config or FairnessConfig()
-        self.counters: dict[Tenant, float] = {}
+        self.counters = counters if counters is not None else Counters()
         self._backlog: dict[Tenant, deque[_Waiter]] = {}
         """Only tenants with requests waiting."""
         self._last_left: Tenant | None = None
@@ -119,7 +148,7 @@ class FairQueue:
 
     def depth(self) -> dict[Tenant, int]:
         """Requests waiting, per tenant seen (0 when none are)."""
-        return {tenant: len(self._backlog.get(tenant, ())) for tenant in self.counters}
+        return {tenant: len(self._backlog.get(tenant, ())) for tenant in self.counters.tenants()}
 
     async def acquire(self, share: Share, prompt_tokens_estimate: int = 1) -> Slot:
         """Waits for the request's turn; cancelling the wait leaves the queue as if it never came."""
@@ -142,7 +171,7 @@ class FairQueue:
     def dispatch(self) -> None:
         """Lets queued requests run while there is room (call it when capacity may have grown)."""
         while self._backlog and self._has_room():
-            tenant = min(self._backlog, key=lambda t: (-self._backlog[t][0].share.priority, self.counters[t]))
+            tenant = min(self._backlog, key=lambda t: (-self._backlog[t][0].share.priority, self.counters.get(t)))
             waiters = self._backlog[tenant]
             waiter = waiters.popleft()
             if not waiters:
@@ -157,14 +186,14 @@ class FairQueue:
     def _enqueue(self, waiter: _Waiter) -> None:
         tenant = waiter.share.tenant
         if tenant not in self._backlog:
-            self.counters[tenant] = max(self.counters.get(tenant, 0.0), self._lift_to())
+            self.counters.lift(tenant, self._lift_to())
             self._backlog[tenant] = deque()
         self._backlog[tenant].append(waiter)
 
     def _lift_to(self) -> float:
         if self._backlog:
-            return min(self.counters[t] for t in self._backlog)
-        return self.counters.get(self._last_left, 0.0) if self._last_left is not None else 0.0
+            return min(self.counters.get(t) for t in self._backlog)
+        return self.counters.get(self._last_left) if self._last_left is not None else 0.0
 
     def _remove(self, waiter: _Waiter) -> None:
         tenant = waiter.share.tenant
@@ -185,14 +214,17 @@ class FairQueue:
 class FairScheduler:
     """A FairQueue per model, created as models are first asked for."""
 
-    def __init__(self, config: FairnessConfig, capacity: Callable[[str], int | None]) -> None:
+    def __init__(self, config: FairnessConfig, capacity: Callable[[str], int | None],
+                 counters: Callable[[str], Counters] = lambda model: Counters()) -> None:
         self.config = config
         self._capacity = capacity
+        self._counters = counters
+        """Each model's counters (shared with the other replicas, or this process's own)."""
         self.queues: dict[str, FairQueue] = {}
 
     def queue(self, model: str) -> FairQueue:
         if model not in self.queues:
-            self.queues[model] = FairQueue(lambda: self._capacity(model), self.config)
+            self.queues[model] = FairQueue(lambda: self._capacity(model), self.config, self._counters(model))
         return self.queues[model]
 
     def tenant(self, team: str, project: str) -> Tenant:

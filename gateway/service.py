@@ -28,6 +28,7 @@ from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard
 from gateway.config import GatewayConfig
 from gateway.dispatch import Delta, Dispatcher, Final, copy_input
+from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import FairScheduler
 from gateway.idempotency import IdempotencyStore
 from gateway.limit_guard import LimitGuard
@@ -128,14 +129,17 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
     metrics = metrics or GatewayMetrics()
     metrics.observe_pool(lambda: list(pool.endpoints))
-    fairness = None
+    fairness = shared = None
     peers = GatewayPeers(redis, f"gateway-{uuid.uuid4().hex[:12]}")
     if config.fairness is not None:
         factor = config.fairness.capacity_factor
+        if config.fairness.sync_interval_s:
+            shared = SharedCounterStore(redis, config.fairness.sync_interval_s)
         # Each replica runs its share of the fleet's sequence slots. No slots known (no worker up):
         # nothing is held back, and the request fails as it would.
         fairness = FairScheduler(config.fairness, lambda model: math.ceil(n * factor / peers.count(model))
-                                 if (n := pool.num_sequence_slots(model)) else None)
+                                 if (n := pool.num_sequence_slots(model)) else None,
+                                 **({"counters": shared.counters} if shared else {}))
         metrics.observe_queues(fairness.depths)
     keys = KeyStore(redis, config.key_cache_ttl_s)
     servicer = InferenceServicer(keys, pool, Dispatcher(config, pool, recorder, idempotency, guard,
@@ -154,10 +158,11 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     recorder.start_replaying()
     revocations = asyncio.create_task(keys.watch_revocations())
     counting = asyncio.create_task(_count_peers(peers, pool)) if fairness is not None else None
+    syncing = asyncio.create_task(shared.sync_forever()) if shared is not None else None
     try:
         yield server
     finally:
-        for task in (revocations, counting):
+        for task in (revocations, counting, syncing):
             if task is not None:
                 await stop_task(task)
         if counting is not None:
