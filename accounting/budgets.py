@@ -20,8 +20,11 @@ the reservation is a true upper bound, so they cannot overshoot at all.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -58,7 +61,12 @@ def reservation_field(project: str, request_id: str) -> str:
 
 
 def month_of(unix_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(unix_seconds, dt.UTC).strftime("%Y-%m")
+    return _month_of_hour(int(unix_seconds // 3600))
+
+
+@functools.lru_cache(maxsize=1024)
+def _month_of_hour(hour: int) -> str:
+    return dt.datetime.fromtimestamp(hour * 3600, dt.UTC).strftime("%Y-%m")
 
 
 def spend_increments(record: UsageRecord) -> list[tuple[str, int]]:
@@ -233,16 +241,20 @@ class Budgets:
         Raises BudgetRefused if a hard limit would be passed; returns a
         Reservation with an empty month when no budget applies.
         """
+        return await self.reserve_soon(team, project, request_id, max_cost_nusd=max_cost_nusd,
+                                       max_list_nusd=max_list_nusd, now=now)
+
+    def reserve_soon(self, team: str, project: str, request_id: str, *, max_cost_nusd: int,
+                     max_list_nusd: int, now: float | None = None) -> Coroutine[Any, Any, Reservation]:
+        """`reserve`, with its script queued at once (fareway/redis_batch.py): calls queued after it in
+        the same turn of the loop share its round trip. Await what it returns."""
         now = time.time() if now is None else now
         month = month_of(now)
         field = reservation_field(project, request_id)
-        result = await self._reserve(
+        result = self._reserve(
             keys=[budgets_key(team), spend_key(team, month), reservations_key(team), alerts_key(team)],
             args=[field, project_scope(project), max_cost_nusd, max_list_nusd, f"{now:.3f}", month])
-        if int(result[0]) == 0:
-            _, scope, hard, spent, reserved, basis = result
-            raise BudgetRefused(Refusal(scope, int(hard), int(spent), int(reserved), basis))
-        return Reservation(month if int(result[0]) == 1 else "", field)
+        return _reserved(result, month, field)
 
     async def release(self, team: str, reservation: Reservation) -> bool:
         """Returns a reservation whose request never ran (so no usage record will settle it)."""
@@ -264,3 +276,12 @@ class Budgets:
 
     async def alerts(self, team: str) -> list[dict[str, str]]:
         return [values for _, values in await self._redis.xrange(alerts_key(team))]
+
+
+async def _reserved(result: Awaitable[list[Any]], month: str, field: str) -> Reservation:
+    """What the reservation script answered, as a Reservation or a BudgetRefused."""
+    answer = await result
+    if int(answer[0]) == 0:
+        _, scope, hard, spent, reserved, basis = answer
+        raise BudgetRefused(Refusal(scope, int(hard), int(spent), int(reserved), basis))
+    return Reservation(month if int(answer[0]) == 1 else "", field)

@@ -91,7 +91,13 @@ _METRIC_INDEX = {name: i for i, name in enumerate(METRICS)}
 
 
 def bucket(level: str, unix_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(unix_seconds, dt.UTC).strftime(LEVELS[level])
+    return _hour_bucket(level, int(unix_seconds // 3600))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hour_bucket(level: str, hour: int) -> str:
+    """Every level's bucket is a whole number of UTC hours: one formatting per hour, not per record."""
+    return dt.datetime.fromtimestamp(hour * 3600, dt.UTC).strftime(LEVELS[level])
 
 
 def hour_bucket(unix_seconds: float) -> str:

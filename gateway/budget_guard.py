@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from accounting.budgets import BudgetRefused, Budgets, Reservation
 from accounting.pricebook import NANO_USD_PER_USD, PriceBook
@@ -41,9 +43,12 @@ class BudgetGuard:
     """What a "cost" (cost to serve) budget holds per token while a request runs: an estimate,
     since GPU time is only known afterwards. "list" budgets hold an exact upper bound."""
 
-    async def admit(self, tenant: Tenant, request_id: str, request: pb.GenerateRequest | pb.GenerateStreamRequest,
-                    book: PriceBook, context_length: int) -> Reservation:
-        """Reserves the request's maximum cost; raises RESOURCE_EXHAUSTED naming the budget it would pass."""
+    def admit(self, tenant: Tenant, request_id: str, request: pb.GenerateRequest | pb.GenerateStreamRequest,
+              book: PriceBook, context_length: int) -> Coroutine[Any, Any, Reservation]:
+        """Reserves the request's maximum cost; raises RESOURCE_EXHAUSTED naming the budget it would pass.
+
+        The reservation is queued before this returns (fareway/redis_batch.py), so Redis calls queued
+        before awaiting the result share its round trip."""
         prompt = max_prompt_tokens(request)
         completion = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else context_length
         completion = max(0, min(completion, context_length))
@@ -51,15 +56,22 @@ class BudgetGuard:
         price = book.model_price(request.model, now)
         max_list = price.list_price_nusd(prompt, 0, completion) if price else 0
         max_cost = round((prompt + completion) * self.cost_reserve_usd_per_million_tokens * NANO_USD_PER_USD / 1e6)
-        try:
-            return await self.budgets.reserve(tenant.team, tenant.project, request_id,
+        reserving = self.budgets.reserve_soon(tenant.team, tenant.project, request_id,
                                               max_cost_nusd=max_cost, max_list_nusd=max_list, now=now)
-        except BudgetRefused as refused:
-            r = refused.refusal
-            scope = f"team {tenant.team}" if r.scope == "team" else f"project {tenant.team}/{r.scope[8:]}"
-            raise ResourceExhausted(
-                f"the monthly {r.basis} budget of {scope} would be passed: ${r.spent_nusd / 1e9:.6f} spent and "
-                f"${r.reserved_nusd / 1e9:.6f} held by running requests of ${r.hard_nusd / 1e9:.2f}; this request "
-                "may cost up to "
-                f"${(max_list if r.basis == 'list' else max_cost) / 1e9:.6f} (lower max_tokens, or raise the budget)",
-                subject=f"budget:{tenant.team}" + ("" if r.scope == "team" else f"/{r.scope[8:]}")) from None
+        return _admitted(reserving, tenant, max_cost_nusd=max_cost, max_list_nusd=max_list)
+
+
+async def _admitted(reserving: Awaitable[Reservation], tenant: Tenant, *, max_cost_nusd: int,
+                    max_list_nusd: int) -> Reservation:
+    try:
+        return await reserving
+    except BudgetRefused as refused:
+        r = refused.refusal
+        scope = f"team {tenant.team}" if r.scope == "team" else f"project {tenant.team}/{r.scope[8:]}"
+        raise ResourceExhausted(
+            f"the monthly {r.basis} budget of {scope} would be passed: ${r.spent_nusd / 1e9:.6f} spent and "
+            f"${r.reserved_nusd / 1e9:.6f} held by running requests of ${r.hard_nusd / 1e9:.2f}; this request "
+            "may cost up to "
+            f"${(max_list_nusd if r.basis == 'list' else max_cost_nusd) / 1e9:.6f} (lower max_tokens, or raise "
+            "the budget)",
+            subject=f"budget:{tenant.team}" + ("" if r.scope == "team" else f"/{r.scope[8:]}")) from None

@@ -185,7 +185,7 @@ class Dispatcher:
             # its tokens are settled to what it used and its concurrency slots are freed.
             if run.slot is not None:
                 run.slot.release()
-            if run.hold is not None:
+            if run.hold is not None and not run.hold.settled:
                 await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
     async def _admit(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
@@ -194,21 +194,24 @@ class Dispatcher:
         endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
         book = await self.recorder.prices.get()
-        # Side by side, so both scripts share one Redis round trip (fareway/redis_batch.py). What one
-        # admitted is undone when the other refuses: the hold is settled and the reservation released
-        # as for any request that never ran.
-        hold, reservation = await asyncio.gather(
-            self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
-                                   context.time_remaining()),
-            self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length),
-            return_exceptions=True)
-        if not isinstance(hold, BaseException):
-            run.hold = hold
-        if not isinstance(reservation, BaseException):
-            run.reservation = reservation
-        for outcome in (hold, reservation):  # a rate limit is named before a budget
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # Side by side, so both scripts share one Redis round trip (fareway/redis_batch.py): the budget's
+        # is queued at once, the limits' when their (cached) settings are read. What one admitted is
+        # undone when the other refuses: the hold is settled and the reservation released as for any
+        # request that never ran.
+        reserving = self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)
+        refused: BaseException | None = None
+        try:
+            run.hold = await self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
+                                                    context.time_remaining())
+        except BaseException as exc:  # noqa: BLE001 - raised below, once the reservation is known
+            refused = exc
+        try:
+            run.reservation = await reserving
+        except BaseException:
+            if refused is None:
+                raise
+        if refused is not None:  # a rate limit is named before a budget
+            raise refused
 
     async def _wait_turn(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         """Past the workers' capacity, waits for the tenant's fair turn (gateway/fairness.py)."""
@@ -288,11 +291,13 @@ class Dispatcher:
                       response: pb.GenerateResponse | None, message: str = "") -> None:
         """Writes the usage record (spooled if Redis is down) and settles the request's limits, in one
         round trip; then the idempotency outcome."""
-        record = self.recorder.record(run.record(status, finish_reason))
-        if run.hold is None:
-            priced = await record
-        else:
-            priced, _ = await asyncio.gather(record, self.limit_guard.settle(run.hold, run.usage))
+        # The settlement is queued first and the record when its coroutine runs: one round trip for both.
+        settling = self.limit_guard.settle_soon(run.hold, run.usage) if run.hold is not None else None
+        try:
+            priced = await self.recorder.record(run.record(status, finish_reason))
+        finally:
+            if settling is not None:
+                await settling
         self.metrics.finished(priced)
         if run.request.request_id:
             try:

@@ -6,7 +6,9 @@ The same settings give the tenant's fair share of saturated workers."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from accounting.recorder import UNREACHABLE
 from fareway.auth import Tenant
@@ -65,10 +67,12 @@ class LimitGuard:
     async def settle(self, hold: Hold, usage: pb.Usage) -> None:
         """Settles the request's tokens to its usage and frees its slots; never raises for Redis being away
         (its tokens then stay reserved, and its slots lapse with their lease)."""
-        try:
-            await self.limiter.settle(hold, usage.prompt_tokens + usage.completion_tokens)
-        except UNREACHABLE as exc:
-            log.warning("could not settle the limits of request %s: %s", hold.request_id, exc)
+        await self.settle_soon(hold, usage)
+
+    def settle_soon(self, hold: Hold, usage: pb.Usage) -> Coroutine[Any, Any, None]:
+        """`settle`, with its script queued before this returns: Redis calls queued before awaiting the
+        result share its round trip (fareway/redis_batch.py)."""
+        return _logged(self.limiter.settle_soon(hold, usage.prompt_tokens + usage.completion_tokens), hold)
 
 
 def _refusal(tenant: Tenant, exceeded: Exceeded, completion_tokens: int) -> ResourceExhausted:
@@ -81,3 +85,10 @@ def _refusal(tenant: Tenant, exceeded: Exceeded, completion_tokens: int) -> Reso
     message = (f"{who} is at its limit of {exceeded.value} {_DESCRIBE[exceeded.limit]}; "
                f"retry in {exceeded.retry_after_s:.3f} s")
     return ResourceExhausted(message, subject=subject, retry_after_s=exceeded.retry_after_s)
+
+
+async def _logged(settling: Awaitable[None], hold: Hold) -> None:
+    try:
+        await settling
+    except UNREACHABLE as exc:
+        log.warning("could not settle the limits of request %s: %s", hold.request_id, exc)

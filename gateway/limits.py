@@ -21,7 +21,9 @@ requests waiting for saturated workers (gateway/fairness.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -283,14 +285,24 @@ class RateLimiter:
 
     async def settle(self, hold: Hold, actual_tokens: int, *, now_us: int | None = None) -> None:
         """Corrects the reserved tokens to the actual count and frees the concurrency slots (once)."""
+        await self.settle_soon(hold, actual_tokens, now_us=now_us)
+
+    def settle_soon(self, hold: Hold, actual_tokens: int, *,
+                    now_us: int | None = None) -> Coroutine[Any, Any, None]:
+        """`settle`, with its script queued at once (fareway/redis_batch.py). Await what it returns."""
         if hold.settled or not (hold.tokens or hold.slots):
-            return
+            return _settled(None, hold)
         scopes = sorted(set(hold.tokens) | set(hold.slots))
         args: list[str | int] = [hold.request_id, "" if now_us is None else now_us]
         for scope in scopes:
             reserved, tpm = hold.tokens.get(scope, (0, 0))
             args += [scope, actual_tokens - reserved if tpm else 0, tpm, int(scope in hold.slots)]
-        await self._settle(keys=_keys(hold.team, scopes), args=args)
+        return _settled(self._settle(keys=_keys(hold.team, scopes), args=args), hold)
+
+
+async def _settled(settling: Awaitable[Any] | None, hold: Hold) -> None:
+    if settling is not None:
+        await settling
         hold.settled = True
 
 

@@ -51,11 +51,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
         tenant = await self.keys.authenticate(context.invocation_metadata())
         with _tracer.start_as_current_span("gateway.generate") as span:
-            span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
-                                 "fareway.model": request.model})
+            traced = span.is_recording()  # else nothing exports spans (fareway/telemetry.py)
+            if traced:
+                span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
+                                     "fareway.model": request.model})
             async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
                 async for event in events:
-                    if isinstance(event, Final):
+                    if traced and isinstance(event, Final):
                         # Before the yield: a unary caller stops iterating at the final response.
                         usage = event.response.usage
                         span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens,

@@ -6,35 +6,25 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio
 import redis.exceptions
 
-from fareway.redis_batch import batched_script, batcher_for
-from fareway.redis_store import connect, free_port
+from fareway.redis_batch import batched_script, batcher_for, close_batcher
+from fareway.redis_store import EmbeddedRedis, connect, free_port
 
 INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAILS = "return redis.error_reply('refused: ' .. ARGV[1])"
-
-
-def count_pipelines(client) -> list[int]:  # noqa: ANN001
-    """Counts the pipelines the client opens (each is one round trip)."""
-    opened = [0]
-    pipeline = client.pipeline
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        opened[0] += 1
-        return pipeline(*args, **kwargs)
-    client.pipeline = counting
-    return opened
 
 
 def test_calls_made_together_share_one_round_trip_and_keep_their_own_replies(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         script = batched_script(client, INCR_BY)
         await script(keys=["n"], args=[0])  # Redis now holds the script
-        opened = count_pipelines(client)
+        batcher = batcher_for(client)
+        sent = batcher.num_round_trips
         replies = await asyncio.gather(*(script(keys=["n"], args=[i]) for i in range(1, 11)),
-                                       batcher_for(client).command("GET", "n"))
-        assert opened[0] == 1
+                                       batcher.command("GET", "n"))
+        assert batcher.num_round_trips == sent + 1
         assert replies[:10] == [sum(range(1, i + 1)) for i in range(1, 11)]  # in the order they were made
         assert replies[10] == "55"
     with_redis(body)
@@ -85,3 +75,64 @@ def test_a_caller_that_stops_waiting_does_not_disturb_the_others(with_redis) -> 
         assert await second in (10, 11)  # the first may or may not have reached Redis
         assert await script(keys=["n"], args=[0]) == int(await client.get("n"))
     with_redis(body)
+
+
+def test_a_connection_lost_mid_call_fails_its_callers_and_the_next_call_reconnects(with_redis) -> None:  # noqa: ANN001
+    async def body(client) -> None:  # noqa: ANN001
+        batcher = batcher_for(client)
+        link_id = await batcher.command("CLIENT", "ID")
+        waiting = batcher.command("BLPOP", "never-pushed", 5)  # holds the batcher's connection on the server
+        await asyncio.sleep(0.1)
+        await client.execute_command("CLIENT", "KILL", "ID", link_id)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await asyncio.wait_for(waiting, 2)
+        assert await batcher.command("CLIENT", "ID") != link_id
+        assert await batched_script(client, INCR_BY)(keys=["n"], args=[7]) == 7
+    with_redis(body)
+
+
+def test_a_reply_slower_than_the_socket_timeout_fails_with_a_timeout(redis_url: str) -> None:
+    async def body() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)
+        try:
+            batcher = batcher_for(client)
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await asyncio.wait_for(batcher.command("BLPOP", "never-pushed", 2), 1.5)
+            assert await batcher.command("SET", "after", "1") is True  # a new connection; SET's reply as redis-py's
+        finally:
+            close_batcher(client)
+            await client.aclose()
+    asyncio.run(body())
+
+
+def test_the_batcher_uses_the_clients_user_password_and_database(with_redis, redis_url: str) -> None:  # noqa: ANN001
+    async def body(admin) -> None:  # noqa: ANN001
+        await admin.execute_command("ACL", "SETUSER", "batcher-test", "on", ">s3cret", "~*", "&*", "+@all")
+        host_port = redis_url.removeprefix("redis://")
+        client = connect(f"redis://batcher-test:s3cret@{host_port}/3")
+        try:
+            batcher = batcher_for(client)
+            assert await batcher.command("ACL", "WHOAMI") == "batcher-test"
+            await batcher.command("SET", "in-db-3", "yes")
+        finally:
+            await client.aclose()
+        assert await admin.get("in-db-3") is None
+        db_3 = connect(f"redis://{host_port}/3")
+        try:
+            assert await db_3.get("in-db-3") == "yes"
+        finally:
+            await db_3.aclose()
+        await admin.execute_command("ACL", "DELUSER", "batcher-test")
+    with_redis(body)
+
+
+def test_a_unix_socket_server_is_reached_the_same_way(tmp_path) -> None:  # noqa: ANN001
+    async def body(url: str) -> None:
+        client = connect(url)
+        try:
+            script = batched_script(client, INCR_BY)
+            assert await asyncio.gather(script(keys=["n"], args=[1]), script(keys=["n"], args=[2])) == [1, 3]
+        finally:
+            await client.aclose()
+    with EmbeddedRedis(tmp_path / "data", unix_socket=tmp_path / "r.sock") as server:
+        asyncio.run(body(server.url))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_request_is_traced_through_gateway_and_worker(stack) -> None:  # noqa: ANN001
     exporter = InMemorySpanExporter()
-    setup_telemetry(TelemetryConfig("fareway-test")).add_span_processor(SimpleSpanProcessor(exporter))
+    setup_telemetry(TelemetryConfig("fareway-test"), [SimpleSpanProcessor(exporter)])
     team = f"t-{uuid.uuid4().hex[:6]}"
     key = stack.create_key(team, "traced")
     with grpc.insecure_channel(stack.gateway_address) as channel:
