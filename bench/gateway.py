@@ -15,6 +15,9 @@ tokenizer), the client in this one:
    Each run uses fresh teams, so it starts with cold caches; the runs alternate.
    Each worker's KV cache holds about 70% of the prefixes' tokens: the fleet
    holds them all, one worker does not (the regime where routing matters).
+   The limit to compare with: the same workload on one worker whose cache holds
+   every prefix twice over, so that only first sightings and the varied questions
+   miss ("ideal"): no routing of 2 workers can beat it.
 
 On 2 cores the client, the gateway, the worker(s) and Redis share the CPU: the
 absolute figures are the machine's; the ratios are what to compare.
@@ -102,7 +105,7 @@ async def serve_worker(port: int, size: str, kv_bytes: int, worker_id: str) -> N
 class Processes:
     def __init__(self, data: Path, redis_url: str) -> None:
         self.data, self.redis_url = data, redis_url
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
 
     def _spawn(self, args: list[str], name: str, threads: int) -> subprocess.Popen[bytes]:
@@ -111,7 +114,7 @@ class Processes:
         log = open(self.data / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         child = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
-        self.children.append(child)
+        self.children[name] = child
         self.pids[name] = child.pid
         return child
 
@@ -131,19 +134,23 @@ class Processes:
         return f"127.0.0.1:{port}"
 
     def check(self) -> None:
-        for child in self.children:
+        for child in self.children.values():
             if child.poll() is not None:
                 raise RuntimeError(f"{child.args} exited with {child.returncode}; see the logs in {self.data}")
 
-    def stop(self) -> None:
-        for child in self.children:
+    def stop(self, names: list[str] | None = None) -> None:
+        """Stops the named processes (all by default) and waits for them."""
+        stopping = [c for name, c in self.children.items() if names is None or name in names]
+        for child in stopping:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in self.children:
+        for child in stopping:
             try:
                 child.wait(10)
             except subprocess.TimeoutExpired:
                 child.kill()
+        for name in [n for n, c in self.children.items() if c in stopping]:
+            del self.children[name]
 
 
 async def wait_worker(procs: Processes, address: str) -> wpb.GetModelInfoResponse:
@@ -344,22 +351,27 @@ async def run(quick: bool) -> dict[str, object]:
             EmbeddedRedis(Path(tmp) / "redis", port=free_port()) as server:
         procs = Processes(Path(tmp), server.url)
         try:
+            # Phases 1 and 2 first, with no other worker or gateway running to take the CPU.
             tiny = procs.worker("tiny", 32 << 20, "tiny-0")
-            small = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(2)]
             info = await wait_worker(procs, tiny)
-            small_info = [await wait_worker(procs, w) for w in small]
             front = procs.gateway([tiny], "round-robin", "gateway-tiny")
-            routed = {policy: procs.gateway(small, policy, f"gateway-{policy}")
-                      for policy in ("prefix-affinity", "round-robin")}
             key = await tenant(server.url, "bench")
             await wait_gateway(procs, front, key, info.model, 1)
-            for address in routed.values():
-                await wait_gateway(procs, address, key, small_info[0].model, 2)
-
             sides = Sides(tiny, front, key, "bench", info.model)
             lat = await latencies(sides, samples)
             rps = await rates(sides, rounds, seconds, procs.pids["gateway-tiny"])
             await sides.close()
+            procs.stop(["tiny-0", "gateway-tiny"])
+
+            small = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(2)]
+            roomy = procs.worker("small", 2 * prefix_tokens * kv_bytes_per_token("small"), "small-roomy")
+            small_info = [await wait_worker(procs, w) for w in small]
+            await wait_worker(procs, roomy)
+            routed = {policy: procs.gateway(small, policy, f"gateway-{policy}")
+                      for policy in ("prefix-affinity", "round-robin")}
+            routed["ideal"] = procs.gateway([roomy], "round-robin", "gateway-ideal")
+            for policy, address in routed.items():
+                await wait_gateway(procs, address, key, small_info[0].model, 1 if policy == "ideal" else 2)
 
             hits: dict[str, list[float]] = {p: [] for p in routed}
             throughput: dict[str, list[float]] = {p: [] for p in routed}
@@ -403,6 +415,9 @@ async def run(quick: bool) -> dict[str, object]:
         "requests_per_s_per_gateway_core": round(1000 / rps_m["cpu_ms"]),
         "concurrency": CONCURRENCY,
         "affinity_hit_rate": round(hit_m[aff], 4), "round_robin_hit_rate": round(hit_m[rr], 4),
+        "ideal_hit_rate": round(hit_m["ideal"], 4),
+        "affinity_hit_rate_vs_ideal": round(hit_m[aff] / hit_m["ideal"], 3),
+        "ideal_hit_rate_vs_round_robin": round(hit_m["ideal"] / hit_m[rr], 2) if hit_m[rr] else None,
         "affinity_requests_per_s": round(tput_m[aff], 2), "round_robin_requests_per_s": round(tput_m[rr], 2),
         "affinity_requests_per_run": affinity_requests, "affinity_runs": affinity_rounds,
         "prefix_tokens": prefix_tokens, "kv_capacity_tokens_per_worker": small_info[0].kv_capacity_tokens,
@@ -443,6 +458,9 @@ def main() -> None:
                                        f"{f['affinity_requests_per_s']:.1f} requests/s"),
         ("2 workers, round-robin", f"hit rate {f['round_robin_hit_rate']:.1%}, "
                                    f"{f['round_robin_requests_per_s']:.1f} requests/s"),
+        ("1 roomy worker (the limit)", f"hit rate {f['ideal_hit_rate']:.1%}: affinity reaches "
+                                       f"{f['affinity_hit_rate_vs_ideal']:.0%} of it; it is "
+                                       f"{f['ideal_hit_rate_vs_round_robin']}x round-robin's"),
         ("affinity vs round-robin", f"hit rate {f['affinity_hit_rate_vs_round_robin']}x (target >= 2x), "
                                     f"throughput {f['affinity_throughput_vs_round_robin']:.2f}x; "
                                     f"{TEAMS} teams x {SYSTEM_PROMPTS} system prompts = {f['prefix_tokens']:,} prefix "
