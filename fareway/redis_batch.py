@@ -41,6 +41,7 @@ from redis._parsers.helpers import get_response_callbacks
 from redis.client import CaseInsensitiveDict
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -191,9 +192,16 @@ class _Link(asyncio.Protocol):
         transport.set_protocol(self)
 
     def send(self, batch: list[_Pending]) -> None:
-        self._transport.write(b"".join([hiredis.pack_command(p.args) for p in batch]))
-        self._waiting.extend(batch)
-        self._num_sent += len(batch)
+        packed = []
+        for pending in batch:
+            try:
+                packed.append(hiredis.pack_command(pending.args))
+            except TypeError as exc:  # an argument Redis has no encoding for (None, a bool): its caller's error
+                _resolve(pending.future, DataError(f"cannot send {pending.args[0]!r} to Redis: {exc}"))
+                continue
+            self._waiting.append(pending)
+        self._transport.write(b"".join(packed))
+        self._num_sent += len(packed)
         if self._timeout_s is not None:
             self.loop.call_later(self._timeout_s, self._check_answered, self._num_sent)
 

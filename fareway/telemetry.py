@@ -7,7 +7,7 @@ collector too, and are served in Prometheus format on --metrics-port.
 
 With nowhere to send spans (or metrics), the SDK's provider is not installed:
 OpenTelemetry's no-op API then costs a request almost nothing, where the SDK
-would build and drop every span (about a tenth of the gateway's CPU per
+would build and drop every span (several percent of the gateway's CPU per
 request).
 """
 

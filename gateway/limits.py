@@ -303,7 +303,7 @@ class RateLimiter:
 async def _settled(settling: Awaitable[Any] | None, hold: Hold) -> None:
     if settling is not None:
         await settling
-        hold.settled = True
+    hold.settled = True
 
 
 def _keys(team: str, scopes: list[str]) -> list[str]:

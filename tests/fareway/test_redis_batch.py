@@ -136,3 +136,13 @@ def test_a_unix_socket_server_is_reached_the_same_way(tmp_path) -> None:  # noqa
             await client.aclose()
     with EmbeddedRedis(tmp_path / "data", unix_socket=tmp_path / "r.sock") as server:
         asyncio.run(body(server.url))
+
+
+def test_an_argument_redis_cannot_take_fails_only_its_own_call(with_redis) -> None:  # noqa: ANN001
+    async def body(client) -> None:  # noqa: ANN001
+        batcher = batcher_for(client)
+        results = await asyncio.gather(batcher.command("SET", "a", "1"), batcher.command("SET", "b", None),
+                                       batcher.command("GET", "a"), return_exceptions=True)
+        assert results[0] is True and results[2] == "1"
+        assert isinstance(results[1], redis.exceptions.DataError) and "'SET'" in str(results[1])
+    with_redis(body)
