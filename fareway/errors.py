@@ -17,6 +17,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from fareway.inference.v1 import inference_pb2
+
 log = logging.getLogger(__name__)
 
 
@@ -190,7 +192,8 @@ def status_details(error: grpc.aio.AioRpcError) -> list[Any]:
 _DETAIL_TYPES = {
     cls.DESCRIPTOR.full_name: cls
     for cls in (error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
-                error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo)
+                error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo,
+                inference_pb2.Usage)  # what a worker's failed generation spent (WorkerService.Complete)
 }
 
 

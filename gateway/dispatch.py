@@ -4,6 +4,7 @@ worker's tokens back, and leave exactly one usage record however it ends."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -11,13 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from accounting.budgets import Reservation
 from accounting.recorder import UNREACHABLE, UsageRecorder
 from accounting.records import UsageRecord
 from fareway.auth import Tenant
-from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error
+from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error, status_details
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 # Worker failures that mean "this worker cannot take it", worth trying the next one.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
+# A unary caller has been sent nothing, so a worker that went away mid-request (its server
+# cancelling the call as it shut down, too) is as good as one that never took it.
+_RETRYABLE_WHOLE = _RETRYABLE | {grpc.StatusCode.CANCELLED}
+# A worker's call deadline trails the caller's by this much, so that a caller whose deadline passes
+# aborts the request and learns what it spent, rather than the worker cancelling it unheard.
+_WORKER_DEADLINE_GRACE_S = 5.0
+# How long an aborted request's worker has to stop it and answer with its usage.
+_ABORT_TIMEOUT_S = 2.0
 # The server cancels a call when its deadline passes; allow for the clock read after that.
 _DEADLINE_SLACK_S = 0.01
 _FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower()
@@ -94,6 +103,18 @@ class _Run:
         self.token_ids.extend(message.token_ids)
         return Delta(message.text, tuple(message.token_ids))
 
+    def add_whole(self, message: wpb.GenerateResponse) -> None:
+        """Takes a whole response (WorkerService.Complete)."""
+        self.usage.CopyFrom(message.usage)
+        if self.slot is not None:
+            self.slot.charge(self.usage.prompt_tokens, self.usage.completion_tokens)
+        self.finish_reason, self.stop_sequence = message.finish_reason, message.stop_sequence
+        self.text, self.token_ids = [message.text], list(message.token_ids)
+        if self.token_ids or message.text:
+            # The first token reached the gateway inside the answer: it was ready as long before the answer
+            # as the worker spent after it.
+            self.ttft_ms = max(0.0, self.elapsed_ms() - (self.usage.total_ms - self.usage.ttft_ms))
+
     def response(self) -> pb.GenerateResponse:
         usage = pb.Usage()
         usage.CopyFrom(self.usage)
@@ -119,6 +140,8 @@ class _Run:
 
 def _trace_context() -> tuple[tuple[str, str], ...]:
     """The current span's W3C trace context as gRPC metadata, so the worker's span joins the trace."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()  # no trace to join (nothing exports spans)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return tuple(carrier.items())
@@ -127,6 +150,11 @@ def _trace_context() -> tuple[tuple[str, str], ...]:
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
+
+
+def _spent(error: grpc.aio.AioRpcError) -> pb.Usage | None:
+    """What a request that failed on a worker after it started spent, as the worker reported it."""
+    return next((d for d in status_details(error) if isinstance(d, pb.Usage)), None)
 
 
 def copy_input(source: HasInput, target: HasInput) -> None:
@@ -159,6 +187,9 @@ class Dispatcher:
         self.budget_guard = budget_guard
         self.limit_guard = limit_guard
         self.fairness = fairness
+        # Worker call ids: unique across gateways by the random prefix, and cheaper than a uuid each.
+        self._call_prefix = uuid.uuid4().hex[:16]
+        self._call_numbers = itertools.count()
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
@@ -181,12 +212,40 @@ class Dispatcher:
             async for event in self._stream(run, call, context):
                 yield event
         finally:
-            # However the request ends (a refusal, a worker failure, the caller going away):
-            # its tokens are settled to what it used and its concurrency slots are freed.
-            if run.slot is not None:
-                run.slot.release()
-            if run.hold is not None and not run.hold.settled:
-                await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
+            await self._release(run)
+
+    async def complete(self, tenant: Tenant, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        """The whole response, for a caller that waits for it: the worker answers once
+        (WorkerService.Complete), which costs both sides less than streaming it."""
+        validate_generate(request)
+        run = _Run(tenant, request, request.request_id or uuid.uuid4().hex)
+        if request.request_id:
+            outcome = await self.idempotency.claim(tenant, request.request_id)
+            if outcome is not None:
+                return replay(outcome, request.request_id)
+        try:
+            try:
+                await self._admit(run, context)
+                await self._wait_turn(run, context)
+            except BaseException:
+                await asyncio.shield(self._never_ran(run))
+                raise
+            if run.slot is not None and request.sampling.HasField("max_tokens"):
+                # Nothing comes back before the end, so the completion is charged at its most now and
+                # trued up then (VTC's length-prediction variant, max_tokens as the prediction).
+                run.slot.charge(run.slot.prompt_tokens, request.sampling.max_tokens)
+            return await self._complete(run, context)
+        finally:
+            await self._release(run)
+
+    async def _release(self, run: _Run) -> None:
+        """However the request ended (a refusal, a worker failure, the caller going away): its tokens
+        are settled to what it used and its concurrency slots are freed."""
+        if run.slot is not None:
+            run.slot.release()
+        if run.hold is not None and not run.hold.settled:
+            await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
     async def _admit(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         """Counts the request against its rate limits, then holds its maximum cost against its budgets
@@ -257,6 +316,72 @@ class Dispatcher:
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
                           f"({'; '.join(errors) or 'none tried'})")
 
+    async def _complete(self, run: _Run, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        """Runs the request on the first worker that takes it and records it; a worker that fails
+        without having run it hands it to the next."""
+        forwarded = worker_request(run.request, run.request_id, run.tenant)
+        forwarded.call_id = f"{self._call_prefix}-{next(self._call_numbers)}"
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else remaining + _WORKER_DEADLINE_GRACE_S
+        errors = []
+        route = route_for(run.request, run.tenant.team)
+        for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
+            # A task of its own, so that the caller going away does not cancel the call before the
+            # worker is told to abort it and answers with what it spent.
+            answer = asyncio.ensure_future(
+                endpoint.stub.Complete(forwarded, timeout=timeout, metadata=_trace_context()))
+            try:
+                message = await asyncio.shield(answer)
+            except asyncio.CancelledError:
+                run.endpoint = endpoint
+                await asyncio.shield(self._abort(run, forwarded.call_id, answer, context))
+                raise
+            except grpc.aio.AioRpcError as error:
+                if (spent := _spent(error)) is not None:  # it ran, then failed
+                    run.endpoint = endpoint
+                    run.add_whole(wpb.GenerateResponse(usage=spent))
+                    failure = self._worker_failure(run, error)
+                    await self._finish(run, failure.code, pb.FINISH_REASON_ERROR, None, failure.message)
+                    raise failure from None
+                if error.code() not in _RETRYABLE_WHOLE:
+                    await asyncio.shield(self._never_ran(run))
+                    raise from_rpc_error(error) from None
+                self.pool.mark_down(endpoint)
+                errors.append(f"{endpoint.address}: {error.details() or error.code().name}")
+                continue
+            run.endpoint = endpoint
+            endpoint.num_sent_since_load += 1
+            run.add_whole(message)
+            response = run.response()
+            await self._finish(run, grpc.StatusCode.OK, run.finish_reason, response)
+            return response
+        await asyncio.shield(self._never_ran(run))
+        raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
+                          f"({'; '.join(errors) or 'none tried'})")
+
+    async def _abort(self, run: _Run, call_id: str, answer: asyncio.Future[wpb.GenerateResponse],
+                     context: grpc.aio.ServicerContext) -> None:
+        """The caller went away, or its deadline passed, while a worker ran its request: the worker stops
+        it and answers with what it spent, which is recorded."""
+        assert run.endpoint is not None
+        try:
+            await run.endpoint.stub.Abort(wpb.AbortRequest(call_id=call_id), timeout=_ABORT_TIMEOUT_S)
+            async with asyncio.timeout(_ABORT_TIMEOUT_S):
+                run.add_whole(await answer)
+        except grpc.aio.AioRpcError as error:
+            if (spent := _spent(error)) is not None:
+                run.add_whole(wpb.GenerateResponse(usage=spent))
+            else:
+                log.warning("worker %s did not say what aborted request %s spent (%s: %s)", run.endpoint.name,
+                            run.request_id, error.code().name, error.details())
+        except TimeoutError:
+            log.warning("worker %s did not stop aborted request %s within %.0f s", run.endpoint.name,
+                        run.request_id, _ABORT_TIMEOUT_S)
+        finally:
+            answer.cancel()
+        status = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+        await self._finish(run, status, pb.FINISH_REASON_CANCELLED, None)
+
     async def _stream(self, run: _Run, call: grpc.aio.UnaryStreamCall,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
         try:
@@ -284,7 +409,7 @@ class Dispatcher:
             return DeadlineExceeded("the request's deadline passed while generating")
         # Anything else, CANCELLED included (a worker shutting down), is the worker failing.
         worker = run.endpoint.name if run.endpoint else "?"
-        return Unavailable(f"worker {worker} failed after {len(run.token_ids)} tokens "
+        return Unavailable(f"worker {worker} failed after {run.usage.completion_tokens} tokens "
                            f"({error.code().name}: {error.details()}); the partial usage was recorded")
 
     async def _finish(self, run: _Run, status: grpc.StatusCode, finish_reason: int,

@@ -16,7 +16,7 @@ from accounting.budgets import Budgets
 from accounting.ledger import Ledger
 from accounting.recorder import UNREACHABLE, UsageRecorder
 from accounting.spool import Spool
-from fareway.auth import KeyStore
+from fareway.auth import KeyStore, Tenant
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
@@ -47,33 +47,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.pool = pool
         self.dispatcher = dispatcher
 
-    async def _events(self, request: pb.GenerateRequest | pb.GenerateStreamRequest,
+    async def _events(self, request: pb.GenerateStreamRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
         tenant = await self.keys.authenticate(context.invocation_metadata())
         with _tracer.start_as_current_span("gateway.generate") as span:
-            traced = span.is_recording()  # else nothing exports spans (fareway/telemetry.py)
-            if traced:
-                span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
-                                     "fareway.model": request.model})
+            traced = _describe_request(span, tenant, request)
             async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
                 async for event in events:
                     if traced and isinstance(event, Final):
-                        # Before the yield: a unary caller stops iterating at the final response.
-                        usage = event.response.usage
-                        span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens,
-                                             "fareway.cached_tokens": usage.cached_tokens,
-                                             "fareway.completion_tokens": usage.completion_tokens,
-                                             "fareway.gpu_seconds": usage.gpu_seconds,
-                                             "fareway.worker": usage.worker_id})
+                        _describe_usage(span, event.response.usage)
                     yield event
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async with contextlib.aclosing(self._events(request, context)) as events:
-            async for event in events:
-                if isinstance(event, Final):
-                    return event.response
-        raise RuntimeError("the dispatcher ended without a response")
+        tenant = await self.keys.authenticate(context.invocation_metadata())
+        with _tracer.start_as_current_span("gateway.generate") as span:
+            traced = _describe_request(span, tenant, request)
+            response = await self.dispatcher.complete(tenant, request, context)
+            if traced:
+                _describe_usage(span, response.usage)
+            return response
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -113,6 +106,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise from_rpc_error(error) from None
         return pb.CountTokensResponse(model=request.model, prompt_tokens=counted.prompt_tokens,
                                       context_length=counted.context_length)
+
+
+def _describe_request(span: trace.Span, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest) -> bool:
+    """Names the request's tenant and model on its span; whether the span records (only when something
+    exports spans, fareway/telemetry.py)."""
+    if not span.is_recording():
+        return False
+    span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
+                         "fareway.model": request.model})
+    return True
+
+
+def _describe_usage(span: trace.Span, usage: pb.Usage) -> None:
+    span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens, "fareway.cached_tokens": usage.cached_tokens,
+                         "fareway.completion_tokens": usage.completion_tokens,
+                         "fareway.gpu_seconds": usage.gpu_seconds, "fareway.worker": usage.worker_id})
 
 
 @contextlib.asynccontextmanager

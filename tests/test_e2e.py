@@ -71,11 +71,15 @@ def test_generate_and_stream_return_the_workers_greedy_output(stack, gateway, wo
     direct_text = "".join(m.text for m in direct)
     direct_ids = [t for m in direct for t in m.token_ids]
 
+    whole = worker_stub.Complete(wpb.GenerateRequest(
+        model=MODEL, chat=chat_request().chat, sampling=pb.SamplingParams(temperature=0.0, max_tokens=24)))
     unary = gateway.Generate(chat_request(max_tokens=24), metadata=auth)
     streamed = list(gateway.GenerateStream(chat_request(pb.GenerateStreamRequest, max_tokens=24), metadata=auth))
 
     assert "Paris" in unary.text
-    assert (unary.text, list(unary.token_ids)) == (direct_text, direct_ids)
+    assert (unary.text, list(unary.token_ids)) == (whole.text, list(whole.token_ids)) == (direct_text, direct_ids)
+    assert whole.usage.completion_tokens == direct[-1].usage.completion_tokens
+    assert whole.finish_reason == direct[-1].finish_reason
     assert "".join(m.text for m in streamed) == direct_text
     assert [t for m in streamed for t in m.token_ids] == direct_ids
     final = streamed[-1]
@@ -119,6 +123,25 @@ def test_cancelling_a_stream_stops_the_worker_and_records_what_ran(stack, gatewa
     assert 1 <= record.completion_tokens < 200
 
 
+def test_cancelling_a_unary_request_stops_the_worker_and_records_what_ran(
+        stack, gateway, worker_stub, auth, team) -> None:  # noqa: ANN001
+    request = pb.GenerateRequest(model=MODEL, prompt=COUNTING,
+                                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    future = gateway.Generate.future(request, metadata=auth)
+    busy = lambda: worker_stub.GetLoad(wpb.GetLoadRequest()).num_running == 1  # noqa: E731
+    assert wait_until(busy), "the request never reached the worker"
+    time.sleep(0.3)  # a few tokens
+    future.cancel()
+    idle = lambda: worker_stub.GetLoad(wpb.GetLoadRequest()).num_running == 0  # noqa: E731
+    assert wait_until(idle), "the worker kept generating after the client cancelled"
+    assert worker_stub.GetLoad(wpb.GetLoadRequest()).kv_tokens_used == 0, "the KV blocks were not freed"
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason, record.worker_id) == ("CANCELLED", "cancelled", "test-worker")
+    # What the worker spent before it stopped is billed: the worker answered the abort with it.
+    assert 1 <= record.completion_tokens < 2000 and record.gpu_seconds > 0 and record.prompt_tokens > 0
+
+
 def test_a_deadline_gives_deadline_exceeded_and_a_record(stack, gateway, auth, team) -> None:  # noqa: ANN001
     request = pb.GenerateRequest(model=MODEL, prompt=COUNTING,
                                  sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
@@ -126,7 +149,31 @@ def test_a_deadline_gives_deadline_exceeded_and_a_record(stack, gateway, auth, t
         gateway.Generate(request, metadata=auth, timeout=1.5)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: len(stack.records(team)) == 1)
-    assert stack.records(team)[0].status == "DEADLINE_EXCEEDED"
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason) == ("DEADLINE_EXCEEDED", "cancelled")
+    assert 1 <= record.completion_tokens < 2000 and record.gpu_seconds > 0
+
+
+def test_the_worker_aborts_a_call_by_its_id_even_before_it_arrives(stack, worker_stub) -> None:  # noqa: ANN001
+    request = wpb.GenerateRequest(model=MODEL, prompt=COUNTING, call_id=uuid.uuid4().hex,
+                                  sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    running = worker_stub.Complete.future(request)
+    assert wait_until(lambda: worker_stub.GetLoad(wpb.GetLoadRequest()).num_running == 1)
+    assert worker_stub.Abort(wpb.AbortRequest(call_id=request.call_id)).was_running
+    stopped = running.result(timeout=10)
+    assert stopped.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert 0 < stopped.usage.completion_tokens < 2000 and stopped.usage.gpu_seconds > 0
+    assert len(stopped.token_ids) == stopped.usage.completion_tokens
+
+    early = wpb.GenerateRequest(model=MODEL, prompt=COUNTING, call_id=uuid.uuid4().hex,
+                                sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
+    assert not worker_stub.Abort(wpb.AbortRequest(call_id=early.call_id)).was_running
+    stopped = worker_stub.Complete(early, timeout=10)
+    assert stopped.finish_reason == pb.FINISH_REASON_CANCELLED and stopped.usage.completion_tokens < 2000
+
+    with pytest.raises(grpc.RpcError) as caught:
+        worker_stub.Abort(wpb.AbortRequest())
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 BAD_REQUESTS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from workers.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
@@ -12,15 +13,35 @@ from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
 
 
+# Call ids aborted before their request arrived, remembered so that it stops when it does.
+_MAX_EARLY_ABORTS = 4096
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, shared_prefixes: SharedPrefixes | None = None) -> None:
         self.engine = engine
         self.shared_prefixes = shared_prefixes or SharedPrefixes()
+        self._running_calls: dict[str, str] = {}
+        """The engine id of each running request that came with a call id."""
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()
+
+    def abort_call(self, call_id: str) -> bool:
+        """Stops the request named `call_id`; its stream then ends with a CANCELLED output. Whether it
+        was running: an id not seen yet is remembered (the oldest forgotten past _MAX_EARLY_ABORTS)."""
+        engine_id = self._running_calls.get(call_id)
+        if engine_id is not None:
+            self.engine.abort(engine_id)
+            return True
+        self._early_aborts[call_id] = None
+        if len(self._early_aborts) > _MAX_EARLY_ABORTS:
+            self._early_aborts.popitem(last=False)
+        return False
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingOptions,
-                       cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+                       cache_salt: str = "", call_id: str = "") -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; leaving the iteration early (the caller
-        cancelled, its deadline passed) aborts the request and frees its blocks."""
+        cancelled, its deadline passed) aborts the request and frees its blocks.
+        `call_id` names it for abort_call."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -34,6 +55,12 @@ class AsyncEngine:
         engine_id = uuid.uuid4().hex
         self.engine.submit(EngineRequest(engine_id, prompt_token_ids, sampling, sink, cache_salt,
                                          self.shared_prefixes.match(prompt_token_ids)))
+        if call_id:
+            if call_id in self._early_aborts:
+                del self._early_aborts[call_id]
+                self.engine.abort(engine_id)
+            else:
+                self._running_calls[call_id] = engine_id
         finished = False
         try:
             while not finished:
@@ -41,5 +68,7 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
+            if call_id and self._running_calls.get(call_id) == engine_id:
+                del self._running_calls[call_id]
             if not finished:
                 self.engine.abort(engine_id)

@@ -6,18 +6,19 @@ Handlers only convert and await; tensor work runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 from opentelemetry import propagate, trace
 
-from fareway.errors import Internal
+from fareway.errors import Internal, InvalidArgument
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
 from workers.engine.llm_engine import RequestOutput, UsageSnapshot
 from workers.engine.sequence import FinishReason
-from workers.worker import Worker
+from workers.worker import PreparedRequest, Worker
 
 _tracer = trace.get_tracer(__name__)
 
@@ -36,19 +37,56 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.worker = worker
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        parent = propagate.extract(dict(context.invocation_metadata() or ()))
-        with _tracer.start_as_current_span("worker.generate", context=parent) as span:
+        with self._span(request, context) as span:
             prepared = await self.worker.prepare(request)
-            span.set_attributes({"fareway.request_id": request.request_id, "fareway.model": self.worker.model_name,
-                                 "fareway.worker": self.worker.worker_id,
-                                 "fareway.prompt_tokens": len(prepared.prompt_token_ids)})
+            self._describe(span, request, prepared)
             yield pb.GenerateResponse(usage=self._usage(
                 UsageSnapshot(len(prepared.prompt_token_ids), 0, 0, 0.0, 0.0, 0.0, 0.0)))
             async for output in self.worker.async_engine.generate(
-                    prepared.prompt_token_ids, prepared.sampling, request.cache_salt):
+                    prepared.prompt_token_ids, prepared.sampling, request.cache_salt, request.call_id):
                 yield self._to_pb(output)
                 if output.error:
-                    raise Internal(f"generation failed on worker {self.worker.worker_id}: {output.error}")
+                    raise self._failed(output)
+
+    async def Complete(self, request: pb.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        with self._span(request, context) as span:
+            prepared = await self.worker.prepare(request)
+            self._describe(span, request, prepared)
+            text: list[str] = []
+            token_ids: list[int] = []
+            async with contextlib.aclosing(self.worker.async_engine.generate(
+                    prepared.prompt_token_ids, prepared.sampling, request.cache_salt, request.call_id)) as outputs:
+                async for output in outputs:
+                    text.append(output.text)
+                    token_ids.extend(output.token_ids)
+            if output.error:
+                raise self._failed(output)
+            return pb.GenerateResponse(
+                text="".join(text), token_ids=token_ids, usage=self._usage(output.usage),
+                finish_reason=FINISH_REASONS[output.finish_reason], stop_sequence=output.stop_sequence)
+
+    async def Abort(self, request: pb.AbortRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not request.call_id:
+            raise InvalidArgument("call_id is required", field="call_id")
+        return pb.AbortResponse(was_running=self.worker.async_engine.abort_call(request.call_id))
+
+    def _span(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: ANN202
+        """The request's span, a child of the gateway's when its trace context came in the metadata."""
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
+        return _tracer.start_as_current_span("worker.generate", context=parent)
+
+    def _describe(self, span: trace.Span, request: pb.GenerateRequest, prepared: PreparedRequest) -> None:
+        if span.is_recording():
+            span.set_attributes({"fareway.request_id": request.request_id, "fareway.model": self.worker.model_name,
+                                 "fareway.worker": self.worker.worker_id,
+                                 "fareway.prompt_tokens": len(prepared.prompt_token_ids)})
+
+    def _failed(self, output: RequestOutput) -> Internal:
+        """A generation that failed part way, carrying what it spent so the caller can account for it."""
+        return Internal(f"generation failed on worker {self.worker.worker_id}: {output.error}",
+                        details=[self._usage(output.usage)])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:

@@ -3,6 +3,8 @@ UNAVAILABLE with the partial usage recorded after it."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,14 +22,22 @@ from workers.worker import Worker
 from tests.gateway.fleet import gateway
 
 
+@contextlib.contextmanager
+def serving_worker(background_loop, checkpoint, worker_id: str) -> Iterator[tuple[str, object, Worker]]:  # noqa: ANN001
+    worker = Worker(WorkerConfig(worker_id=worker_id,
+                                 runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20)), checkpoint)
+    server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
+    try:
+        yield f"127.0.0.1:{server.port}", server, worker
+    finally:
+        background_loop.run(server.stop(0))
+        worker.stop()
+
+
 @pytest.fixture()
 def tiny_worker(background_loop, tiny_checkpoint) -> Iterator[tuple[str, object]]:  # noqa: ANN001
-    worker = Worker(WorkerConfig(worker_id="tiny-worker",
-                                 runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20)), tiny_checkpoint)
-    server = background_loop.run(create_worker_server(worker, "127.0.0.1:0"))
-    yield f"127.0.0.1:{server.port}", server
-    background_loop.run(server.stop(0))
-    worker.stop()
+    with serving_worker(background_loop, tiny_checkpoint, "tiny-worker") as (address, server, _):
+        yield address, server
 
 
 def gateway_for(background_loop, redis_url: str, workers: tuple[str, ...]):  # noqa: ANN001, ANN201
@@ -82,6 +92,61 @@ def test_a_worker_dying_mid_stream_gives_unavailable_and_records_the_partial_usa
     [record] = stack.records(team)
     assert (record.status, record.finish_reason, record.worker_id) == ("UNAVAILABLE", "error", "tiny-worker")
     assert streamed <= record.completion_tokens < 500 and record.gpu_seconds > 0
+
+
+def test_a_unary_request_whose_worker_dies_mid_generation_is_rerun_on_another(
+        stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
+    """A unary caller has been sent nothing yet, so the request runs again elsewhere and is billed once."""
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    with serving_worker(background_loop, tiny_checkpoint, "first") as first, \
+            serving_worker(background_loop, tiny_checkpoint, "second") as second, \
+            gateway_for(background_loop, stack.redis_url, (first[0], second[0])) as address:
+        request = pb.GenerateRequest(model="tiny-llama", prompt="go on",
+                                     sampling=pb.SamplingParams(max_tokens=1000, temperature=0))
+        answer: list = []
+        caller = threading.Thread(target=lambda: answer.append(call(address, key, request)))
+        caller.start()
+        deadline = time.monotonic() + 10
+        while not (running := [w for w in (first, second) if w[2].engine.load().num_running]):
+            assert time.monotonic() < deadline, "the request never reached a worker"
+            time.sleep(0.01)
+        [(_, server, dying)] = running
+        background_loop.run(server.stop(0))
+        caller.join(30)
+    [response] = answer
+    survivor = "second" if dying.worker_id == "first" else "first"
+    assert response.usage.worker_id == survivor and response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    [record] = stack.records(team)
+    assert (record.status, record.worker_id, record.completion_tokens) == (
+        "OK", survivor, response.usage.completion_tokens)
+
+
+def test_a_generation_failing_on_the_worker_is_unavailable_with_its_partial_usage(
+        stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
+    """The worker reports what a failed generation spent (a Usage in the status details), and that is
+    what the tenant is billed; the failure is not retried, the worker having run it."""
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    with serving_worker(background_loop, tiny_checkpoint, "flaky") as (worker_address, _, worker), \
+            gateway_for(background_loop, stack.redis_url, (worker_address,)) as address:
+        execute, steps = worker.runner.execute, []
+
+        def failing_on_the_fifth_step(plan):  # noqa: ANN001, ANN202
+            steps.append(plan)
+            if len(steps) == 5:
+                raise RuntimeError("device lost")
+            return execute(plan)
+        worker.runner.execute = failing_on_the_fifth_step
+        with pytest.raises(grpc.RpcError) as caught:
+            call(address, key, pb.GenerateRequest(model="tiny-llama", prompt="go on",
+                                                  sampling=pb.SamplingParams(max_tokens=50, temperature=0)))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "worker flaky failed after 4 tokens" in caught.value.details()
+    assert "partial usage was recorded" in caught.value.details()
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason, record.worker_id) == ("UNAVAILABLE", "error", "flaky")
+    assert record.completion_tokens == 4 and record.prompt_tokens > 0 and record.gpu_seconds > 0
 
 
 def test_a_worker_that_went_away_is_ejected_then_probed_back_in(stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001

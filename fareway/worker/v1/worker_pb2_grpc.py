@@ -41,6 +41,16 @@ class WorkerServiceStub:
                 request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/fareway.worker.v1.WorkerService/Complete',
+                request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/fareway.worker.v1.WorkerService/Abort',
+                request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/fareway.worker.v1.WorkerService/GetModelInfo',
                 request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
@@ -74,6 +84,26 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """Runs one request and answers once, when it ends, with all its text: for
+        callers that wait for the whole response (one message each way costs
+        both sides less than a stream). A request the worker rejects fails before
+        it runs. One that fails while generating ends with INTERNAL, and its
+        status details carry a fareway.inference.v1.Usage of what it spent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Stops the running request with this call_id: its Generate or Complete
+        call then ends with finish reason CANCELLED and the usage it ran up. An
+        id not running yet is remembered, and stops its request when it comes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """The model and hardware this worker serves.
         """
@@ -101,6 +131,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
+                    response_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -147,6 +187,60 @@ class WorkerService:
             '/fareway.worker.v1.WorkerService/Generate',
             fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.worker.v1.WorkerService/Complete',
+            fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
+            fareway_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.worker.v1.WorkerService/Abort',
+            fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
+            fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
