@@ -124,10 +124,10 @@ class Processes:
                      "--kv-bytes", str(kv_bytes), "--worker-id", name], name, threads=1)
         return f"127.0.0.1:{port}"
 
-    def gateway(self, workers: list[str], routing: str, name: str) -> str:
+    def gateway(self, workers: list[str], routing: str, name: str, *options: str) -> str:
         port = free_port()
         args = ["-m", "fareway.cli", "gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
-                "--spool-dir", str(self.data / f"spool-{name}")]
+                "--spool-dir", str(self.data / f"spool-{name}"), *options]
         for w in workers:
             args += ["--worker", w]
         self._spawn(args, name, threads=1)
@@ -312,15 +312,17 @@ def workload(num_requests: int, seed: int) -> list[tuple[int, int, str]]:
             for n in range(num_requests)]
 
 
-async def affinity_run(gateway: str, keys: list[str], prompts: list[str], work: list[tuple[int, int, str]],
+async def affinity_run(gateways: list[str], keys: list[str], prompts: list[str], work: list[tuple[int, int, str]],
                        model: str) -> tuple[float, float]:
-    """(fleet prefix-cache hit rate, requests per second) of one run of the workload."""
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    """(fleet prefix-cache hit rate, requests per second) of one run of the workload; with several
+    gateway replicas, the clients take turns between them (as behind a load balancer)."""
+    channels = [grpc.aio.insecure_channel(g) for g in gateways]
+    try:
+        stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in channels]
         queue = list(reversed(work))
         prompt_tokens = cached_tokens = 0
 
-        async def client() -> None:
+        async def client(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
             nonlocal prompt_tokens, cached_tokens
             while queue:
                 team, system, question = queue.pop()
@@ -333,8 +335,11 @@ async def affinity_run(gateway: str, keys: list[str], prompts: list[str], work: 
                 prompt_tokens += response.usage.prompt_tokens
                 cached_tokens += response.usage.cached_tokens
         began = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(AFFINITY_CONCURRENCY)))
+        await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(AFFINITY_CONCURRENCY)))
         elapsed = time.perf_counter() - began
+    finally:
+        for channel in channels:
+            await channel.close()
     return cached_tokens / prompt_tokens, len(work) / elapsed
 
 
@@ -368,18 +373,25 @@ async def run(quick: bool) -> dict[str, object]:
             roomy = procs.worker("small", 2 * prefix_tokens * kv_bytes_per_token("small"), "small-roomy")
             small_info = [await wait_worker(procs, w) for w in small]
             await wait_worker(procs, roomy)
-            routed = {policy: procs.gateway(small, policy, f"gateway-{policy}")
+            routed = {policy: [procs.gateway(small, policy, f"gateway-{policy}")]
                       for policy in ("prefix-affinity", "round-robin")}
-            routed["ideal"] = procs.gateway([roomy], "round-robin", "gateway-ideal")
-            for policy, address in routed.items():
-                await wait_gateway(procs, address, key, small_info[0].model, 1 if policy == "ideal" else 2)
+            routed["ideal"] = [procs.gateway([roomy], "round-robin", "gateway-ideal")]
+            # Two gateway replicas in front of the same workers, agreeing on prefix homes through Redis
+            # (the default) or each keeping its own.
+            routed["replicas-shared"] = [procs.gateway(small, "prefix-affinity", f"gateway-shared-{i}")
+                                         for i in range(2)]
+            routed["replicas-own"] = [procs.gateway(small, "prefix-affinity", f"gateway-own-{i}",
+                                                    "--no-shared-prefix-homes") for i in range(2)]
+            for policy, addresses in routed.items():
+                for address in addresses:
+                    await wait_gateway(procs, address, key, small_info[0].model, 1 if policy == "ideal" else 2)
 
             hits: dict[str, list[float]] = {p: [] for p in routed}
             throughput: dict[str, list[float]] = {p: [] for p in routed}
             # Warm-up (its own teams): the gateways' and workers' code paths, not their caches.
-            for policy, address in routed.items():
+            for policy, addresses in routed.items():
                 keys = [await tenant(server.url, f"warm-{policy}-{t}") for t in range(TEAMS)]
-                await affinity_run(address, keys, prompts, workload(12, 0), small_info[0].model)
+                await affinity_run(addresses, keys, prompts, workload(12, 0), small_info[0].model)
             for i in range(affinity_rounds):
                 order = list(routed) if i % 2 == 0 else list(reversed(routed))
                 for policy in order:
@@ -421,6 +433,9 @@ async def run(quick: bool) -> dict[str, object]:
         "ideal_hit_rate_vs_round_robin": round(hit_m["ideal"] / hit_m[rr], 2) if hit_m[rr] else None,
         "affinity_requests_per_s": round(tput_m[aff], 2), "round_robin_requests_per_s": round(tput_m[rr], 2),
         "affinity_requests_per_run": affinity_requests, "affinity_runs": affinity_rounds,
+        "two_replicas_shared_homes_hit_rate": round(hit_m["replicas-shared"], 4),
+        "two_replicas_own_homes_hit_rate": round(hit_m["replicas-own"], 4),
+        "shared_homes_vs_own_hit_rate": round(hit_m["replicas-shared"] / hit_m["replicas-own"], 2),
         "prefix_tokens": prefix_tokens, "kv_capacity_tokens_per_worker": small_info[0].kv_capacity_tokens,
         "cpu_count": os.cpu_count(),
     }
@@ -462,6 +477,10 @@ def main() -> None:
         ("1 roomy worker (the limit)", f"hit rate {f['ideal_hit_rate']:.1%}: affinity reaches "
                                        f"{f['affinity_hit_rate_vs_ideal']:.0%} of it; it is "
                                        f"{f['ideal_hit_rate_vs_round_robin']}x round-robin's"),
+        ("2 gateway replicas, prefix-affinity", f"hit rate {f['two_replicas_shared_homes_hit_rate']:.1%} with "
+                                                 "homes shared through Redis, "
+                                                 f"{f['two_replicas_own_homes_hit_rate']:.1%} with each its own "
+                                                 f"({f['shared_homes_vs_own_hit_rate']}x)"),
         ("affinity vs round-robin", f"hit rate {f['affinity_hit_rate_vs_round_robin']}x (target >= 2x), "
                                     f"throughput {f['affinity_throughput_vs_round_robin']:.2f}x; "
                                     f"{TEAMS} teams x {SYSTEM_PROMPTS} system prompts = {f['prefix_tokens']:,} prefix "

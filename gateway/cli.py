@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", action="append", default=None, metavar="[MODEL=]POLICY",
                         help=f"routing policy: {', '.join(ROUTING_POLICIES)}; MODEL=POLICY sets one model's "
                              f"(repeatable; default: {DEFAULT_ROUTING})")
+    parser.add_argument("--shared-prefix-homes", action=argparse.BooleanOptionalAction, default=True,
+                        help="prefix-affinity: agree each prompt prefix's home worker with the other gateway "
+                             "replicas through Redis; --no-shared-prefix-homes keeps this replica's own (default: on)")
     parser.add_argument("--max-attempts", type=int, default=3,
                         help="workers tried per request before its first token (default: %(default)s)")
     parser.add_argument("--spool-dir", type=Path, default=None,
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     registry = _use_registry(args)
     routing, routing_by_model = _routing(args)
     config = GatewayConfig(workers=_workers(args, registry), registry=registry, routing=routing,
-                           routing_by_model=routing_by_model, listen=args.listen, max_attempts=args.max_attempts,
+                           routing_by_model=routing_by_model, shared_prefix_homes=args.shared_prefix_homes,
+                           listen=args.listen, max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
                            tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"),
                            limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache, fairness=FairnessConfig(

@@ -25,6 +25,9 @@ class GatewayConfig:
     """The routing policy of every model not in `routing_by_model` (gateway/routing.py)."""
     routing_by_model: tuple[tuple[str, str], ...] = ()
     """(model, policy) pairs overriding `routing` for those models."""
+    shared_prefix_homes: bool = True
+    """prefix-affinity homes agreed with the other gateway replicas through Redis
+    (gateway/shared_homes.py), rather than each replica's own."""
     max_attempts: int = 3
     """Workers tried for one request before its first token, when one cannot be reached."""
     idempotency_ttl_s: int = 24 * 3600

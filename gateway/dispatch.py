@@ -30,7 +30,7 @@ from gateway.limit_guard import LimitGuard
 from gateway.limits import Hold
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerEndpoint, WorkerPool
-from gateway.routing import route_for
+from gateway.routing import Route, route_for
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,11 @@ class Dispatcher:
             if outcome is not None:
                 return replay(outcome, request.request_id)
         try:
+            route = route_for(request, tenant.team)
             try:
                 await self._admit(run, context)
                 await self._wait_turn(run, context)
+                await self.pool.learn_route(request.model, route)
             except BaseException:
                 await asyncio.shield(self._never_ran(run))
                 raise
@@ -235,7 +237,7 @@ class Dispatcher:
                 # Nothing comes back before the end, so the completion is charged at its most now and
                 # trued up then (VTC's length-prediction variant, max_tokens as the prediction).
                 run.slot.charge(run.slot.prompt_tokens, request.sampling.max_tokens)
-            return await self._complete(run, context)
+            return await self._complete(run, route, context)
         finally:
             await self._release(run)
 
@@ -296,6 +298,7 @@ class Dispatcher:
         forwarded = worker_request(run.request, run.request_id, run.tenant)
         errors = []
         route = route_for(run.request, run.tenant.team)
+        await self.pool.learn_route(run.request.model, route)
         for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
             call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining(), metadata=_trace_context())
             try:
@@ -316,7 +319,7 @@ class Dispatcher:
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
                           f"({'; '.join(errors) or 'none tried'})")
 
-    async def _complete(self, run: _Run, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def _complete(self, run: _Run, route: Route, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         """Runs the request on the first worker that takes it and records it; a worker that fails
         without having run it hands it to the next."""
         forwarded = worker_request(run.request, run.request_id, run.tenant)
@@ -324,7 +327,6 @@ class Dispatcher:
         remaining = context.time_remaining()
         timeout = None if remaining is None else remaining + _WORKER_DEADLINE_GRACE_S
         errors = []
-        route = route_for(run.request, run.tenant.team)
         for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
             # A task of its own, so that the caller going away does not cancel the call before the
             # worker is told to abort it and answers with what it spent.

@@ -37,6 +37,8 @@ from gateway.routing import Route, Router
 log = logging.getLogger(__name__)
 
 _INFO_TIMEOUT_S = 2.0
+# How long a request waits for its prefix's shared home to be claimed before routing without it.
+_CLAIM_WAIT_S = 0.5
 
 
 def _endpoint(address: str, tls: ChannelTls | None) -> WorkerEndpoint:
@@ -252,6 +254,14 @@ class WorkerPool:
     def num_sequence_slots(self, model: str) -> int:
         """Sequences the up workers of a model run at once (their max_num_seqs, summed)."""
         return sum(e.info.max_num_seqs for e in self.endpoints if e.is_up and e.info and e.info.model == model)
+
+    async def learn_route(self, model: str, route: Route) -> None:
+        """Before `candidates`: where the model's gateway replicas share prefix homes, and this one has
+        none yet for the request's prefix, waits (at most _CLAIM_WAIT_S) for the home they agree on;
+        past that, or with Redis unreachable, the request goes by this replica's own view."""
+        claim = self.router.first_claim(model, [e for e in self.serving(model) if e.is_up], route)
+        if claim is not None:
+            await asyncio.wait([claim], timeout=_CLAIM_WAIT_S)  # cancelling the wait leaves the claim be
 
     def candidates(self, model: str, route: Route | None = None) -> list[WorkerEndpoint]:
         """Workers to try for a request, in order: those up, as the model's routing policy orders

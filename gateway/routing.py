@@ -13,16 +13,21 @@ no shared session table.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import statistics
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.registry import WorkerLoad
+
+if TYPE_CHECKING:
+    from gateway.shared_homes import SharedHomes
 
 PREFIX_KEY_CHARS = 256
 """How much of the prompt's start makes its affinity key."""
@@ -120,16 +125,38 @@ class PrefixAffinity:
     workers misses on both. A request whose home has more than `overload_margin` sequences over the
     least loaded worker goes least-load instead (a hot prefix spills over).
 
-    Homes are this gateway's own, like the per-router prefix trees of SGLang's cache-aware router:
-    replicas learn the same homes only as far as they see the same traffic.
+    With `shared` (gateway/shared_homes.py), the model's gateway replicas agree on homes through
+    Redis: a replica routes a new prefix at once by its own view, claims a home for it there, and
+    follows the claimed home from the next request on. Without it homes are this gateway's own,
+    like the per-router prefix trees of SGLang's cache-aware router.
     """
 
     overload_margin: int = 4
     max_keys: int = 100_000
-    _homes: OrderedDict[str, tuple[str, int]] = field(default_factory=OrderedDict)
-    """key -> (home worker, its prefix tokens), least recently used first."""
+    shared: SharedHomes | None = None
+    _homes: OrderedDict[str, tuple[str, int, float]] = field(default_factory=OrderedDict)
+    """key -> (home worker, its prefix tokens, when it was last claimed in `shared`), least recently
+    used first."""
     _held: dict[str, int] = field(default_factory=dict)
     """worker -> estimated tokens of the prefixes homed on it."""
+    _claims: dict[str, asyncio.Future[str | bytes]] = field(default_factory=dict)
+    """key -> its claim sent to `shared` and not answered yet."""
+
+    async def claims_answered(self) -> None:
+        """Waits until the claims sent so far have been answered (and adopted)."""
+        while self._claims:
+            await asyncio.wait(list(self._claims.values()))
+
+    def first_claim(self, workers: Sequence[Routable], route: Route) -> asyncio.Future[str | bytes] | None:
+        """With shared homes, for a prefix this replica has no home for among `workers` yet: its claim,
+        to wait for before `order`, so that even its first request here goes to the home the replicas
+        agree on (one round trip, once per prefix and replica). None when there is nothing to wait for."""
+        if self.shared is None or not workers:
+            return None
+        home = self._homes.get(route.prefix_key)
+        if home is not None and any(w.name == home[0] for w in workers):
+            return None
+        return self._claims.get(route.prefix_key) or self._claim(route, workers)
 
     def order(self, workers: Sequence[Routable], route: Route) -> list[Routable]:
         if not workers:
@@ -139,8 +166,12 @@ class PrefixAffinity:
         if home is not None and home[0] in by_name:
             self._homes.move_to_end(route.prefix_key)
             chosen = by_name[home[0]]
+            if self.shared is not None and time.monotonic() - home[2] > self.shared.refresh_s:
+                self._claim(route, workers)
         else:
             chosen = self._assign(route, workers)
+            if self.shared is not None:
+                self._claim(route, workers)
         least = least_load_order(workers)
         if chosen.num_queued > least[0].num_queued + self.overload_margin:
             return least
@@ -151,12 +182,37 @@ class PrefixAffinity:
             held = self._held.get(w.name, 0)
             return 1.0 - held / w.kv_capacity_tokens if w.kv_capacity_tokens else -float(held)
         chosen = max(rendezvous_order(route.prefix_key, workers), key=room)  # max keeps the first of equals
-        self._forget(route.prefix_key)
-        self._homes[route.prefix_key] = (chosen.name, route.prefix_tokens)
-        self._held[chosen.name] = self._held.get(chosen.name, 0) + route.prefix_tokens
+        self._home(route.prefix_key, chosen.name, route.prefix_tokens, 0.0)
+        return chosen
+
+    def _home(self, key: str, worker: str, prefix_tokens: int, claimed_at: float) -> None:
+        self._forget(key)
+        self._homes[key] = (worker, prefix_tokens, claimed_at)
+        self._held[worker] = self._held.get(worker, 0) + prefix_tokens
         while len(self._homes) > self.max_keys:
             self._forget(next(iter(self._homes)))
-        return chosen
+
+    def _claim(self, route: Route, workers: Sequence[Routable]) -> asyncio.Future[str | bytes]:
+        """Claims the key's home in `shared`, and adopts the answer when it comes."""
+        assert self.shared is not None
+        key, claimed_at = route.prefix_key, time.monotonic()
+        if (home := self._homes.get(key)) is not None:
+            self._homes[key] = (home[0], home[1], claimed_at)  # one claim in flight, not one per request
+
+        def adopt(answer: asyncio.Future[str | bytes]) -> None:
+            if self._claims.get(key) is answer:
+                del self._claims[key]
+            if answer.cancelled() or answer.exception() is not None:
+                return  # Redis unreachable: this replica's own homes stand (retried after refresh_s)
+            worker = answer.result()
+            worker = worker.decode() if isinstance(worker, bytes) else worker
+            current = self._homes.get(key)
+            if current is None or current[0] != worker:
+                self._home(key, worker, route.prefix_tokens, claimed_at)
+        answer = self.shared.claim(key, route.prefix_tokens, rendezvous_order(key, workers))
+        self._claims[key] = answer
+        answer.add_done_callback(adopt)
+        return answer
 
     def _forget(self, key: str) -> None:
         home = self._homes.pop(key, None)
@@ -203,6 +259,8 @@ class Router:
 
     default: str = DEFAULT_POLICY
     by_model: dict[str, str] = field(default_factory=dict)
+    shared_homes: Callable[[str], SharedHomes] | None = None
+    """A model's prefix homes shared with the other gateway replicas, for prefix-affinity."""
     _policies: dict[str, Policy] = field(init=False, default_factory=dict)
     NAMES: ClassVar[tuple[str, ...]] = tuple(POLICIES)
 
@@ -213,8 +271,19 @@ class Router:
 
     def policy(self, model: str) -> Policy:
         if model not in self._policies:
-            self._policies[model] = POLICIES[self.by_model.get(model, self.default)]()
+            policy = POLICIES[self.by_model.get(model, self.default)]
+            if policy is PrefixAffinity and self.shared_homes is not None:
+                self._policies[model] = PrefixAffinity(shared=self.shared_homes(model))
+            else:
+                self._policies[model] = policy()
         return self._policies[model]
+
+    def first_claim(self, model: str, workers: Sequence[Routable], route: Route) -> asyncio.Future[str | bytes] | None:
+        """What to wait for before `order` (PrefixAffinity.first_claim), if anything."""
+        if route.session_id:
+            return None
+        policy = self.policy(model)
+        return policy.first_claim(workers, route) if isinstance(policy, PrefixAffinity) else None
 
     def order(self, model: str, workers: Sequence[Routable], route: Route) -> list[Routable]:
         if route.session_id:

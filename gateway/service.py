@@ -36,6 +36,7 @@ from gateway.limits import LimitStore, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
 from gateway.routing import Router
+from gateway.shared_homes import SharedHomes
 
 _tracer = trace.get_tracer(__name__)
 _INFO_TIMEOUT_S = 5.0
@@ -133,7 +134,9 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     pool = WorkerPool(config.workers, config.worker_refresh_interval_s,
                       registry=WorkerRegistry(redis) if config.registry else None,
                       registry_poll_interval_s=config.registry_poll_interval_s,
-                      router=Router(config.routing, dict(config.routing_by_model)), tls=config.worker_tls)
+                      router=Router(config.routing, dict(config.routing_by_model),
+                                    (lambda model: SharedHomes(redis, model)) if config.shared_prefix_homes else None),
+                      tls=config.worker_tls)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
     recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
     guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)

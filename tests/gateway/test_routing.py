@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.registry import WorkerLoad
 from gateway.routing import POLICIES, Cost, LeastLoad, PrefixAffinity, RoundRobin, Route, Router, route_for
+from gateway.shared_homes import SharedHomes, homes_keys
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 
 
@@ -57,6 +60,108 @@ def test_prefix_affinity_only_moves_the_keys_of_a_worker_that_left() -> None:
     before = {i: policy.order(workers, Route(f"k{i}"))[0].name for i in range(100)}
     after = {i: policy.order(workers[:3], Route(f"k{i}"))[0].name for i in range(100)}
     assert all(after[i] == before[i] for i in before if before[i] != "w3")
+
+
+def homes_seen_by_two_replicas(client, shared: bool, model: str):  # noqa: ANN001, ANN201
+    """Two gateway replicas that first meet 24 prefixes in opposite orders, then route each again:
+    the home worker each replica sends each prefix to."""
+    workers = [FakeWorker(f"w{i}", kv_capacity_tokens=4000) for i in range(3)]
+    routes = [Route(f"team\0system prompt {i}", prefix_tokens=50 + 37 * i) for i in range(24)]
+    replicas = [PrefixAffinity(shared=SharedHomes(client, model) if shared else None) for _ in range(2)]
+
+    async def run() -> list[list[str]]:
+        for first, second in zip(routes, reversed(routes)):
+            replicas[0].order(workers, first)
+            replicas[1].order(workers, second)
+            for replica in replicas:  # the claims' round trips
+                await replica.claims_answered()
+        return [[replica.order(workers, route)[0].name for route in routes] for replica in replicas]
+    return run()
+
+
+def test_gateway_replicas_sharing_prefix_homes_send_each_prefix_to_one_worker(with_redis) -> None:  # noqa: ANN001
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    own_first, own_second = with_redis(lambda client: homes_seen_by_two_replicas(client, False, model))
+    assert own_first != own_second  # each replica's own homes: the same prefix on two workers
+    shared_first, shared_second = with_redis(lambda client: homes_seen_by_two_replicas(client, True, model))
+    assert shared_first == shared_second
+    assert len(set(shared_first)) == 3  # still spread over the fleet
+
+    async def held(client) -> dict[str, int]:  # noqa: ANN001
+        return {k: int(v) for k, v in (await client.hgetall(homes_keys(model)[2])).items()}
+    assert sum(with_redis(held).values()) == sum(50 + 37 * i for i in range(24))
+
+
+def test_a_shared_home_whose_worker_left_is_reassigned_once_for_every_replica(with_redis) -> None:  # noqa: ANN001
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    workers = [FakeWorker(f"w{i}", kv_capacity_tokens=4000) for i in range(3)]
+    route = Route("team\0You answer tax questions.", prefix_tokens=120)
+
+    async def body(client) -> tuple[str, str, str]:  # noqa: ANN001
+        first, second = (PrefixAffinity(shared=SharedHomes(client, model)) for _ in range(2))
+        home = first.order(workers, route)[0].name
+        await first.claims_answered()
+        second.order(workers, route)  # its own pick, while its claim is on the way
+        await second.claims_answered()
+        assert second.order(workers, route)[0].name == home
+        left = [w for w in workers if w.name != home]
+        # Each replica has its own view of which worker is roomiest now: they agree through Redis.
+        first._held[left[0].name] = 3000
+        second._held[left[1].name] = 3000
+        first.order(left, route)
+        await first.claims_answered()
+        second.order(left, route)
+        await second.claims_answered()
+        return home, first.order(left, route)[0].name, second.order(left, route)[0].name
+    home, first_now, second_now = with_redis(body)
+    assert first_now == second_now != home
+
+
+def test_a_replica_meeting_a_prefix_first_waits_for_its_shared_home(with_redis) -> None:  # noqa: ANN001
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    workers = [FakeWorker(f"w{i}", kv_capacity_tokens=4000) for i in range(3)]
+    route = Route("team\0You answer tax questions.", prefix_tokens=120)
+
+    async def body(client) -> tuple[str, str]:  # noqa: ANN001
+        first, second = (PrefixAffinity(shared=SharedHomes(client, model)) for _ in range(2))
+        await first.first_claim(workers, route)
+        home = first.order(workers, route)[0].name
+        assert first.first_claim(workers, route) is None  # known now: nothing to wait for
+        second._held[home] = 3000  # its own view would home the prefix elsewhere
+        await second.first_claim(workers, route)
+        return home, second.order(workers, route)[0].name
+    home, second_first_request = with_redis(body)
+    assert second_first_request == home
+
+
+def test_shared_prefix_homes_forget_the_least_recently_claimed_past_their_bound(with_redis) -> None:  # noqa: ANN001
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    workers = [FakeWorker(f"w{i}", kv_capacity_tokens=1000) for i in range(2)]
+
+    async def body(client) -> tuple[int, dict[str, str]]:  # noqa: ANN001
+        homes = SharedHomes(client, model, max_keys=2)
+        for i, tokens in enumerate((100, 200, 300)):
+            await homes.claim(f"k{i}", tokens, workers)
+        homes_key, _, held_key = homes_keys(model)
+        return await client.hlen(homes_key), await client.hgetall(held_key)
+    num_homes, held = with_redis(body)
+    assert num_homes == 2
+    assert sum(int(v) for v in held.values()) == 200 + 300
+
+
+def test_shared_prefix_homes_forget_a_prefix_no_replica_claimed_for_max_idle_s(with_redis) -> None:  # noqa: ANN001
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    workers = [FakeWorker(f"w{i}", kv_capacity_tokens=1000) for i in range(2)]
+
+    async def body(client) -> tuple[list[str], int]:  # noqa: ANN001
+        homes = SharedHomes(client, model, refresh_s=0.1, max_idle_s=0.5)
+        await homes.claim("old", 400, workers)
+        await asyncio.sleep(0.7)
+        await homes.claim("new", 100, workers)
+        homes_key, _, held_key = homes_keys(model)
+        return list(await client.hkeys(homes_key)), sum(int(v) for v in (await client.hvals(held_key)))
+    remaining, held = with_redis(body)
+    assert len(remaining) == 1 and held == 100
 
 
 def test_prefix_affinity_homes_new_prefixes_where_the_caches_have_room() -> None:
