@@ -126,9 +126,10 @@ class PrefixAffinity:
     least loaded worker goes least-load instead (a hot prefix spills over).
 
     With `shared` (gateway/shared_homes.py), the model's gateway replicas agree on homes through
-    Redis: a replica routes a new prefix at once by its own view, claims a home for it there, and
-    follows the claimed home from the next request on. Without it homes are this gateway's own,
-    like the per-router prefix trees of SGLang's cache-aware router.
+    Redis: the first request a replica sees with a new prefix waits for the replica's claim of its
+    home (`first_claim`); one routed without it (Redis slow or unreachable) goes by the replica's
+    own view, and the claimed home is adopted when the answer comes. Without it homes are this
+    gateway's own, like the per-router prefix trees of SGLang's cache-aware router.
     """
 
     overload_margin: int = 4
@@ -170,7 +171,7 @@ class PrefixAffinity:
                 self._claim(route, workers)
         else:
             chosen = self._assign(route, workers)
-            if self.shared is not None:
+            if self.shared is not None and route.prefix_key not in self._claims:
                 self._claim(route, workers)
         least = least_load_order(workers)
         if chosen.num_queued > least[0].num_queued + self.overload_margin:
