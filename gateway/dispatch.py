@@ -233,10 +233,8 @@ class Dispatcher:
             except BaseException:
                 await asyncio.shield(self._never_ran(run))
                 raise
-            if run.slot is not None and request.sampling.HasField("max_tokens"):
-                # Nothing comes back before the end, so the completion is charged at its most now and
-                # trued up then (VTC's length-prediction variant, max_tokens as the prediction).
-                run.slot.charge(run.slot.prompt_tokens, request.sampling.max_tokens)
+            # Its fair-share counter gets the completion when the answer comes, before the slot frees:
+            # the tenants waiting then are weighed against it.
             return await self._complete(run, route, context)
         finally:
             await self._release(run)
