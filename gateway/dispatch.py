@@ -278,9 +278,13 @@ class Dispatcher:
             return
         share = await self.limit_guard.share(run.tenant, self.fairness.config.by_project)
         queue = self.fairness.queue(run.request.model)
+        prompt_tokens = estimate_prompt_tokens(max_prompt_tokens(run.request))
+        if (slot := queue.try_acquire(share, prompt_tokens)) is not None:
+            run.slot = slot  # room, and nobody waiting
+            return
         try:
             async with asyncio.timeout(context.time_remaining()):
-                run.slot = await queue.acquire(share, estimate_prompt_tokens(max_prompt_tokens(run.request)))
+                run.slot = await queue.acquire(share, prompt_tokens)
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it waited for a worker") from None
 

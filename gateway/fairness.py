@@ -164,6 +164,15 @@ class FairQueue:
                 self._remove(waiter)
             raise
 
+    def try_acquire(self, share: Share, prompt_tokens_estimate: int = 1) -> Slot | None:
+        """A slot at once when there is room and nobody waits (as `acquire` would grant it, without
+        queueing); None otherwise."""
+        if self._backlog or not self._has_room():
+            return None
+        self.counters.lift(share.tenant, self._lift_to())
+        self._last_left = share.tenant
+        return self._start(share, prompt_tokens_estimate)
+
     def release(self) -> None:
         self.num_running -= 1
         self.dispatch()
@@ -205,10 +214,13 @@ class FairQueue:
             del self._backlog[tenant]
 
     def _grant(self, waiter: _Waiter) -> None:
+        waiter.granted.set_result(self._start(waiter.share, waiter.prompt_tokens_estimate))
+
+    def _start(self, share: Share, prompt_tokens_estimate: int) -> Slot:
         self.num_running += 1
-        slot = Slot(self, waiter.share)
-        slot.charge(waiter.prompt_tokens_estimate, 0)
-        waiter.granted.set_result(slot)
+        slot = Slot(self, share)
+        slot.charge(prompt_tokens_estimate, 0)
+        return slot
 
 
 class FairScheduler:

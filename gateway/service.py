@@ -62,6 +62,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         tenant = await self.keys.authenticate(context.invocation_metadata())
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            # No tracer provider installed (nothing exports spans: fareway/telemetry.py): not even a no-op span.
+            return await self.dispatcher.complete(tenant, request, context)
         with _tracer.start_as_current_span("gateway.generate") as span:
             traced = _describe_request(span, tenant, request)
             response = await self.dispatcher.complete(tenant, request, context)

@@ -168,6 +168,30 @@ def test_a_cancelled_or_expired_wait_leaves_no_trace() -> None:
     run(body)
 
 
+def test_a_slot_is_had_at_once_only_with_room_and_nobody_waiting() -> None:
+    async def body() -> None:
+        capacity = [1]
+        queue = FairQueue(lambda: capacity[0], FairnessConfig(prompt_token_weight=1, completion_token_weight=2))
+        first = queue.try_acquire(share("a"), 5)
+        assert first is not None and queue.num_running == 1
+        assert queue.counters.get(("a", "")) == 5  # charged as a granted wait is
+        assert queue.try_acquire(share("b")) is None  # no room
+        waiting = asyncio.ensure_future(queue.acquire(share("b"), 3))
+        await asyncio.sleep(0)
+        first.release()
+        await waiting
+        assert queue.counters.get(("b", "")) == 5 + 3  # lifted to A's counter when it queued, then charged
+        queue_full = asyncio.ensure_future(queue.acquire(share("c")))
+        await asyncio.sleep(0)
+        capacity[0] = 2  # room now, but C was waiting first
+        assert queue.try_acquire(share("d")) is None
+        queue.dispatch()
+        await queue_full
+        capacity[0] = 3
+        assert queue.try_acquire(share("d")) is not None and queue.num_running == 3
+    run(body)
+
+
 def test_no_known_capacity_means_no_queueing() -> None:
     async def body() -> None:
         queue = FairQueue(lambda: None)
