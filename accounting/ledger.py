@@ -16,8 +16,9 @@ and the month's spend, and release the request's budget reservation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -83,6 +84,11 @@ return added
 """ % {"metrics": ", ".join(f"'{m}'" for m in METRICS), "per_record": _ARGS_PER_RECORD}
 
 
+async def _added(recording: Awaitable[Any], indexing: Awaitable[Any]) -> bool:
+    added, _ = await asyncio.gather(recording, indexing)
+    return bool(added)
+
+
 def team_prefix(team: str) -> str:
     return f"fw:{{{team}}}:"
 
@@ -131,12 +137,17 @@ class Ledger:
 
     async def record(self, record: UsageRecord, now: float | None = None) -> bool:
         """Records a priced usage record unless its request was already recorded; True if it was new."""
+        return await self.record_soon(record, now)
+
+    def record_soon(self, record: UsageRecord, now: float | None = None) -> Coroutine[Any, Any, bool]:
+        """`record`, with its script queued at once (fareway/redis_batch.py): calls queued after it in the
+        same turn of the loop share its round trip, and none queued later can overtake it. Await what
+        it returns."""
         args = self._header(now if now is not None else record.ended_at, 1) + self._args(record)
         # The team's set is outside the script (a global key would put the script across Cluster
         # slots), in the same round trip.
-        added, _ = await asyncio.gather(self._record(keys=[team_prefix(record.team)], args=args),
-                                        self._batcher.command("SADD", TEAMS_KEY, record.team))
-        return bool(added)
+        return _added(self._record(keys=[team_prefix(record.team)], args=args),
+                      self._batcher.command("SADD", TEAMS_KEY, record.team))
 
     async def record_many(self, records: Sequence[UsageRecord], now: float | None = None) -> int:
         """Records a batch, one script call per team, in one pipelined round trip; returns how many were new."""

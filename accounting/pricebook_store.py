@@ -93,6 +93,12 @@ class PriceBookCache:
         """The last book read (None before the first read)."""
         return self._book
 
+    def fresh(self) -> PriceBook | None:
+        """The book, if read within the refresh interval (what `get` would return without reading)."""
+        if self._book is None or time.monotonic() - self._read_at > self._refresh_s:
+            return None
+        return self._book
+
     async def get(self) -> PriceBook:
         if self._book is None or time.monotonic() - self._read_at > self._refresh_s:
             async with self._lock:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import redis.exceptions
 
@@ -33,6 +35,8 @@ class UsageRecorder:
         self.spool = spool
         self.prices = prices or PriceBookCache(PriceBookStore(ledger.redis))
         self._replayer: asyncio.Task[None] | None = None
+        self.unreachable = False
+        """Whether the last write found Redis unreachable (and went to the spool)."""
 
     async def _price(self, record: UsageRecord) -> UsageRecord:
         book: PriceBook | None = self.prices.book
@@ -49,13 +53,29 @@ class UsageRecorder:
         With no spool configured, an unreachable Redis raises.
         """
         priced = await self._price(record)
+        return await self._written(priced, self.ledger.record_soon(priced))
+
+    def priced_now(self, record: UsageRecord) -> UsageRecord | None:
+        """The record priced with the book in force, if that is at hand without reading Redis (as it is
+        once the process has priced anything in the last minute); else None."""
+        book = self.prices.fresh()
+        return price_record(book, record) if book is not None else None
+
+    def write_soon(self, priced: UsageRecord) -> Coroutine[Any, Any, UsageRecord]:
+        """`record` for a priced record, with the ledger write queued at once (fareway/redis_batch.py).
+        Await what it returns."""
+        return self._written(priced, self.ledger.record_soon(priced))
+
+    async def _written(self, priced: UsageRecord, writing: Awaitable[bool]) -> UsageRecord:
         try:
-            await self.ledger.record(priced)
+            await writing
+            self.unreachable = False
             return priced
         except UNREACHABLE as exc:
+            self.unreachable = True
             if self.spool is None:
                 raise
-            log.warning("Redis unreachable (%s); spooling usage of %s to %s", exc, record.request_id,
+            log.warning("Redis unreachable (%s); spooling usage of %s to %s", exc, priced.request_id,
                         self.spool.path)
             await asyncio.to_thread(self.spool.append, priced)
             return priced

@@ -9,7 +9,7 @@ tokenizer), the client in this one:
    clients, vs the same clients on the worker directly (alternating rounds); and the
    gateway process's CPU time per request in those rounds (from /proc), which bounds
    what one core given to the gateway alone would sustain.
-3. Prefix-affinity vs round-robin routing over 2 workers (prefix caching on):
+3. Prefix-affinity vs round-robin routing over 2 workers, and over 4 (prefix caching on):
    4 shared system prompts x 3 teams with varied user questions; fleet prefix-cache
    hit rate (cached / prompt tokens over the responses) and requests per second.
    Each run uses fresh teams, so it starts with cold caches; the runs alternate.
@@ -17,7 +17,9 @@ tokenizer), the client in this one:
    holds them all, one worker does not (the regime where routing matters).
    The limit to compare with: the same workload on one worker whose cache holds
    every prefix twice over, so that only first sightings and the varied questions
-   miss ("ideal"): no routing of 2 workers can beat it.
+   miss ("ideal"): no routing of 2 workers can beat it. Also measured: two gateway
+   replicas in front of the 2 workers, with prefix homes shared through Redis or
+   each replica's own.
 
 On 2 cores the client, the gateway, the worker(s) and Redis share the CPU: the
 absolute figures are the machine's; the ratios are what to compare.
@@ -369,22 +371,30 @@ async def run(quick: bool) -> dict[str, object]:
             await sides.close()
             procs.stop(["tiny-0", "gateway-tiny"])
 
-            small = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(2)]
+            fleet = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(4)]
+            pair = fleet[:2]
             roomy = procs.worker("small", 2 * prefix_tokens * kv_bytes_per_token("small"), "small-roomy")
-            small_info = [await wait_worker(procs, w) for w in small]
+            small_info = [await wait_worker(procs, w) for w in fleet]
             await wait_worker(procs, roomy)
-            routed = {policy: [procs.gateway(small, policy, f"gateway-{policy}")]
+            # One gateway alone needs no shared homes, and these gateways front different fleets of the same
+            # model: sharing one home table would let one fleet's homes skew the other's (README, Routing).
+            alone = "--no-shared-prefix-homes"
+            routed = {policy: [procs.gateway(pair, policy, f"gateway-{policy}", alone)]
                       for policy in ("prefix-affinity", "round-robin")}
             routed["ideal"] = [procs.gateway([roomy], "round-robin", "gateway-ideal")]
             # Two gateway replicas in front of the same workers, agreeing on prefix homes through Redis
             # (the default) or each keeping its own.
-            routed["replicas-shared"] = [procs.gateway(small, "prefix-affinity", f"gateway-shared-{i}")
+            routed["replicas-shared"] = [procs.gateway(pair, "prefix-affinity", f"gateway-shared-{i}")
                                          for i in range(2)]
-            routed["replicas-own"] = [procs.gateway(small, "prefix-affinity", f"gateway-own-{i}",
+            routed["replicas-own"] = [procs.gateway(pair, "prefix-affinity", f"gateway-own-{i}",
                                                     "--no-shared-prefix-homes") for i in range(2)]
+            # A fleet of 4 of the same workers: round-robin spreads every prefix over more caches.
+            for policy in ("prefix-affinity", "round-robin"):
+                routed[f"{policy}-4"] = [procs.gateway(fleet, policy, f"gateway-{policy}-4", alone)]
             for policy, addresses in routed.items():
+                num_workers = 1 if policy == "ideal" else 4 if policy.endswith("-4") else 2
                 for address in addresses:
-                    await wait_gateway(procs, address, key, small_info[0].model, 1 if policy == "ideal" else 2)
+                    await wait_gateway(procs, address, key, small_info[0].model, num_workers)
 
             hits: dict[str, list[float]] = {p: [] for p in routed}
             throughput: dict[str, list[float]] = {p: [] for p in routed}
@@ -433,6 +443,10 @@ async def run(quick: bool) -> dict[str, object]:
         "ideal_hit_rate_vs_round_robin": round(hit_m["ideal"] / hit_m[rr], 2) if hit_m[rr] else None,
         "affinity_requests_per_s": round(tput_m[aff], 2), "round_robin_requests_per_s": round(tput_m[rr], 2),
         "affinity_requests_per_run": affinity_requests, "affinity_runs": affinity_rounds,
+        "four_workers_affinity_hit_rate": round(hit_m[aff + "-4"], 4),
+        "four_workers_round_robin_hit_rate": round(hit_m[rr + "-4"], 4),
+        "four_workers_affinity_hit_rate_vs_round_robin": round(hit_m[aff + "-4"] / hit_m[rr + "-4"], 2),
+        "four_workers_affinity_throughput_vs_round_robin": round(tput_m[aff + "-4"] / tput_m[rr + "-4"], 2),
         "two_replicas_shared_homes_hit_rate": round(hit_m["replicas-shared"], 4),
         "two_replicas_own_homes_hit_rate": round(hit_m["replicas-own"], 4),
         "shared_homes_vs_own_hit_rate": round(hit_m["replicas-shared"] / hit_m["replicas-own"], 2),
@@ -477,6 +491,11 @@ def main() -> None:
         ("1 roomy worker (the limit)", f"hit rate {f['ideal_hit_rate']:.1%}: affinity reaches "
                                        f"{f['affinity_hit_rate_vs_ideal']:.0%} of it; it is "
                                        f"{f['ideal_hit_rate_vs_round_robin']}x round-robin's"),
+        ("4 workers, prefix-affinity vs round-robin", f"hit rate {f['four_workers_affinity_hit_rate']:.1%} vs "
+                                                       f"{f['four_workers_round_robin_hit_rate']:.1%}: "
+                                                       f"{f['four_workers_affinity_hit_rate_vs_round_robin']}x; "
+                                                       "throughput "
+                                                       f"{f['four_workers_affinity_throughput_vs_round_robin']:.2f}x"),
         ("2 gateway replicas, prefix-affinity", f"hit rate {f['two_replicas_shared_homes_hit_rate']:.1%} with "
                                                  "homes shared through Redis, "
                                                  f"{f['two_replicas_own_homes_hit_rate']:.1%} with each its own "

@@ -8,8 +8,9 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
@@ -187,6 +188,8 @@ class Dispatcher:
         self.budget_guard = budget_guard
         self.limit_guard = limit_guard
         self.fairness = fairness
+        self._writing: set[asyncio.Task[None]] = set()
+        """Usage records being written behind their answers (`_finish_answered`)."""
         # Worker call ids: unique across gateways by the random prefix, and cheaper than a uuid each.
         self._call_prefix = uuid.uuid4().hex[:16]
         self._call_numbers = itertools.count()
@@ -357,7 +360,7 @@ class Dispatcher:
             endpoint.num_sent_since_load += 1
             run.add_whole(message)
             response = run.response()
-            await self._finish(run, grpc.StatusCode.OK, run.finish_reason, response)
+            await self._finish_answered(run, response)
             return response
         await asyncio.shield(self._never_ran(run))
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
@@ -404,7 +407,7 @@ class Dispatcher:
             await asyncio.shield(self._finish(run, failure.code, reason, None, failure.message))
             raise failure from None
         response = run.response()
-        await self._finish(run, grpc.StatusCode.OK, run.finish_reason, response)
+        await self._finish_answered(run, response)
         yield Final(response)
 
     def _worker_failure(self, run: _Run, error: grpc.aio.AioRpcError) -> FarewayError:
@@ -420,14 +423,29 @@ class Dispatcher:
                       response: pb.GenerateResponse | None, message: str = "") -> None:
         """Writes the usage record (spooled if Redis is down) and settles the request's limits, in one
         round trip; then the idempotency outcome."""
-        # The settlement is queued first and the record when its coroutine runs: one round trip for both.
+        await self._finish_soon(run, status, finish_reason, response, message)
+
+    def _finish_soon(self, run: _Run, status: grpc.StatusCode, finish_reason: int,
+                     response: pb.GenerateResponse | None, message: str = "") -> Coroutine[Any, Any, None]:
+        """`_finish`, with the settlement and the usage record queued before this returns (one round trip,
+        which nothing queued later can overtake). Await what it returns."""
         settling = self.limit_guard.settle_soon(run.hold, run.usage) if run.hold is not None else None
+        record = run.record(status, finish_reason)
+        if (priced := self.recorder.priced_now(record)) is None:  # the price book is read first
+            return self._finished(run, status, response, message, settling, self.recorder.record(record), False)
+        self.metrics.finished(priced)  # as it is queued: the spool keeps it if Redis cannot take it
+        return self._finished(run, status, response, message, settling, self.recorder.write_soon(priced), True)
+
+    async def _finished(self, run: _Run, status: grpc.StatusCode, response: pb.GenerateResponse | None,
+                        message: str, settling: Awaitable[None] | None, recording: Awaitable[UsageRecord],
+                        metered: bool) -> None:
         try:
-            priced = await self.recorder.record(run.record(status, finish_reason))
+            priced = await recording
         finally:
             if settling is not None:
                 await settling
-        self.metrics.finished(priced)
+        if not metered:
+            self.metrics.finished(priced)
         if run.request.request_id:
             try:
                 await self.idempotency.complete(run.tenant, run.request.request_id,
@@ -435,3 +453,32 @@ class Dispatcher:
             except UNREACHABLE as exc:
                 # The usage is safe in the spool; a retry of this id waits out the claim's lease.
                 log.warning("could not store the outcome of request_id %s: %s", run.request.request_id, exc)
+
+    async def _finish_answered(self, run: _Run, response: pb.GenerateResponse) -> None:
+        """Finishes a request that succeeded, before its caller has the answer only where it must.
+
+        The record and the settlement are queued at once, ahead of anything this gateway sends Redis
+        later, then the answer goes out while Redis confirms them (write-behind: a Redis round trip less
+        on every request's latency; a failed write is spooled as ever, and `drain` waits for them on
+        shutdown). The answer waits where that matters: for a request with a request_id (a retry of it
+        must find its outcome stored), and while Redis is unreachable (the record is in the spool, on
+        disk, before the answer goes).
+        """
+        finishing = self._finish_soon(run, grpc.StatusCode.OK, run.finish_reason, response)
+        if run.request.request_id or self.recorder.unreachable:
+            await finishing
+            return
+        task = asyncio.ensure_future(finishing)
+        self._writing.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("the usage record of a request could not be written (no spool to keep it)",
+                      exc_info=error)
+
+    async def drain(self) -> None:
+        """Waits for the usage records still being written behind their answers."""
+        while self._writing:
+            await asyncio.wait(list(self._writing))

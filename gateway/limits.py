@@ -131,6 +131,7 @@ class Hold:
     slots: list[str] = field(default_factory=list)
     """Scopes whose concurrency slot the request holds."""
     settled: bool = False
+    """True once its settlement is queued (settle_soon): it is never settled twice."""
 
 
 class LimitsExceeded(Exception):
@@ -291,19 +292,20 @@ class RateLimiter:
                     now_us: int | None = None) -> Coroutine[Any, Any, None]:
         """`settle`, with its script queued at once (fareway/redis_batch.py). Await what it returns."""
         if hold.settled or not (hold.tokens or hold.slots):
-            return _settled(None, hold)
+            hold.settled = True
+            return _settled(None)
+        hold.settled = True
         scopes = sorted(set(hold.tokens) | set(hold.slots))
         args: list[str | int] = [hold.request_id, "" if now_us is None else now_us]
         for scope in scopes:
             reserved, tpm = hold.tokens.get(scope, (0, 0))
             args += [scope, actual_tokens - reserved if tpm else 0, tpm, int(scope in hold.slots)]
-        return _settled(self._settle(keys=_keys(hold.team, scopes), args=args), hold)
+        return _settled(self._settle(keys=_keys(hold.team, scopes), args=args))
 
 
-async def _settled(settling: Awaitable[Any] | None, hold: Hold) -> None:
+async def _settled(settling: Awaitable[Any] | None) -> None:
     if settling is not None:
         await settling
-    hold.settled = True
 
 
 def _keys(team: str, scopes: list[str]) -> list[str]:

@@ -159,8 +159,8 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                                  **({"counters": shared.counters} if shared else {}))
         metrics.observe_queues(fairness.depths)
     keys = KeyStore(redis, config.key_cache_ttl_s)
-    servicer = InferenceServicer(keys, pool, Dispatcher(config, pool, recorder, idempotency, guard,
-                                                        limit_guard, metrics, fairness))
+    dispatcher = Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics, fairness)
+    servicer = InferenceServicer(keys, pool, dispatcher)
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
@@ -186,6 +186,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
             with contextlib.suppress(*UNREACHABLE):
                 await peers.leave()
         await server.stop()
+        await dispatcher.drain()
         await recorder.stop()
         await pool.close()
 
