@@ -12,7 +12,7 @@ import redis
 from fareway.inference.v1 import inference_pb2 as pb
 from tests.gateway.test_failover import call, gateway_for, serving_worker
 
-PAUSE_S = 2.0
+PAUSE_S = 3.0
 
 
 def paused_while_answering(stack, background_loop, tiny_checkpoint, request_id: str = "") -> tuple[float, int]:  # noqa: ANN001
@@ -27,7 +27,7 @@ def paused_while_answering(stack, background_loop, tiny_checkpoint, request_id: 
 
         def ask() -> None:
             call(address, key, pb.GenerateRequest(model="tiny-llama", prompt="go on", request_id=request_id,
-                                                  sampling=pb.SamplingParams(max_tokens=200, temperature=0)))
+                                                  sampling=pb.SamplingParams(max_tokens=40, temperature=0)))
             answered.append(time.monotonic())
         caller = threading.Thread(target=ask)
         caller.start()
@@ -47,7 +47,7 @@ def paused_while_answering(stack, background_loop, tiny_checkpoint, request_id: 
 def test_the_answer_does_not_wait_for_its_record_and_a_stopping_gateway_still_writes_it(
         stack, background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
     waited_s, num_records = paused_while_answering(stack, background_loop, tiny_checkpoint)
-    assert waited_s < PAUSE_S / 2, "the answer waited for Redis to take its usage record"
+    assert 0 < waited_s < PAUSE_S - 1.0, "the answer waited for Redis to take its usage record"
     assert num_records == 1
 
 
