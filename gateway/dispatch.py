@@ -432,27 +432,31 @@ class Dispatcher:
         settling = self.limit_guard.settle_soon(run.hold, run.usage) if run.hold is not None else None
         record = run.record(status, finish_reason)
         if (priced := self.recorder.priced_now(record)) is None:  # the price book is read first
-            return self._finished(run, status, response, message, settling, self.recorder.record(record), False)
-        self.metrics.finished(priced)  # as it is queued: the spool keeps it if Redis cannot take it
-        return self._finished(run, status, response, message, settling, self.recorder.write_soon(priced), True)
+            recording, metered = self.recorder.record(record), False
+        else:
+            self.metrics.finished(priced)  # as it is queued: the spool keeps it if Redis cannot take it
+            recording, metered = self.recorder.write_soon(priced), True
+        # The outcome of a request_id in the same round trip, after its record.
+        completing = (self.idempotency.complete_soon(run.tenant, run.request.request_id,
+                                                     Outcome(status, message, response))
+                      if run.request.request_id else None)
+        return self._finished(run, settling, recording, metered, completing)
 
-    async def _finished(self, run: _Run, status: grpc.StatusCode, response: pb.GenerateResponse | None,
-                        message: str, settling: Awaitable[None] | None, recording: Awaitable[UsageRecord],
-                        metered: bool) -> None:
+    async def _finished(self, run: _Run, settling: Awaitable[None] | None, recording: Awaitable[UsageRecord],
+                        metered: bool, completing: Awaitable[Any] | None) -> None:
         try:
             priced = await recording
         finally:
             if settling is not None:
                 await settling
+            if completing is not None:
+                try:
+                    await completing
+                except UNREACHABLE as exc:
+                    # The usage is safe in the spool; a retry of this id waits out the claim's lease.
+                    log.warning("could not store the outcome of request_id %s: %s", run.request.request_id, exc)
         if not metered:
             self.metrics.finished(priced)
-        if run.request.request_id:
-            try:
-                await self.idempotency.complete(run.tenant, run.request.request_id,
-                                                Outcome(status, message, response))
-            except UNREACHABLE as exc:
-                # The usage is safe in the spool; a retry of this id waits out the claim's lease.
-                log.warning("could not store the outcome of request_id %s: %s", run.request.request_id, exc)
 
     async def _finish_answered(self, run: _Run, response: pb.GenerateResponse) -> None:
         """Finishes a request that succeeded, before its caller has the answer only where it must.
