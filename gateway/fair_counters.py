@@ -132,9 +132,15 @@ class SharedCounterStore:
         await asyncio.gather(*(counters.sync() for counters in list(self.models.values())))
 
     async def sync_forever(self) -> None:
+        away = False
         while True:
             try:
                 await self.sync()
+                if away:
+                    log.info("fair-share counters are synced again")
+                away = False
             except UNREACHABLE as exc:
-                log.info("fair-share counters are not synced while Redis is away: %s", exc)
+                if not away:  # said once, not at every sync while Redis stays away
+                    log.info("fair-share counters are not synced while Redis is away: %s", exc)
+                away = True
             await asyncio.sleep(self.sync_interval_s)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def _gateway(address: str, worker: str, redis_url: str, spool_dir: Path, log: Pa
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _spooled(spool_dir: Path) -> list[UsageRecord]:
+    """Every record waiting in the spool: in the live file, or in one a replay took aside (the
+    gateway retries its replay every couple of seconds while Redis is away)."""
+    paths = [spool_dir / "usage.spool", *spool_dir.glob("usage.spool.*.replaying")]
+    return [record for path in paths if path.exists() for record in Spool.read(path)]
+
+
 @pytest.mark.slow
 def test_a_killed_gateway_and_a_restarted_redis_lose_no_usage(stack, tmp_path: Path) -> None:  # noqa: ANN001
     """Redis stops mid-stream; the request still completes and its usage is spooled; the gateway
@@ -108,22 +116,39 @@ def test_a_killed_gateway_and_a_restarted_redis_lose_no_usage(stack, tmp_path: P
                 await client.aclose()
         key = asyncio.run(create_key())
         _wait_serving(address)
-        with grpc.insecure_channel(address) as channel:
-            stream = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream(
-                pb.GenerateStreamRequest(model="smollm2-135m-instruct", prompt="1, 2, 3, 4, 5,",
-                                         sampling=pb.SamplingParams(max_tokens=40, temperature=0.0)),
-                metadata=(("authorization", f"Bearer {key}"),), timeout=120)
-            first = next(stream)
-            redis_server.stop()
-            rest = list(stream)
+        # The worker's engine holds after its first two steps until Redis is down, so the request
+        # cannot finish (and be recorded) while Redis is still stopping.
+        execute, steps, redis_down = stack.worker.runner.execute, [], threading.Event()
+
+        def held_until_redis_is_down(plan):  # noqa: ANN001, ANN202
+            steps.append(plan)
+            if len(steps) > 2:
+                redis_down.wait(timeout=60)
+            return execute(plan)
+        stack.worker.runner.execute = held_until_redis_is_down
+        try:
+            with grpc.insecure_channel(address) as channel:
+                stream = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream(
+                    pb.GenerateStreamRequest(model="smollm2-135m-instruct", prompt="1, 2, 3, 4, 5,",
+                                             sampling=pb.SamplingParams(max_tokens=40, temperature=0.0)),
+                    metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+                first = next(stream)
+                redis_server.stop()
+                redis_down.set()
+                rest = list(stream)
+        finally:
+            redis_down.set()
+            stack.worker.runner.execute = execute
         received = [first, *rest]
+        assert len(steps) > 2, "the request's steps went through the hold"
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        # The spool file is created a moment before its record is written: wait for the record.
         deadline = time.monotonic() + 10
-        while not (spool_dir / "usage.spool").exists() and time.monotonic() < deadline:
+        while not _spooled(spool_dir) and time.monotonic() < deadline:
             time.sleep(0.05)
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(timeout=10)
-        assert len(list(Spool.read(spool_dir / "usage.spool"))) == 1
+        assert len(_spooled(spool_dir)) == 1, log.read_text()[-3000:]
 
         redis_server.start()
         gateway = _gateway(address, stack.worker_address, redis_url, spool_dir, log)
