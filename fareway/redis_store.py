@@ -44,6 +44,11 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def url(self) -> str:
         if self.unix_socket is not None:
             return f"unix://{self.unix_socket}"
@@ -124,8 +129,14 @@ class Redis(aioredis.Redis):
         await super().aclose(close_connection_pool)
 
 
+# How long a command may wait for Redis's answer before it counts as unreachable (its usage record is
+# then spooled). Without it, a stalled Redis (a paused process, a dropped route) would hold requests,
+# and a stopping gateway's last writes, for ever. The URL may set its own (`?socket_timeout=2`).
+SOCKET_TIMEOUT_S = 10.0
+
+
 def connect(url: str) -> aioredis.Redis:
-    return Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=SOCKET_TIMEOUT_S)
 
 
 @contextlib.contextmanager
