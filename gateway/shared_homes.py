@@ -13,10 +13,11 @@ A claim is one atomic script: a home whose worker is still among the caller's ca
 stands; otherwise the candidate with the most room (1 - held / KV capacity, ties in the
 caller's rendezvous order) becomes the home. A prefix no replica has claimed for `max_idle_s`
 is forgotten (it has left the caches), and so are the least recently claimed past `max_keys`.
-Claims stay off the request path: a replica routes at once on what it
-knows, sends its claim (batched with the other Redis calls of that turn), and adopts the
-answer for the prefix's next request. A replica re-claims a prefix it routes at most every
-`refresh_s`, which keeps the prefixes in use from being forgotten.
+The first request a replica sees with a new prefix waits for its claim (batched with the
+other Redis calls of that turn; at most half a second, then it goes by the replica's own view);
+later requests route at once on the home the replica knows, and a replica re-claims a prefix
+it routes at most every `refresh_s` (adopting the answer for the next request), which keeps the
+prefixes in use from being forgotten.
 """
 
 from __future__ import annotations
