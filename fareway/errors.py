@@ -8,11 +8,13 @@ QuotaFailure or RetryInfo details where they help the caller act.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -133,12 +135,30 @@ def _internal(exc: BaseException) -> Internal:
     return Internal(f"internal error (ref {ref}); the server log has the details")
 
 
+# Redis failures that mean it cannot be reached now (refused, timed out, still loading its data).
+_REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_AWAY_LOG_EVERY_S = 10.0
+_redis_away_logged_at = -_REDIS_AWAY_LOG_EVERY_S
+
+
+def _redis_away(exc: BaseException) -> Unavailable:
+    """A request that needed Redis while it was away: UNAVAILABLE, which callers retry (the address
+    and the cause go to the log, at most every 10 s, not to the caller)."""
+    global _redis_away_logged_at
+    if time.monotonic() - _redis_away_logged_at >= _REDIS_AWAY_LOG_EVERY_S:
+        _redis_away_logged_at = time.monotonic()
+        log.warning("requests fail while Redis is unreachable: %s", exc)
+    return Unavailable("Redis, which holds the keys, limits, budgets and usage, is unreachable; retry shortly")
+
+
 def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(request, context)
         except FarewayError as error:
             await abort(context, error)
+        except _REDIS_AWAY as exc:
+            await abort(context, _redis_away(exc))
         except Exception as exc:  # noqa: BLE001 - every other failure is reported as INTERNAL
             await abort(context, _internal(exc))
     return wrapper
@@ -151,6 +171,8 @@ def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., As
                 yield response
         except FarewayError as error:
             await abort(context, error)
+        except _REDIS_AWAY as exc:
+            await abort(context, _redis_away(exc))
         except Exception as exc:  # noqa: BLE001
             await abort(context, _internal(exc))
     return wrapper
