@@ -139,6 +139,16 @@ class _Run:
             budget_period=self.reservation.month if self.reservation else "")
 
 
+def _count_in_flight(endpoint: WorkerEndpoint, call: asyncio.Future[Any] | grpc.aio.Call) -> None:
+    """Counts the call among the worker's requests in flight until it ends, however it ends (what
+    routing reads as this gateway's share of the worker's load)."""
+    endpoint.num_in_flight += 1
+
+    def ended(_: object) -> None:
+        endpoint.num_in_flight -= 1
+    call.add_done_callback(ended)
+
+
 def _trace_context() -> tuple[tuple[str, str], ...]:
     """The current span's W3C trace context as gRPC metadata, so the worker's span joins the trace."""
     if not trace.get_current_span().get_span_context().is_valid:
@@ -306,6 +316,7 @@ class Dispatcher:
         await self.pool.learn_route(run.request.model, route)
         for endpoint in self.pool.candidates(run.request.model, route)[: self.config.max_attempts]:
             call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining(), metadata=_trace_context())
+            _count_in_flight(endpoint, call)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
@@ -318,7 +329,6 @@ class Dispatcher:
                 errors.append(f"{endpoint.address}: ended the stream without admitting the request")
                 continue
             run.endpoint = endpoint
-            endpoint.num_sent_since_load += 1
             run.add(first)
             return call
         raise Unavailable(f"no worker for model {run.request.model!r} could take the request "
@@ -337,6 +347,7 @@ class Dispatcher:
             # worker is told to abort it and answers with what it spent.
             answer = asyncio.ensure_future(
                 endpoint.stub.Complete(forwarded, timeout=timeout, metadata=_trace_context()))
+            _count_in_flight(endpoint, answer)
             try:
                 message = await asyncio.shield(answer)
             except asyncio.CancelledError:
@@ -357,7 +368,6 @@ class Dispatcher:
                 errors.append(f"{endpoint.address}: {error.details() or error.code().name}")
                 continue
             run.endpoint = endpoint
-            endpoint.num_sent_since_load += 1
             run.add_whole(message)
             response = run.response()
             await self._finish_answered(run, response)

@@ -82,8 +82,9 @@ class WorkerEndpoint:
     """Its entry in the registry; None for a configured worker that did not register."""
     load: WorkerLoad = field(default_factory=WorkerLoad)
     """Its load as last published (registry) or polled (configured workers)."""
-    num_sent_since_load: int = 0
-    """Requests this gateway sent it since `load` was read (so a burst does not all go to one worker)."""
+    num_in_flight: int = 0
+    """Requests this gateway has sent it that have not ended yet."""
+    _num_in_flight_at_load: int = 0
 
     @property
     def name(self) -> str:
@@ -93,7 +94,9 @@ class WorkerEndpoint:
 
     @property
     def num_queued(self) -> int:
-        return self.load.num_queued + self.num_sent_since_load
+        """Its sequences, estimated now: the other gateways' as of its last load report, and this
+        gateway's own as they are (a burst sent since the report counts; requests ended since, not)."""
+        return max(0, self.load.num_queued - self._num_in_flight_at_load) + self.num_in_flight
 
     @property
     def usd_per_device_hour(self) -> float | None:
@@ -112,7 +115,7 @@ class WorkerEndpoint:
         return self.registration.kv_capacity_tokens if self.registration else 0
 
     def set_load(self, load: WorkerLoad) -> None:
-        self.load, self.num_sent_since_load = load, 0
+        self.load, self._num_in_flight_at_load = load, self.num_in_flight
 
 
 @dataclass

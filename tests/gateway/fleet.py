@@ -64,9 +64,9 @@ def gateway(background_loop, redis_url: str, workers: tuple[str, ...] = (), **co
     async def start() -> int:
         client = connect(redis_url)
         exits.push_async_callback(client.aclose)
+        settings = {"worker_refresh_interval_s": 0.2, "registry_poll_interval_s": 0.2, **config}
         server = await exits.enter_async_context(running_gateway(GatewayConfig(
-            workers=workers, listen="127.0.0.1:0", worker_refresh_interval_s=0.2,
-            registry_poll_interval_s=0.2, **config), client))
+            workers=workers, listen="127.0.0.1:0", **settings), client))
         return server.port
     port = background_loop.run(start())
     try:

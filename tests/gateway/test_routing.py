@@ -263,6 +263,35 @@ def test_prefix_affinity_keeps_a_shared_system_prompt_on_one_worker_whose_cache_
     assert all(r.usage.cached_tokens >= 48 for r in responses[1:])  # the system prompt's blocks
 
 
+def test_a_home_worker_is_not_counted_busy_for_the_requests_it_has_finished(
+        background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
+    """A worker's load between its reports counts this gateway's requests still running there, not
+    every request sent since the report: one request at a time never looks like an overload, so a
+    prefix stays on its home (which had spilled to the other worker from the 6th request)."""
+    key = create_key(background_loop, redis_url, "team-home")
+    with gateway(background_loop, redis_url, two_workers, routing="prefix-affinity",
+                 worker_refresh_interval_s=600.0) as address:  # no load report after the first
+        client = Client(address, key)
+        responses = [ask(client, f"Where is parcel number {i}?") for i in range(12)]
+    assert len({r.usage.worker_id for r in responses}) == 1
+    assert all(r.usage.cached_tokens >= 48 for r in responses[1:])
+
+
+def test_a_workers_estimated_load_is_the_others_as_reported_plus_this_gateways_in_flight() -> None:
+    from gateway.pool import WorkerEndpoint
+
+    worker = WorkerEndpoint("10.0.0.5:50052", channel=None, stub=None)  # type: ignore[arg-type]
+    worker.num_in_flight = 2
+    worker.set_load(WorkerLoad(num_running=4, num_waiting=1))  # 2 of its 5 are this gateway's
+    assert worker.num_queued == 5
+    worker.num_in_flight = 0  # both ended; the other gateways' 3 stand until the next report
+    assert worker.num_queued == 3
+    worker.num_in_flight = 4  # a burst sent since the report
+    assert worker.num_queued == 7
+    worker.set_load(WorkerLoad(num_running=1))  # fewer than this gateway's own: the report is older
+    assert worker.num_queued == 4
+
+
 def test_round_robin_alternates_and_misses_the_cache_half_the_time(
         background_loop, redis_url, two_workers) -> None:  # noqa: ANN001
     key = create_key(background_loop, redis_url, "team-rr")
