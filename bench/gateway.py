@@ -136,9 +136,11 @@ class Processes:
         return f"127.0.0.1:{port}"
 
     def check(self) -> None:
-        for child in self.children.values():
+        for name, child in self.children.items():
             if child.poll() is not None:
-                raise RuntimeError(f"{child.args} exited with {child.returncode}; see the logs in {self.data}")
+                log_tail = (self.data / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{child.args} exited with {child.returncode}; the end of its log "
+                                   f"(the data directory goes with the run):\n{log_tail}")
 
     def stop(self, names: list[str] | None = None) -> None:
         """Stops the named processes (all by default) and waits for them."""
