@@ -223,12 +223,18 @@ class WorkerPool:
             if endpoint.is_up:
                 log.warning("worker at %s is down: %s", endpoint.address, error.code().name)
             endpoint.is_up = False
+        except grpc.aio.UsageError:  # its channel was closed meanwhile: the worker left the registry
+            endpoint.is_up = False
 
     @staticmethod
     async def _every(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+        """Runs `action` every `interval_s`; a round that fails is logged, and the next one still runs."""
         while True:
             await asyncio.sleep(interval_s)
-            await action()
+            try:
+                await action()
+            except Exception:  # noqa: BLE001 - one bad round must not end the worker refreshes for good
+                log.exception("refreshing the worker pool failed (retried in %.1f s)", interval_s)
 
     def mark_down(self, endpoint: WorkerEndpoint) -> None:
         endpoint.is_up = False

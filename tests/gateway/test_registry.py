@@ -144,3 +144,35 @@ def test_running_gateways_register_as_peers_of_their_model(background_loop, redi
                 time.sleep(0.1)
         assert client.zcard(peers) == 0   # both left as they stopped
     client.close()
+
+
+def test_the_worker_refreshes_outlive_a_failed_round_and_a_channel_closed_under_them(
+        background_loop, tiny_checkpoint) -> None:  # noqa: ANN001
+    """A refresh round that fails (here its health callback) is logged and the next round runs; a
+    worker whose channel was closed while a round read it (it left the registry meanwhile) counts
+    as down, instead of ending the refreshes for good."""
+    from gateway.pool import WorkerPool
+    from tests.gateway.test_failover import serving_worker
+
+    with serving_worker(background_loop, tiny_checkpoint, "w") as (address, _, _):
+        rounds: list[bool] = []
+
+        async def on_refresh(serving: bool) -> None:
+            rounds.append(serving)
+            if len(rounds) == 2:
+                raise RuntimeError("a health callback failing once")
+
+        async def body() -> tuple[list[bool], bool]:
+            pool = WorkerPool((address,), refresh_interval_s=0.05, on_refresh=on_refresh)
+            await pool.start()
+            try:
+                while len(rounds) < 4:
+                    await asyncio.sleep(0.02)
+                [endpoint] = pool.endpoints
+                await endpoint.channel.close()
+                await pool.refresh()  # reads the closed channel: no UsageError out of it
+                return list(rounds), endpoint.is_up
+            finally:
+                await pool.close()
+        seen, is_up = background_loop.run(body())
+    assert seen[:4] == [True] * 4 and not is_up
