@@ -115,6 +115,8 @@ class UsageRecorder:
                     await self.replay()
                 except UNREACHABLE as exc:
                     log.info("spool replay waits for Redis: %s", exc)
+                except Exception:  # noqa: BLE001 - what was not written stays spooled for the next try
+                    log.exception("spool replay failed (retried in %.1f s)", interval_s)
             await asyncio.sleep(interval_s)
 
 

@@ -183,6 +183,8 @@ async def sweep_stale_reservations(redis: aioredis.Redis, max_age_s: float,
                     log.warning("released %d stale budget reservations of team %s", released, team)
         except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
             log.info("stale reservation sweep waits for Redis: %s", exc)
+        except Exception:  # noqa: BLE001 - one bad sweep must not end the sweeps for good
+            log.exception("stale reservation sweep failed (retried in %.0f s)", interval_s)
         await asyncio.sleep(interval_s)
 
 

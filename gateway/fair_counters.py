@@ -143,4 +143,6 @@ class SharedCounterStore:
                 if not away:  # said once, not at every sync while Redis stays away
                     log.info("fair-share counters are not synced while Redis is away: %s", exc)
                 away = True
+            except Exception:  # noqa: BLE001 - one bad sync must not end the syncs for good
+                log.exception("syncing the fair-share counters failed (retried in %.2f s)", self.sync_interval_s)
             await asyncio.sleep(self.sync_interval_s)

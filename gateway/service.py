@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from gateway.pool import WorkerPool
 from gateway.routing import Router
 from gateway.shared_homes import SharedHomes
 
+log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 _INFO_TIMEOUT_S = 5.0
 
@@ -195,6 +197,10 @@ async def _count_peers(peers: GatewayPeers, pool: WorkerPool, interval_s: float 
     """Keeps the count of gateways per served model current; while Redis is unreachable the last
     counts stand."""
     while True:
-        with contextlib.suppress(*UNREACHABLE):
+        try:
             await peers.beat(sorted(pool.models()))
+        except UNREACHABLE:
+            pass
+        except Exception:  # noqa: BLE001 - one bad beat must not end the count for good
+            log.exception("counting the gateway replicas failed (retried in %.1f s)", interval_s)
         await asyncio.sleep(interval_s)

@@ -70,4 +70,7 @@ class CapacityReporter:
     async def _report_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.report()
+            try:
+                await self.report()
+            except Exception:  # noqa: BLE001 - the time stays pending and goes with the next report
+                log.exception("device time report failed (retried in %.1f s)", self.interval_s)

@@ -125,3 +125,5 @@ class RegistryHeartbeat:
             except _REDIS_ERRORS as exc:
                 # The entry expires if Redis stays away; the next beat that gets through re-creates it.
                 log.warning("could not heartbeat to Redis: %s", exc)
+            except Exception:  # noqa: BLE001 - one bad beat must not end the heartbeats for good
+                log.exception("heartbeat failed (retried in %.1f s)", self.interval_s)
