@@ -137,16 +137,30 @@ def _internal(exc: BaseException) -> Internal:
 
 # Redis failures that mean it cannot be reached now (refused, timed out, still loading its data).
 _REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-_REDIS_AWAY_LOG_EVERY_S = 10.0
-_redis_away_logged_at = -_REDIS_AWAY_LOG_EVERY_S
+
+
+class _Throttle:
+    """Says yes at most once every `interval_s` (for a log line that every request would repeat)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = -interval_s
+
+    def is_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return False
+        self._last = now
+        return True
+
+
+_REDIS_AWAY_LOG = _Throttle(10.0)
 
 
 def _redis_away(exc: BaseException) -> Unavailable:
     """A request that needed Redis while it was away: UNAVAILABLE, which callers retry (the address
     and the cause go to the log, at most every 10 s, not to the caller)."""
-    global _redis_away_logged_at
-    if time.monotonic() - _redis_away_logged_at >= _REDIS_AWAY_LOG_EVERY_S:
-        _redis_away_logged_at = time.monotonic()
+    if _REDIS_AWAY_LOG.is_due():
         log.warning("requests fail while Redis is unreachable: %s", exc)
     return Unavailable("Redis, which holds the keys, limits, budgets and usage, is unreachable; retry shortly")
 
