@@ -34,3 +34,16 @@ def test_data_persists_across_restarts(tmp_path: Path) -> None:
     assert not is_alive(f"redis://127.0.0.1:{port}")
     with EmbeddedRedis(tmp_path, port=port) as server:
         assert redis.Redis.from_url(server.url).get("kept") == b"1"
+
+
+def test_free_ports_are_bindable_and_outside_the_range_outgoing_connections_take() -> None:
+    """A port from the ephemeral range can be taken by any outgoing connection before the server
+    meant for it binds it; free_port picks below that range where the kernel says what it is."""
+    ports = {free_port() for _ in range(20)}
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 0
+    if low > 11_000:  # room below the range (on Linux it starts at 32768 by default)
+        assert all(port < low for port in ports)
