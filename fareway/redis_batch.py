@@ -22,8 +22,10 @@ to take over, batches go through redis-py pipelines.
 
 `batched_script(redis, source)` is a drop-in for `redis.register_script(source)`: called as
 `await script(keys=[...], args=[...])`, it returns what the script returns and raises what it
-raises. A script Redis does not hold yet (a restart, SCRIPT FLUSH) is loaded and run again (after
-the other calls of its batch; such calls keep their order among themselves).
+raises. Each connection sends a script's source (SCRIPT LOAD) right ahead of its first call, so calls
+keep their order across batches, however new the Redis. A script Redis forgets while the connection
+stays open (SCRIPT FLUSH) is loaded and run again, after the calls sent behind it (such calls keep their
+order among themselves), and its source goes ahead of its next call again.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ Arg = str | int | float | bytes
 @dataclass
 class _Pending:
     args: tuple[Arg, ...]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None
+    """None for a SCRIPT LOAD the link sends ahead of a script's first call on it (nobody waits on it)."""
     script: AsyncScript | None = None
 
 
@@ -186,6 +189,8 @@ class _Link(asyncio.Protocol):
         self._callbacks = callbacks
         self._reload = reload
         self._num_sent = self._num_answered = 0
+        self._loaded: set[str] = set()
+        """Scripts this connection has sent Redis (SCRIPT LOAD) ahead of their calls."""
         self._failure: Exception | None = None
         self.is_open = True
         self.stream: object = None
@@ -195,10 +200,18 @@ class _Link(asyncio.Protocol):
         packed = []
         for pending in batch:
             try:
-                packed.append(hiredis.pack_command(pending.args))
+                command = hiredis.pack_command(pending.args)
             except TypeError as exc:  # an argument Redis has no encoding for (None, a bool): its caller's error
                 _resolve(pending.future, DataError(f"cannot send {pending.args[0]!r} to Redis: {exc}"))
                 continue
+            if pending.script is not None and pending.script.sha not in self._loaded:
+                # A script's first call on a connection goes right behind its source. A call that came back
+                # NOSCRIPT would be rerun after calls sent later, which must not overtake it: a request's
+                # settlement, its caller's next admission.
+                self._loaded.add(pending.script.sha)
+                packed.append(hiredis.pack_command(("SCRIPT", "LOAD", pending.script.script)))
+                self._waiting.append(_Pending(("SCRIPT", "LOAD"), None))
+            packed.append(command)
             self._waiting.append(pending)
         self._transport.write(b"".join(packed))
         self._num_sent += len(packed)
@@ -219,9 +232,14 @@ class _Link(asyncio.Protocol):
             self._fail(RedisConnectionError(f"Redis sent an unreadable reply: {exc!r}"))
 
     def _answer(self, pending: _Pending, reply: Any) -> None:
+        if pending.future is None:  # a script loaded ahead: its call reports any failure
+            return
         if isinstance(reply, hiredis.ReplyError):
             error = BaseParser.parse_error(str(reply))
             if isinstance(error, NoScriptError) and pending.script is not None:
+                # Redis forgot it (SCRIPT FLUSH): the call is rerun through redis-py, and the next call
+                # on this connection sends the source ahead again.
+                self._loaded.discard(pending.script.sha)
                 self._reload(pending)
                 return
             _resolve(pending.future, error)
@@ -276,8 +294,8 @@ async def _run_one(redis: aioredis.Redis, pending: _Pending) -> Any:
         return exc
 
 
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if future.done():  # the caller stopped waiting (cancelled)
+def _resolve(future: asyncio.Future[Any] | None, result: Any) -> None:
+    if future is None or future.done():  # nobody waits for it (a SCRIPT LOAD), or the caller stopped waiting
         return
     if isinstance(result, Exception):
         future.set_exception(result)

@@ -85,6 +85,8 @@ class _Run:
     hold: Hold | None = None
     slot: Slot | None = None
     """Its place in the model's capacity, when the gateway queues fairly."""
+    finishing_behind: bool = False
+    """Its record and settlement are written behind its answer (`Dispatcher._finish_answered`)."""
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
@@ -257,7 +259,7 @@ class Dispatcher:
         are settled to what it used and its concurrency slots are freed."""
         if run.slot is not None:
             run.slot.release()
-        if run.hold is not None and not run.hold.settled:
+        if run.hold is not None and not run.hold.settled and not run.finishing_behind:
             await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
     async def _admit(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
@@ -471,20 +473,25 @@ class Dispatcher:
     async def _finish_answered(self, run: _Run, response: pb.GenerateResponse) -> None:
         """Finishes a request that succeeded, before its caller has the answer only where it must.
 
-        The record and the settlement are queued at once, ahead of anything this gateway sends Redis
-        later, then the answer goes out while Redis confirms them (write-behind: a Redis round trip less
-        on every request's latency; a failed write is spooled as ever, and `drain` waits for them on
-        shutdown). The answer waits where that matters: for a request with a request_id (a retry of it
-        must find its outcome stored), and while Redis is unreachable (the record is in the spool, on
-        disk, before the answer goes).
+        Write-behind: the record and the settlement are queued on the loop's next turn, once gRPC has the
+        answer on its way, and the answer does not wait for Redis to confirm them (a Redis round trip and
+        the record's pricing and encoding less on every request's latency; a failed write is spooled as
+        ever, and `drain` waits for them on shutdown). They still reach Redis ahead of anything queued for a
+        request sent after this answer: that request is read from its socket on a later turn. The
+        answer waits where that matters: for a request with a request_id (a retry of it must find its
+        outcome stored), and while Redis is unreachable (the record is in the spool, on disk, before the
+        answer goes).
         """
-        finishing = self._finish_soon(run, grpc.StatusCode.OK, run.finish_reason, response)
         if run.request.request_id or self.recorder.unreachable:
-            await finishing
+            await self._finish_soon(run, grpc.StatusCode.OK, run.finish_reason, response)
             return
-        task = asyncio.ensure_future(finishing)
+        run.finishing_behind = True
+        task = asyncio.ensure_future(self._finish_behind(run, response))
         self._writing.add(task)
         task.add_done_callback(self._written)
+
+    async def _finish_behind(self, run: _Run, response: pb.GenerateResponse) -> None:
+        await self._finish_soon(run, grpc.StatusCode.OK, run.finish_reason, response)
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writing.discard(task)

@@ -51,6 +51,24 @@ def test_a_script_redis_forgot_is_loaded_again(with_redis) -> None:  # noqa: ANN
     with_redis(body)
 
 
+def test_a_scripts_first_call_is_not_overtaken_by_a_later_call(with_redis) -> None:  # noqa: ANN001
+    """On a Redis that does not hold the script yet, its first call still runs before the calls made after
+    it (a request's settlement before the same caller's next admission)."""
+    async def body(client) -> None:  # noqa: ANN001
+        await client.script_flush()
+        close_batcher(client)  # a fresh connection, as after a restart
+        batcher = batcher_for(client)
+        script = batched_script(client, INCR_BY)
+        first = script(keys=["n"], args=[5])
+        await asyncio.sleep(0)  # the script's batch goes out; the next call is a batch of its own
+        assert await batcher.command("GET", "n") == "5"
+        assert await first == 5
+        await client.script_flush()  # forgotten while the connection stays open: loaded and run again
+        assert await script(keys=["n"], args=[1]) == 6
+        assert await asyncio.gather(script(keys=["n"], args=[1]), batcher.command("GET", "n")) == [7, "7"]
+    with_redis(body)
+
+
 def test_an_unreachable_redis_fails_every_caller_with_a_connection_error() -> None:
     async def body() -> None:
         client = connect(f"redis://127.0.0.1:{free_port()}")

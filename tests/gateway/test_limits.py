@@ -286,6 +286,25 @@ def test_a_concurrency_slot_is_freed_when_a_stream_is_cancelled(stack, backgroun
     assert _slots(stack.redis_url, team) == 0
 
 
+def test_back_to_back_requests_at_one_concurrent_request_are_never_refused(
+        stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    """The slot of an answered request is freed behind its answer (write-behind), yet before Redis sees
+    the caller's next request: a caller allowed one request at a time is never refused for its last one."""
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    _set_limits(stack.redis_url, background_loop, Limits(team, max_concurrent_requests=1))
+    with gateway_for(background_loop, stack.redis_url, tiny_worker) as address, \
+            grpc.insecure_channel(address) as channel:
+        stub, metadata = inference_pb2_grpc.InferenceServiceStub(channel), (("authorization", f"Bearer {key}"),)
+        streamed = pb.GenerateStreamRequest(model="tiny-llama", prompt="hi",
+                                            sampling=pb.SamplingParams(max_tokens=1, temperature=0))
+        for _ in range(20):
+            assert stub.Generate(_one_token(), metadata=metadata, timeout=30).usage.completion_tokens == 1
+            *_, last = stub.GenerateStream(streamed, metadata=metadata, timeout=30)
+            assert last.usage.completion_tokens == 1
+    assert _slots(stack.redis_url, team) == 0
+
+
 def test_slots_and_tokens_come_back_when_a_budget_refuses_after_the_limits_admitted(
         stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
     from accounting.budgets import Budget, Budgets

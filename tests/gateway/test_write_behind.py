@@ -71,7 +71,7 @@ def test_a_stalled_redis_sends_the_record_to_the_spool_and_lets_the_gateway_stop
         background_loop, tiny_checkpoint, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """Redis stops answering (its process paused) while a request runs: the caller has its answer, the
     record's write gives up after the clients' default socket timeout (1 s here) and goes to the spool, and the gateway
-    stops instead of waiting on Redis for ever. Once Redis is back, the replay stores the record once."""
+    stops instead of waiting on Redis for ever. Once Redis is back, the record is stored once."""
     spool_dir = tmp_path / "spool"
     with EmbeddedRedis(tmp_path / "redis", port=free_port()) as server:
         monkeypatch.setattr("fareway.redis_store.SOCKET_TIMEOUT_S", 1.0)
@@ -120,4 +120,5 @@ def test_a_stalled_redis_sends_the_record_to_the_spool_and_lets_the_gateway_stop
             finally:
                 await client.aclose()
         added, stored = background_loop.run(replayed())
-        assert added == 1 and [r.completion_tokens for r in stored] == [20]
+        # Redis, woken, may run the write it was sent before it stalled: the replay then finds the record.
+        assert added <= 1 and [r.completion_tokens for r in stored] == [20]
