@@ -141,9 +141,13 @@ class Refusal:
     basis: str
 
 
-# KEYS: 1 budgets, 2 spend (this month), 3 reservations, 4 alerts
-# ARGV: 1 reservation field, 2 project scope, 3 max cost nusd, 4 max list nusd, 5 now (unix s), 6 month
+# KEYS: 1 budgets, 2 spend (this month), 3 reservations, 4 alerts, 5 the request_id's claim (optional)
+# ARGV: 1 reservation field, 2 project scope, 3 max cost nusd, 4 max list nusd, 5 now (unix s), 6 month,
+#       7 the claim's owner ("": no claim). A claim another run owns: nothing is held ({3}).
 _RESERVE_SCRIPT = """
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[5], 'owner') ~= ARGV[7] then
+  return {3}
+end
 local scopes = {'team', ARGV[2]}
 local amounts = {cost = tonumber(ARGV[3]), list = tonumber(ARGV[4])}
 local budgeted = false
@@ -241,19 +245,27 @@ class Budgets:
         Raises BudgetRefused if a hard limit would be passed; returns a
         Reservation with an empty month when no budget applies.
         """
-        return await self.reserve_soon(team, project, request_id, max_cost_nusd=max_cost_nusd,
-                                       max_list_nusd=max_list_nusd, now=now)
+        reservation = await self.reserve_soon(team, project, request_id, max_cost_nusd=max_cost_nusd,
+                                              max_list_nusd=max_list_nusd, now=now)
+        assert reservation is not None  # only a claimed reservation can be skipped
+        return reservation
 
     def reserve_soon(self, team: str, project: str, request_id: str, *, max_cost_nusd: int,
-                     max_list_nusd: int, now: float | None = None) -> Coroutine[Any, Any, Reservation]:
+                     max_list_nusd: int, now: float | None = None,
+                     claim: tuple[str, str] | None = None) -> Coroutine[Any, Any, Reservation | None]:
         """`reserve`, with its script queued at once (fareway/redis_batch.py): calls queued after it in
-        the same turn of the loop share its round trip. Await what it returns."""
+        the same turn of the loop share its round trip. Await what it returns.
+
+        With `claim` (the key of the request_id's claim, and this run's owner token), nothing is held
+        unless the claim, queued ahead of this, is this run's: None then."""
         now = time.time() if now is None else now
         month = month_of(now)
         field = reservation_field(project, request_id)
-        result = self._reserve(
-            keys=[budgets_key(team), spend_key(team, month), reservations_key(team), alerts_key(team)],
-            args=[field, project_scope(project), max_cost_nusd, max_list_nusd, f"{now:.3f}", month])
+        keys = [budgets_key(team), spend_key(team, month), reservations_key(team), alerts_key(team)]
+        if claim is not None:
+            keys.append(claim[0])
+        result = self._reserve(keys=keys, args=[field, project_scope(project), max_cost_nusd, max_list_nusd,
+                                                f"{now:.3f}", month, claim[1] if claim else ""])
         return _reserved(result, month, field)
 
     async def release(self, team: str, reservation: Reservation) -> bool:
@@ -278,9 +290,12 @@ class Budgets:
         return [values for _, values in await self._redis.xrange(alerts_key(team))]
 
 
-async def _reserved(result: Awaitable[list[Any]], month: str, field: str) -> Reservation:
-    """What the reservation script answered, as a Reservation or a BudgetRefused."""
+async def _reserved(result: Awaitable[list[Any]], month: str, field: str) -> Reservation | None:
+    """What the reservation script answered, as a Reservation, a BudgetRefused, or None (another run's
+    claim: nothing held)."""
     answer = await result
+    if int(answer[0]) == 3:
+        return None
     if int(answer[0]) == 0:
         _, scope, hard, spent, reserved, basis = answer
         raise BudgetRefused(Refusal(scope, int(hard), int(spent), int(reserved), basis))

@@ -44,8 +44,10 @@ class BudgetGuard:
     since GPU time is only known afterwards. "list" budgets hold an exact upper bound."""
 
     def admit(self, tenant: Tenant, request_id: str, request: pb.GenerateRequest | pb.GenerateStreamRequest,
-              book: PriceBook, context_length: int) -> Coroutine[Any, Any, Reservation]:
+              book: PriceBook, context_length: int,
+              claim: tuple[str, str] | None = None) -> Coroutine[Any, Any, Reservation | None]:
         """Reserves the request's maximum cost; raises RESOURCE_EXHAUSTED naming the budget it would pass.
+        With `claim`, holds nothing (None) unless the request_id's claim is this run's.
 
         The reservation is queued before this returns (fareway/redis_batch.py), so Redis calls queued
         before awaiting the result share its round trip."""
@@ -57,12 +59,13 @@ class BudgetGuard:
         max_list = price.list_price_nusd(prompt, 0, completion) if price else 0
         max_cost = round((prompt + completion) * self.cost_reserve_usd_per_million_tokens * NANO_USD_PER_USD / 1e6)
         reserving = self.budgets.reserve_soon(tenant.team, tenant.project, request_id,
-                                              max_cost_nusd=max_cost, max_list_nusd=max_list, now=now)
+                                              max_cost_nusd=max_cost, max_list_nusd=max_list, now=now,
+                                              claim=claim)
         return _admitted(reserving, tenant, max_cost_nusd=max_cost, max_list_nusd=max_list)
 
 
-async def _admitted(reserving: Awaitable[Reservation], tenant: Tenant, *, max_cost_nusd: int,
-                    max_list_nusd: int) -> Reservation:
+async def _admitted(reserving: Awaitable[Reservation | None], tenant: Tenant, *, max_cost_nusd: int,
+                    max_list_nusd: int) -> Reservation | None:
     try:
         return await reserving
     except BudgetRefused as refused:

@@ -19,7 +19,7 @@ from accounting.budgets import Reservation
 from accounting.recorder import UNREACHABLE, UsageRecorder
 from accounting.records import UsageRecord
 from fareway.auth import Tenant
-from fareway.errors import DeadlineExceeded, FarewayError, Unavailable, from_rpc_error, status_details
+from fareway.errors import DeadlineExceeded, FarewayError, Internal, Unavailable, from_rpc_error, status_details
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
@@ -87,6 +87,8 @@ class _Run:
     """Its place in the model's capacity, when the gateway queues fairly."""
     finishing_behind: bool = False
     """Its record and settlement are written behind its answer (`Dispatcher._finish_answered`)."""
+    claimed: bool = False
+    """It holds the claim of its request_id (gateway/idempotency.py)."""
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
@@ -211,19 +213,18 @@ class Dispatcher:
         """Deltas as the worker produces them, then the Final response."""
         validate_generate(request)
         run = _Run(tenant, request, request.request_id or uuid.uuid4().hex)
-        if request.request_id:
-            outcome = await self.idempotency.claim(tenant, request.request_id)
-            if outcome is not None:
-                yield Final(replay(outcome, request.request_id), replayed=True)
-                return
         try:
             try:
-                await self._admit(run, context)
-                await self._wait_turn(run, context)
-                call = await self._open(run, context)
+                outcome = await self._claim_and_admit(run, context)
+                if outcome is None:
+                    await self._wait_turn(run, context)
+                    call = await self._open(run, context)
             except BaseException:
                 await asyncio.shield(self._never_ran(run))
                 raise
+            if outcome is not None:
+                yield Final(replay(outcome, request.request_id), replayed=True)
+                return
             async for event in self._stream(run, call, context):
                 yield event
         finally:
@@ -235,19 +236,18 @@ class Dispatcher:
         (WorkerService.Complete), which costs both sides less than streaming it."""
         validate_generate(request)
         run = _Run(tenant, request, request.request_id or uuid.uuid4().hex)
-        if request.request_id:
-            outcome = await self.idempotency.claim(tenant, request.request_id)
-            if outcome is not None:
-                return replay(outcome, request.request_id)
         try:
             route = route_for(request, tenant.team)
             try:
-                await self._admit(run, context)
-                await self._wait_turn(run, context)
-                await self.pool.learn_route(request.model, route)
+                outcome = await self._claim_and_admit(run, context)
+                if outcome is None:
+                    await self._wait_turn(run, context)
+                    await self.pool.learn_route(request.model, route)
             except BaseException:
                 await asyncio.shield(self._never_ran(run))
                 raise
+            if outcome is not None:
+                return replay(outcome, request.request_id)
             # Its fair-share counter gets the completion when the answer comes, before the slot frees:
             # the tenants waiting then are weighed against it.
             return await self._complete(run, route, context)
@@ -262,9 +262,42 @@ class Dispatcher:
         if run.hold is not None and not run.hold.settled and not run.finishing_behind:
             await asyncio.shield(self.limit_guard.settle(run.hold, run.usage))
 
-    async def _admit(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+    async def _claim_and_admit(self, run: _Run, context: grpc.aio.ServicerContext) -> Outcome | None:
+        """Admits the request (`_admit`). One with a request_id claims the id in the same round trip, the
+        claim queued first, and the admission scripts count the request only if its run got the claim:
+        an id that already ran is replayed, even to a tenant at its limits, and neither counted nor
+        charged again; one still running gets ABORTED and counts for nothing either."""
+        if not run.request.request_id:
+            await self._admit(run, context)
+            return None
+        owner = f"{self._call_prefix}-{next(self._call_numbers)}"
+        claiming = self.idempotency.claim_soon(run.tenant, run.request.request_id, owner)
+        claim = (self.idempotency.key(run.tenant, run.request.request_id), owner)
+        refused: BaseException | None = None
+        counted = False
+        try:
+            counted = await self._admit(run, context, claim)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once the claim is known
+            refused = exc
+        try:
+            outcome = await claiming
+        except BaseException:
+            if isinstance(refused, asyncio.CancelledError):
+                raise refused from None
+            raise
+        if outcome is None:
+            run.claimed = True  # released by `_never_ran` if the request goes no further
+            if refused is None and not counted:
+                raise Internal("the request's admission reached Redis ahead of its request_id's claim")
+        if refused is not None:
+            raise refused
+        return outcome
+
+    async def _admit(self, run: _Run, context: grpc.aio.ServicerContext,
+                     claim: tuple[str, str] | None = None) -> bool:
         """Counts the request against its rate limits, then holds its maximum cost against its budgets
-        (RESOURCE_EXHAUSTED past either)."""
+        (RESOURCE_EXHAUSTED past either). With `claim` (its request_id's claim key and this run's owner
+        token), nothing is counted unless the run got the claim; whether it was counted."""
         endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
         book = await self.recorder.prices.get()
@@ -272,11 +305,11 @@ class Dispatcher:
         # is queued at once, the limits' when their (cached) settings are read. What one admitted is
         # undone when the other refuses: the hold is settled and the reservation released as for any
         # request that never ran.
-        reserving = self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length)
+        reserving = self.budget_guard.admit(run.tenant, run.request_id, run.request, book, context_length, claim)
         refused: BaseException | None = None
         try:
             run.hold = await self.limit_guard.admit(run.tenant, run.request_id, run.request, context_length,
-                                                    context.time_remaining())
+                                                    context.time_remaining(), claim)
         except BaseException as exc:  # noqa: BLE001 - raised below, once the reservation is known
             refused = exc
         try:
@@ -286,6 +319,7 @@ class Dispatcher:
                 raise
         if refused is not None:  # a rate limit is named before a budget
             raise refused
+        return run.hold is not None and run.reservation is not None
 
     async def _wait_turn(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         """Past the workers' capacity, waits for the tenant's fair turn (gateway/fairness.py)."""
@@ -307,7 +341,7 @@ class Dispatcher:
         """Undoes the claims of a request refused before it reached a worker: it leaves no record."""
         if run.reservation is not None:
             await self.budget_guard.budgets.release(run.tenant.team, run.reservation)
-        if run.request.request_id:
+        if run.claimed:
             await self.idempotency.release(run.tenant, run.request.request_id)
 
     async def _open(self, run: _Run, context: grpc.aio.ServicerContext) -> grpc.aio.UnaryStreamCall:

@@ -5,12 +5,16 @@ response, or the status it failed with) is stored for a day. A later request
 with the same id gets that outcome back without running or being charged
 again; one that arrives while the first still runs gets ABORTED. A request
 that fails before reaching any worker releases its claim, so it can be retried.
+
+A claim carries its run's owner token, and goes to Redis in the same round trip as the request's
+admission, ahead of it: the admission scripts (gateway/limits.py, accounting/budgets.py) count the
+request only if the claim is its run's, so a replay or a duplicate counts for nothing.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +26,11 @@ from fareway.errors import Aborted, FarewayError
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.redis_batch import batched_script
 
-# KEYS[1] claim key; ARGV[1] lease seconds. Returns {} when claimed, else the stored hash.
+# KEYS[1] claim key; ARGV[1] lease seconds, ARGV[2] the claiming run's owner token (the admission scripts
+# queued behind the claim count the request only for its owner). Returns {} when claimed, else the stored hash.
 _CLAIM_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'state', 'running')
+  redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   return {}
 end
@@ -57,22 +62,20 @@ class IdempotencyStore:
         self._lease_s = lease_s
 
     @staticmethod
-    def _key(tenant: Tenant, request_id: str) -> str:
+    def key(tenant: Tenant, request_id: str) -> str:
+        """The id's claim (hash-tagged by team, like the team's limits and budgets)."""
         return f"fw:{{{tenant.team}}}:idem:{tenant.project}:{request_id}"
 
-    async def claim(self, tenant: Tenant, request_id: str) -> Outcome | None:
-        """Claims the id; None if this request may run, else the earlier run's outcome."""
-        values = await self._claim(keys=[self._key(tenant, request_id)], args=[self._lease_s])
-        if not values:
-            return None
-        stored = dict(zip(values[::2], values[1::2]))
-        if stored.get("state") != "done":
-            raise Aborted(f"request_id {request_id!r} is already running; wait for it or use a new id")
-        code = grpc.StatusCode[stored["code"]]
-        response = None
-        if stored.get("response"):
-            response = pb.GenerateResponse.FromString(base64.b64decode(stored["response"]))
-        return Outcome(code, stored.get("message", ""), response)
+    async def claim(self, tenant: Tenant, request_id: str, owner: str = "") -> Outcome | None:
+        """Claims the id for `owner`; None if this request may run, else the earlier run's outcome. Raises
+        ABORTED while an earlier run with the id has not ended."""
+        return await self.claim_soon(tenant, request_id, owner)
+
+    def claim_soon(self, tenant: Tenant, request_id: str, owner: str = "") -> Coroutine[Any, Any, Outcome | None]:
+        """`claim`, with its script queued at once (fareway/redis_batch.py): it shares the round trip of
+        the calls queued with it (the request's admission, which counts the request only if `owner` got
+        the claim). Await what it returns."""
+        return _claimed(self._claim(keys=[self.key(tenant, request_id)], args=[self._lease_s, owner]), request_id)
 
     async def complete(self, tenant: Tenant, request_id: str, outcome: Outcome) -> None:
         await self.complete_soon(tenant, request_id, outcome)
@@ -84,10 +87,24 @@ class IdempotencyStore:
         fields = ["state", "done", "code", outcome.code.name, "message", outcome.message]
         if outcome.response is not None:
             fields += ["response", base64.b64encode(outcome.response.SerializeToString()).decode()]
-        return self._complete(keys=[self._key(tenant, request_id)], args=[self._ttl_s, *fields])
+        return self._complete(keys=[self.key(tenant, request_id)], args=[self._ttl_s, *fields])
 
     async def release(self, tenant: Tenant, request_id: str) -> None:
-        await self._redis.delete(self._key(tenant, request_id))
+        await self._redis.delete(self.key(tenant, request_id))
+
+
+async def _claimed(claiming: Awaitable[list[str]], request_id: str) -> Outcome | None:
+    values = await claiming
+    if not values:
+        return None
+    stored = dict(zip(values[::2], values[1::2]))
+    if stored.get("state") != "done":
+        raise Aborted(f"request_id {request_id!r} is already running; wait for it or use a new id")
+    code = grpc.StatusCode[stored["code"]]
+    response = None
+    if stored.get("response"):
+        response = pb.GenerateResponse.FromString(base64.b64decode(stored["response"]))
+    return Outcome(code, stored.get("message", ""), response)
 
 
 def replay(outcome: Outcome, request_id: str) -> pb.GenerateResponse:

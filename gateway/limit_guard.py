@@ -33,8 +33,10 @@ class LimitGuard:
     limiter: RateLimiter
 
     async def admit(self, tenant: Tenant, request_id: str, request: pb.GenerateRequest | pb.GenerateStreamRequest,
-                    context_length: int, time_remaining_s: float | None) -> Hold:
-        """Admits the request against every applicable limit, or raises RESOURCE_EXHAUSTED naming one."""
+                    context_length: int, time_remaining_s: float | None,
+                    claim: tuple[str, str] | None = None) -> Hold | None:
+        """Admits the request against every applicable limit, or raises RESOURCE_EXHAUSTED naming one.
+        With `claim`, counts nothing (None) unless the request_id's claim is this run's."""
         limits = [x for x in await self.store.for_tenant(tenant.team, tenant.project) if x.has_rate_limits]
         if not limits:
             return Hold(tenant.team, request_id)
@@ -48,7 +50,7 @@ class LimitGuard:
             tokens = min(tokens, *tpms)
         lease_s = None if time_remaining_s is None else max(time_remaining_s, 1.0) + 60.0
         try:
-            return await self.limiter.admit(tenant.team, request_id, limits, tokens, lease_s=lease_s)
+            return await self.limiter.admit(tenant.team, request_id, limits, tokens, lease_s=lease_s, claim=claim)
         except LimitsExceeded as refused:
             raise _refusal(tenant, refused.exceeded, completion) from None
 

@@ -140,10 +140,14 @@ class LimitsExceeded(Exception):
         self.exceeded = exceeded
 
 
-# KEYS: 1 rate, 2 team in-flight set, 3 project in-flight set
+# KEYS: 1 rate, 2 team in-flight set, 3 project in-flight set, 4 the request_id's claim (optional)
 # ARGV: 1 request id, 2 tokens, 3 slot lease (us), 4 now (us; "" reads Redis's clock),
+#       5 the claim's owner ("": no claim; a claim another run owns: nothing counted, {2}),
 #       then per scope (one or two: the team, the project): name, rpm, tpm, concurrent (-1: none)
 _ADMIT_SCRIPT = """
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[4], 'owner') ~= ARGV[5] then
+  return {2}
+end
 local now = tonumber(ARGV[4])
 if not now then
   local t = redis.call('TIME')
@@ -154,7 +158,7 @@ local minute = 60000000
 -- Times are doubles: allow the rounding of a long burst's sums (a millisecond's early admission at most).
 local slack = 1000
 local writes = {}
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local scope, rpm, tpm, concurrent = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   for _, bucket in ipairs({{'rpm', rpm, 1}, {'tpm', tpm, tokens}}) do
     local name, limit, cost = bucket[1], bucket[2], bucket[3]
@@ -259,20 +263,28 @@ class RateLimiter:
         self._settle = batched_script(redis, _SETTLE_SCRIPT)
 
     async def admit(self, team: str, request_id: str, limits: list[Limits], tokens: int, *,
-                    lease_s: float | None = None, now_us: int | None = None) -> Hold:
+                    lease_s: float | None = None, now_us: int | None = None,
+                    claim: tuple[str, str] | None = None) -> Hold | None:
         """Counts one request and reserves `tokens` in every applicable bucket, or none of them.
 
-        Raises LimitsExceeded naming the first limit the request would pass.
+        Raises LimitsExceeded naming the first limit the request would pass. With `claim` (the key of
+        the request_id's claim, and this run's owner token), counts nothing (None) unless the claim,
+        queued ahead of this, is this run's.
         """
         hold = Hold(team, request_id)
         if not limits:
             return hold
         args: list[str | int] = [request_id, tokens, round((lease_s or self.slot_lease_s) * 1e6),
-                                 "" if now_us is None else now_us]
+                                 "" if now_us is None else now_us, claim[1] if claim else ""]
         for limits_ in limits:
             args += [limits_.scope, _or_none(limits_.requests_per_minute), _or_none(limits_.tokens_per_minute),
                      _or_none(limits_.max_concurrent_requests)]
-        result = await self._admit(keys=_keys(team, [x.scope for x in limits]), args=args)
+        keys = _keys(team, [x.scope for x in limits])
+        if claim is not None:
+            keys.append(claim[0])
+        result = await self._admit(keys=keys, args=args)
+        if int(result[0]) == 2:
+            return None
         if int(result[0]) == 0:
             _, scope, limit, value, retry_us = result
             retry = int(retry_us)

@@ -69,6 +69,23 @@ def test_a_scripts_first_call_is_not_overtaken_by_a_later_call(with_redis) -> No
     with_redis(body)
 
 
+def test_calls_keep_their_order_while_the_connection_opens(with_redis) -> None:  # noqa: ANN001
+    """A call made while the batcher's connection is still opening, and one made after a pause of about
+    the time it takes to open, reach Redis in the order they were made (a request_id's claim, then the
+    admission that counts the request only for the claim's owner)."""
+    async def body(client) -> None:  # noqa: ANN001
+        batcher = batcher_for(client)
+        for i in range(200):
+            close_batcher(client)  # the next call opens a new connection
+            first = batcher.command("SET", f"k{i}", "first")
+            for _ in range(i % 5):  # round trips on redis-py's own connection, about as long as the opening
+                await client.get("elsewhere")
+            second = batcher.command("SET", f"k{i}", "second")
+            await asyncio.gather(first, second)
+            assert await client.get(f"k{i}") == "second", f"the second call ran first after {i % 5} round trips"
+    with_redis(body)
+
+
 def test_an_unreachable_redis_fails_every_caller_with_a_connection_error() -> None:
     async def body() -> None:
         client = connect(f"redis://127.0.0.1:{free_port()}")

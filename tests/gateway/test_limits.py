@@ -305,6 +305,70 @@ def test_back_to_back_requests_at_one_concurrent_request_are_never_refused(
     assert _slots(stack.redis_url, team) == 0
 
 
+def test_a_replayed_request_id_is_served_at_the_limit_and_does_not_count(stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    """The id's claim shares the admission's round trip, and the admission counts only for the claim's
+    owner: a replay takes none of the tenant's requests per minute, and a tenant at its limit still gets
+    its stored answers."""
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    _set_limits(stack.redis_url, background_loop, Limits(team, requests_per_minute=2, tokens_per_minute=10_000,
+                                                         max_concurrent_requests=1))
+    with gateway_for(background_loop, stack.redis_url, tiny_worker) as address:
+        ordered = _one_token("order")
+        ordered.request_id = "order-1"
+        first = call(address, key, ordered)
+        for _ in range(5):
+            assert call(address, key, ordered) == first
+        streamed = pb.GenerateStreamRequest(model="tiny-llama", prompt="order", request_id="order-1",
+                                            sampling=pb.SamplingParams(max_tokens=1, temperature=0))
+        assert list(call(address, key, streamed, True))[-1].usage == first.usage
+        assert call(address, key, _one_token()).usage.completion_tokens == 1  # the minute's second request
+        assert _outcome(address, key) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(address, key, ordered) == first  # at the limit, the stored answer still comes back
+    assert _slots(stack.redis_url, team) == 0
+    assert [r.request_id for r in stack.records(team)].count("order-1") == 1
+
+
+def test_a_duplicate_of_a_running_request_id_counts_for_nothing(stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
+    """A duplicate's admission, sent with its claim, is skipped by the scripts: it takes no slot, no place in
+    the minute and no budget, and leaves the running request's own slot and reservation alone."""
+    from accounting.budgets import Budget, Budgets, month_of
+
+    team = f"t-{uuid.uuid4().hex[:6]}"
+    key = stack.create_key(team)
+    _set_limits(stack.redis_url, background_loop, Limits(team, requests_per_minute=3, max_concurrent_requests=2))
+
+    async def budgets(action):  # noqa: ANN001, ANN202
+        client = connect(stack.redis_url)
+        try:
+            return await action(Budgets(client))
+        finally:
+            await client.aclose()
+    background_loop.run(budgets(lambda b: b.set(Budget(team, hard_usd=100.0))))
+    with gateway_for(background_loop, stack.redis_url, tiny_worker) as address:
+        running = call(address, key, pb.GenerateStreamRequest(
+            model="tiny-llama", prompt="go on", request_id="job-7",
+            sampling=pb.SamplingParams(max_tokens=500, temperature=0)), True)
+        next(running)
+        duplicate = _one_token()
+        duplicate.request_id = "job-7"
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(address, key, duplicate)
+            assert caught.value.code() is grpc.StatusCode.ABORTED
+        assert _slots(stack.redis_url, team) == 1
+        # Two more requests pass: the duplicates took no slot and no place in the minute.
+        assert call(address, key, _one_token()).usage.completion_tokens == 1
+        assert call(address, key, _one_token()).usage.completion_tokens == 1
+        running.cancel()
+        deadline = time.monotonic() + 10
+        while len(stack.records(team)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _slots(stack.redis_url, team) == 0
+    spend = background_loop.run(budgets(lambda b: b.spend(team, month_of(time.time()))))
+    assert {k: v for k, v in spend.items() if ":reserved_" in k and v} == {}, spend
+
+
 def test_slots_and_tokens_come_back_when_a_budget_refuses_after_the_limits_admitted(
         stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
     from accounting.budgets import Budget, Budgets
