@@ -1,6 +1,7 @@
 """One root exception for every Fareway service, mapped to gRPC statuses in one place.
 
-Domain code raises a FarewayError subclass; ErrorInterceptor turns it into a
+Domain code raises a FarewayError subclass; `mapping_errors` (wrapped around each
+method handler when its service registers, through ErrorMappingServer) turns it into a
 status with a `google.rpc.Status` in the trailers, carrying BadRequest,
 QuotaFailure or RetryInfo details where they help the caller act.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -192,28 +193,55 @@ def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., As
     return wrapper
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps FarewayError (and any unexpected exception) to a gRPC status."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary),
+def mapping_errors(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The method handler, with FarewayError (and any unexpected exception) answered as its gRPC status
+    (request-streaming methods as they are)."""
+    if handler.request_streaming:
+        return handler
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    return grpc.unary_unary_rpc_method_handler(
+        _wrap_unary(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorMappingServer:
+    """Stands in for a grpc.aio server while a service registers (its generated `add_*_to_server`):
+    each method handler is wrapped by `mapping_errors` once, there, rather than by an interceptor on
+    every call (a server with an interceptor runs each call through an interceptor pipeline)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_ErrorMappingHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service_name, {name: mapping_errors(handler) for name, handler in method_handlers.items()})
+
+
+class _ErrorMappingHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._mapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """method -> (the inner handler, wrapped): each wrapped once."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        mapped = self._mapped.get(handler_call_details.method)
+        if mapped is None or mapped[0] is not handler:
+            mapped = self._mapped[handler_call_details.method] = (handler, mapping_errors(handler))
+        return mapped[1]
 
 
 def status_details(error: grpc.aio.AioRpcError) -> list[Any]:

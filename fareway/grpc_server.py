@@ -1,5 +1,5 @@
 """A grpc.aio server with what every Fareway service serves besides its own API:
-the standard health service, server reflection and the error interceptor."""
+the standard health service, server reflection, and its errors answered as gRPC statuses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fareway.errors import ErrorInterceptor
+from fareway.errors import ErrorMappingServer
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,9 @@ async def start_server(
     serving: bool = True,
 ) -> RunningServer:
     """Starts a server on `address` ("host:0" picks a free port); its health says `serving`."""
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors],
-        options=[("grpc.so_reuseport", 0)],
-    )
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=[("grpc.so_reuseport", 0)])
     for service in services:
-        service.register(server)
+        service.register(ErrorMappingServer(server))  # type: ignore[arg-type] - what add_*_to_server calls
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(s.name for s in services)
