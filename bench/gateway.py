@@ -4,7 +4,9 @@ tokenizer), the client in this one:
 
 1. Overhead: latency of a 1-token request through the gateway (auth, rate limits,
    a budget, usage accounting and idempotency-free dispatch, all on) minus the same
-   request sent to the worker directly; alternating, p50 and p99 of each.
+   request sent to the worker directly; alternating, p50 and p99 of each. Alongside,
+   the same request with a request_id (its claim, and its outcome stored before the
+   answer).
 2. Requests per second one gateway process sustains with 32 concurrent grpc.aio
    clients, vs the same clients on the worker directly (alternating rounds); and the
    gateway process's CPU time per request in those rounds (from /proc), which bounds
@@ -221,11 +223,15 @@ class Sides:
         response = await self.worker.Complete(request, timeout=30)
         assert response.usage.completion_tokens == 1, response
 
-    async def through_gateway(self) -> None:
+    async def through_gateway(self, request_id: str = "") -> None:
         response = await self.gateway.Generate(ipb.GenerateRequest(model=self.model, prompt=PROMPT,
-                                                                   sampling=self.sampling),
+                                                                   sampling=self.sampling, request_id=request_id),
                                                metadata=self.metadata, timeout=30)
-        assert response.usage.completion_tokens == 1, response
+        assert response.usage.completion_tokens == 1 and response.request_id, response
+
+    async def idempotent(self) -> None:
+        """Through the gateway with a request_id: its claim, and its outcome stored before the answer."""
+        await self.through_gateway(uuid.uuid4().hex)
 
     async def close(self) -> None:
         await self.worker_channel.close()
@@ -244,15 +250,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
+    calls = {"direct": sides.direct, "gateway": sides.through_gateway, "idempotent": sides.idempotent}
     for _ in range(30):  # warm-up: channels, the limits and key caches, the worker's prefix cache
-        await sides.direct()
-        await sides.through_gateway()
-    out: dict[str, list[float]] = {"direct": [], "gateway": []}
-    for i in range(samples):
-        for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
-            call = sides.direct if name == "direct" else sides.through_gateway
-            began = time.perf_counter()
+        for call in calls.values():
             await call()
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for i in range(samples):
+        for name in names[i % 3:] + names[:i % 3]:  # each goes first, second and third in turn
+            began = time.perf_counter()
+            await calls[name]()
             out[name].append((time.perf_counter() - began) * 1000)
     return out
 
@@ -433,6 +440,8 @@ async def run(quick: bool) -> dict[str, object]:
         "direct_p50_ms": round(p50["direct"], 3), "direct_p99_ms": round(p99["direct"], 3),
         "gateway_p50_ms": round(p50["gateway"], 3), "gateway_p99_ms": round(p99["gateway"], 3),
         "gateway_p50_vs_direct": round(p50["gateway"] / p50["direct"], 2),
+        "idempotent_overhead_p50_ms": round(p50["idempotent"] - p50["direct"], 3),
+        "idempotent_p50_vs_direct": round(p50["idempotent"] / p50["direct"], 2),
         "latency_samples": samples,
         "direct_requests_per_s": round(rps_m["direct"]),
         "requests_per_s_vs_direct": round(rps_m["gateway"] / rps_m["direct"], 3),
@@ -479,6 +488,9 @@ def main() -> None:
                                       "(auth, rate limits, budget, accounting on; real Redis)"),
         ("gateway overhead", f"p50 +{f['overhead_p50_ms']:.2f} ms (target <= 2 ms), "
                              f"p99 +{f['overhead_p99_ms']:.2f} ms; p50 {f['gateway_p50_vs_direct']:.2f}x direct"),
+        ("same, with a request_id", f"p50 +{f['idempotent_overhead_p50_ms']:.2f} ms, "
+                                    f"{f['idempotent_p50_vs_direct']:.2f}x direct (its claim, and its outcome "
+                                    "stored before the answer)"),
         (f"requests/s, {f['concurrency']} clients, directly", f"{f['direct_requests_per_s']:,}"),
         (f"requests/s, {f['concurrency']} clients, one gateway", f"{f['requests_per_s']:,} "
                                                                 f"({f['requests_per_s_vs_direct']:.2f}x direct; "
