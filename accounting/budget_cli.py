@@ -9,9 +9,9 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from accounting.budgets import BASES, Budget, Budgets, month_of
 from fareway.config import RedisConfig
-from fareway.redis_store import redis_session
+from fareway.quota import BASES, Budget, Budgets, month_of
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

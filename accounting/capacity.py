@@ -19,21 +19,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from accounting.rollups import bucket_start, hour_bucket
+from fareway.redis import keys
 
-WORKERS_KEY = "fw:capacity:workers"
 _HOUR_S = 3600
-
-
-def capacity_key(worker_id: str, hour: str) -> str:
-    return f"fw:{{worker:{worker_id}}}:capacity:{hour}"
-
-
-def hours_key(worker_id: str) -> str:
-    return f"fw:{{worker:{worker_id}}}:capacity:hours"
-
-
-def info_key(worker_id: str) -> str:
-    return f"fw:{{worker:{worker_id}}}:info"
 
 
 @dataclass(frozen=True)
@@ -89,23 +77,23 @@ class CapacityStore:
         self._redis = redis
 
     async def register(self, info: WorkerInfo) -> None:
-        await self._redis.hset(info_key(info.worker_id), mapping={
+        await self._redis.hset(keys.worker_info(info.worker_id), mapping={
             "hardware_class": info.hardware_class, "device_count": info.device_count, "model": info.model})
-        await self._redis.sadd(WORKERS_KEY, info.worker_id)
+        await self._redis.sadd(keys.DEVICE_TIME_WORKERS, info.worker_id)
 
     async def add(self, worker_id: str, start: float, end: float, device_ns: int, idle_ns: int) -> None:
         """Adds a sample: device_ns of device time over [start, end), idle_ns of it idle."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for hour, device, idle in split_by_hour(start, end, device_ns, idle_ns):
-                pipe.hincrby(capacity_key(worker_id, hour), "device_ns", device)
-                pipe.hincrby(capacity_key(worker_id, hour), "idle_ns", idle)
-                pipe.zadd(hours_key(worker_id), {hour: bucket_start(hour)})
+                pipe.hincrby(keys.device_time(worker_id, hour), "device_ns", device)
+                pipe.hincrby(keys.device_time(worker_id, hour), "idle_ns", idle)
+                pipe.zadd(keys.device_time_hours(worker_id), {hour: bucket_start(hour)})
             await pipe.execute()
 
     async def workers(self) -> list[WorkerInfo]:
         infos = []
-        for worker_id in sorted(await self._redis.smembers(WORKERS_KEY)):
-            values = await self._redis.hgetall(info_key(worker_id))
+        for worker_id in sorted(await self._redis.smembers(keys.DEVICE_TIME_WORKERS)):
+            values = await self._redis.hgetall(keys.worker_info(worker_id))
             infos.append(WorkerInfo(worker_id, values.get("hardware_class", ""),
                                     int(values.get("device_count", 1)), values.get("model", "")))
         return infos
@@ -117,11 +105,11 @@ class CapacityStore:
         for info in await self.workers():
             if workers is not None and info.worker_id not in workers:
                 continue
-            hours = await self._redis.zrangebyscore(hours_key(info.worker_id), "-inf" if since is None else since,
+            hours = await self._redis.zrangebyscore(keys.device_time_hours(info.worker_id), "-inf" if since is None else since,
                                                     f"({until}" if until is not None else "+inf")
             async with self._redis.pipeline(transaction=False) as pipe:
                 for hour in hours:
-                    pipe.hgetall(capacity_key(info.worker_id, hour))
+                    pipe.hgetall(keys.device_time(info.worker_id, hour))
                 contents = await pipe.execute()
             for hour, values in zip(hours, contents):
                 cells.append(CapacityCell(info, hour, int(values.get("device_ns", 0)), int(values.get("idle_ns", 0))))

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def serve(listen: str, redis_config: RedisConfig, reservation_max_age_s: float) -> None:
     from accounting.service import create_accounting_server, sweep_stale_reservations
-    from fareway.redis_store import connect, resolve_url
+    from fareway.redis import connect
+    from fareway.redis.embedded import resolve_url
 
     with resolve_url(redis_config) as url:
         redis = connect(url)

@@ -12,7 +12,7 @@ from rich.console import Console
 from accounting.exports import FORMATS, charge_rows, period, render
 from accounting.ledger import Ledger
 from fareway.config import RedisConfig
-from fareway.redis_store import redis_session
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from accounting.records import UsageRecord
+from fareway.quota import NANO_USD_PER_USD
 
 log = logging.getLogger(__name__)
 
-NANO_USD_PER_USD = 10**9
 DEFAULT_PRICE_BOOK = Path(__file__).parent / "prices" / "default.toml"
 ANY = "*"
 """The entry that prices hardware classes and models without one of their own."""

@@ -17,9 +17,8 @@ import time
 import redis.asyncio as aioredis
 
 from accounting.pricebook import DEFAULT_PRICE_BOOK, PriceBook
+from fareway.redis import keys
 
-VERSIONS_KEY = "fw:pricebook:versions"
-CURRENT_KEY = "fw:pricebook:current"
 PRICE_CHANGE_NOTICE_S = 120.0
 """A new price may take effect this long after it is loaded, at the earliest."""
 REFRESH_S = 30.0
@@ -35,15 +34,15 @@ class PriceBookStore:
         self._redis = redis
 
     async def current(self) -> PriceBook | None:
-        version = await self._redis.get(CURRENT_KEY)
+        version = await self._redis.get(keys.PRICE_BOOK_CURRENT)
         return await self.version(version) if version is not None else None
 
     async def version(self, version: str) -> PriceBook | None:
-        text = await self._redis.hget(VERSIONS_KEY, version)
+        text = await self._redis.hget(keys.PRICE_BOOK_VERSIONS, version)
         return PriceBook.from_json(text) if text is not None else None
 
     async def versions(self) -> list[str]:
-        return sorted(await self._redis.hkeys(VERSIONS_KEY))
+        return sorted(await self._redis.hkeys(keys.PRICE_BOOK_VERSIONS))
 
     async def load(self, book: PriceBook, now: float | None = None) -> None:
         """Makes `book` the version in force; refuses one that would reprice the past."""
@@ -62,8 +61,8 @@ class PriceBookStore:
                     f"keeps its prices. Keep every entry of {current.version!r} that takes effect before then, and "
                     f"give new prices an effective_from at least {PRICE_CHANGE_NOTICE_S:.0f} s from now")
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(VERSIONS_KEY, book.version, book.to_json())
-            pipe.set(CURRENT_KEY, book.version)
+            pipe.hset(keys.PRICE_BOOK_VERSIONS, book.version, book.to_json())
+            pipe.set(keys.PRICE_BOOK_CURRENT, book.version)
             await pipe.execute()
 
     async def ensure(self, default: PriceBook | None = None) -> PriceBook:
@@ -73,8 +72,8 @@ class PriceBookStore:
             return current
         book = default or PriceBook.load(DEFAULT_PRICE_BOOK)
         # SET NX: two processes starting together agree on one first version.
-        await self._redis.hsetnx(VERSIONS_KEY, book.version, book.to_json())
-        await self._redis.set(CURRENT_KEY, book.version, nx=True)
+        await self._redis.hsetnx(keys.PRICE_BOOK_VERSIONS, book.version, book.to_json())
+        await self._redis.set(keys.PRICE_BOOK_CURRENT, book.version, nx=True)
         return await self.current() or book
 
 

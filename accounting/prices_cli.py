@@ -13,7 +13,7 @@ from rich.table import Table
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from fareway.config import RedisConfig
-from fareway.redis_store import redis_session
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from accounting.exports import period
 from accounting.ledger import Ledger
 from accounting.reconcile import FIGURES, Reconciliation, reconcile
 from fareway.config import RedisConfig
-from fareway.redis_store import redis_session
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,25 +8,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Coroutine
-from pathlib import Path
 from typing import Any
-
-import redis.exceptions
 
 from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook, price_record
 from accounting.pricebook_store import PriceBookCache, PriceBookStore
 from accounting.records import UsageRecord
 from accounting.spool import Spool
+from fareway.redis import UNREACHABLE
 from fareway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
 REPLAY_INTERVAL_S = 2.0
 _REPLAY_BATCH = 500
-# Redis failures that mean "not reachable now": the record is spooled and replayed.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
-                OSError)
 
 
 class UsageRecorder:
@@ -62,7 +57,7 @@ class UsageRecorder:
         return price_record(book, record) if book is not None else None
 
     def write_soon(self, priced: UsageRecord) -> Coroutine[Any, Any, UsageRecord]:
-        """`record` for a priced record, with the ledger write queued at once (fareway/redis_batch.py).
+        """`record` for a priced record, with the ledger write queued at once (fareway/redis/batch.py).
         Await what it returns."""
         return self._written(priced, self.ledger.record_soon(priced))
 
@@ -119,6 +114,3 @@ class UsageRecorder:
                     log.exception("spool replay failed (retried in %.1f s)", interval_s)
             await asyncio.sleep(interval_s)
 
-
-def default_spool(data_dir: Path) -> Spool:
-    return Spool(data_dir / "spool")

@@ -21,7 +21,8 @@ from accounting.rollups import Totals
 from fareway.config import RedisConfig
 from fareway.console import USAGE_COLUMNS, totals_table
 from fareway.errors import FarewayError
-from fareway.redis_store import connect, resolve_url
+from fareway.redis import connect
+from fareway.redis.embedded import resolve_url
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -8,8 +8,6 @@ the rest (and hours only when it groups by day or week).
 
   fw:{team}:rollup:<level>:<bucket>   level h or m; bucket 2026-11-24T09 or 2026-11
     <project>␟<model>␟<hardware>␟<worker>␟<status>␞<metric>           -> integer
-  fw:{team}:tags:m:<bucket>           the same per tag and month, read only to group by a tag
-    <key>␟<value>␟<project>␟<model>␟<hardware>␟<worker>␟<status>␞<metric>
   fw:{team}:rollup:<level>            the level's buckets, scored by their start
 
 Every metric is an integer added with HINCRBY (tokens, nanoseconds of GPU
@@ -20,14 +18,15 @@ from the ledger.
 from __future__ import annotations
 
 import calendar
+import datetime as dt
 import functools
 import json
 import re
-import datetime as dt
 from dataclasses import dataclass, fields
 from decimal import Decimal
 
 from accounting.records import UsageRecord
+from fareway.redis import keys
 
 UNIT = "\x1f"
 """Separates the values of a group (no team, model or tag value contains a control character)."""
@@ -119,14 +118,6 @@ def bucket_end(level: str, start: float) -> float:
     return start + 3600
 
 
-def rollup_key(team: str, level: str, name: str) -> str:
-    return f"fw:{{{team}}}:rollup:{level}:{name}"
-
-
-def index_key(team: str, level: str) -> str:
-    return f"fw:{{{team}}}:rollup:{level}"
-
-
 def tiles(since: float, until: float, finest_time: str = "m") -> list[tuple[str, float, float]]:
     """The coarsest buckets (level, start, end) that exactly cover [since, until), both on the hour.
 
@@ -196,7 +187,7 @@ async def read_rollups(redis, team: str, since: float | None, until: float | Non
                        coarsest: str = "m") -> list[tuple[str, dict[tuple[str, ...], Totals]]]:
     """(bucket, cells) of the team's rollups that tile [since, until) (None: open), coarsest
     buckets first where they fit, but none coarser than `coarsest` ("h": hours only)."""
-    hours = await redis.zrangebyscore(index_key(team, "h"), "-inf" if since is None else since,
+    hours = await redis.zrangebyscore(keys.rollup_index(team, "h"), "-inf" if since is None else since,
                                       f"({until}" if until is not None else "+inf", withscores=True)
     if not hours:
         return []
@@ -209,6 +200,6 @@ async def read_rollups(redis, team: str, since: float | None, until: float | Non
              if level != "h" or bucket("h", start) in existing]
     async with redis.pipeline(transaction=False) as pipe:
         for level, name in names:
-            pipe.hgetall(rollup_key(team, level, name))
+            pipe.hgetall(keys.rollup(team, level, name))
         contents = await pipe.execute()
     return [(name, parse(fields)) for (_, name), fields in zip(names, contents) if fields]

@@ -8,10 +8,8 @@ import logging
 import time
 
 import grpc
-import redis.exceptions as redis_exceptions
 import redis.asyncio as aioredis
 
-from accounting.budgets import Budget, Budgets, month_of
 from accounting.exports import Period, charge_rows, render
 from accounting.ledger import Ledger
 from accounting.reports import usage_report
@@ -21,7 +19,8 @@ from fareway.accounting.v1 import accounting_pb2_grpc
 from fareway.auth import KeyInfo, KeyStore, Role, Tenant
 from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
-from gateway.limits import Limits, LimitStore
+from fareway.quota import Budget, Budgets, Limits, LimitStore, month_of
+from fareway.redis import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ async def sweep_stale_reservations(redis: aioredis.Redis, max_age_s: float,
                 released = await budgets.release_stale(team, max_age_s)
                 if released:
                     log.warning("released %d stale budget reservations of team %s", released, team)
-        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+        except UNREACHABLE as exc:
             log.info("stale reservation sweep waits for Redis: %s", exc)
         except Exception:  # noqa: BLE001 - one bad sweep must not end the sweeps for good
             log.exception("stale reservation sweep failed (retried in %.0f s)", interval_s)

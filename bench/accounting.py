@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 
 from accounting.exports import Period
-from accounting.ledger import Ledger, ledger_key
+from accounting.ledger import Ledger
 from accounting.pricebook import DEFAULT_PRICE_BOOK, PriceBook, price_record
 from accounting.records import UsageRecord
 from accounting.reports import usage_report
 from bench.common import print_results
-from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.net import free_port
+from fareway.redis import connect, keys
+from fareway.redis.embedded import EmbeddedRedis
 
 MONTH = Period.parse("2026-11")
 BATCH = 1000
@@ -98,7 +100,7 @@ async def run(total: int, sample: int, scan_limit: int) -> dict[str, object]:
             plain_s.append(await plain_xadd(redis, sample, 1000 * round_))
         await redis.delete(*[k async for k in redis.scan_iter("bench:plain:*")])
         await bulk_load(ledger, total - 3 * sample, 7_000_000)
-        recorded = sum([await redis.xlen(ledger_key(t)) for t in await ledger.teams()])
+        recorded = sum([await redis.xlen(keys.ledger(t)) for t in await ledger.teams()])
 
         group_by = ["team", "project", "model"]
         report_s = []

@@ -47,7 +47,9 @@ import grpc
 from fareway.auth import KeyStore, Role
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.net import free_port
+from fareway.redis import connect
+from fareway.redis.embedded import EmbeddedRedis
 from fareway.worker.v1 import worker_pb2 as wpb
 from fareway.worker.v1 import worker_pb2_grpc
 
@@ -189,8 +191,7 @@ async def wait_gateway(procs: Processes, address: str, key: str, model: str, num
 
 async def tenant(redis_url: str, team: str) -> str:
     """A key for `team`, with generous rate limits and a budget (so both scripts run on every request)."""
-    from accounting.budgets import Budget, Budgets
-    from gateway.limits import Limits, LimitStore
+    from fareway.quota import Budget, Budgets, Limits, LimitStore
     redis = connect(redis_url)
     try:
         key, _ = await KeyStore(redis).create(team, "bench", Role.TENANT)

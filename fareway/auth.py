@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import re
 import secrets
 import time
@@ -18,19 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_exceptions
 
 from fareway.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from fareway.redis import UNREACHABLE, keys
 
 KEY_PREFIX = "fw"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_KEYS_BY_ID = "fw:apikeys"
-_REVOKED_CHANNEL = "fw:apikeys:revoked"
 _MAX_CACHED_KEYS = 100_000
-
-
-def _digest_key(key: str) -> str:
-    return f"fw:apikey:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 class Role(enum.Enum):
@@ -89,16 +82,16 @@ class KeyStore:
         key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
         info = KeyInfo(key_id, validate_name("team", team), validate_name("project", project),
                        role, time.time(), None)
-        digest = _digest_key(key)
+        digest = keys.api_key(key)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(digest, mapping={"key_id": key_id, "team": team, "project": project,
                                        "role": role.value, "created_at": repr(info.created_at)})
-            pipe.hset(_KEYS_BY_ID, key_id, digest)
+            pipe.hset(keys.API_KEYS, key_id, digest)
             await pipe.execute()
         return key, info
 
     async def list(self) -> list[KeyInfo]:
-        digests = await self._redis.hgetall(_KEYS_BY_ID)
+        digests = await self._redis.hgetall(keys.API_KEYS)
         async with self._redis.pipeline(transaction=False) as pipe:
             for digest in digests.values():
                 pipe.hgetall(digest)
@@ -107,12 +100,12 @@ class KeyStore:
         return sorted(infos, key=lambda info: (info.team, info.project, info.created_at))
 
     async def revoke(self, key_id: str) -> KeyInfo:
-        digest = await self._redis.hget(_KEYS_BY_ID, key_id)
+        digest = await self._redis.hget(keys.API_KEYS, key_id)
         if digest is None:
             raise NotFound(f"no API key with id {key_id!r}")
         await self._redis.hsetnx(digest, "revoked_at", repr(time.time()))
         # Gateways caching the key drop it now (watch_revocations); the cache's TTL bounds a lost message.
-        await self._redis.publish(_REVOKED_CHANNEL, digest)
+        await self._redis.publish(keys.API_KEY_REVOCATIONS, digest)
         return _info(await self._redis.hgetall(digest))
 
     async def watch_revocations(self) -> None:
@@ -121,15 +114,15 @@ class KeyStore:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(_REVOKED_CHANNEL)
+                    await pubsub.subscribe(keys.API_KEY_REVOCATIONS)
                     async for message in pubsub.listen():
                         self._cache.pop(message["data"], None)
-            except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError):
+            except UNREACHABLE:
                 await asyncio.sleep(1.0)
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Tenant:
         """The tenant named by `authorization: Bearer <key>` metadata."""
-        digest = _digest_key(bearer_token(metadata))
+        digest = keys.api_key(bearer_token(metadata))
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]

@@ -8,9 +8,8 @@ import importlib
 import logging
 import sys
 
-import redis
-
 from fareway.errors import FarewayError
+from fareway.redis import UNREACHABLE
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args.module).run(args)
     except KeyboardInterrupt:
         return 130
-    except (redis.ConnectionError, redis.TimeoutError) as error:
+    except UNREACHABLE as error:
         logging.debug("fareway %s failed", args.command, exc_info=error)
         print(f"fareway {args.command}: cannot reach Redis: {error}", file=sys.stderr)
         return 1

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from fareway.inference.v1 import inference_pb2
+from fareway.redis import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,6 @@ def _internal(exc: BaseException) -> Internal:
     return Internal(f"internal error (ref {ref}); the server log has the details")
 
 
-# Redis failures that mean it cannot be reached now (refused, timed out, still loading its data).
-_REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
 class _Throttle:
     """Says yes at most once every `interval_s` (for a log line that every request would repeat)."""
 
@@ -172,7 +168,7 @@ def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
             return await handler(request, context)
         except FarewayError as error:
             await abort(context, error)
-        except _REDIS_AWAY as exc:
+        except UNREACHABLE as exc:
             await abort(context, _redis_away(exc))
         except Exception as exc:  # noqa: BLE001 - every other failure is reported as INTERNAL
             await abort(context, _internal(exc))
@@ -186,7 +182,7 @@ def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., As
                 yield response
         except FarewayError as error:
             await abort(context, error)
-        except _REDIS_AWAY as exc:
+        except UNREACHABLE as exc:
             await abort(context, _redis_away(exc))
         except Exception as exc:  # noqa: BLE001
             await abort(context, _internal(exc))

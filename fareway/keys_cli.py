@@ -12,7 +12,8 @@ from rich.table import Table
 from fareway.auth import KeyStore, Role
 from fareway.config import RedisConfig
 from fareway.errors import FarewayError
-from fareway.redis_store import connect, resolve_url
+from fareway.redis import connect
+from fareway.redis.embedded import resolve_url
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """The worker registry in Redis: workers write themselves and their load, gateways read.
 
-  fw:registry:worker:{worker_id}   hash: the worker's registration and its latest load;
-                                   EXPIRE ttl_s, renewed by every heartbeat (about 1 s)
-  fw:registry:workers              sorted set: worker_id -> when its hash expires (unix s)
+  fw:{registry}:worker:<worker_id>   hash: the worker's registration and its latest load;
+                                     EXPIRE ttl_s, renewed by every heartbeat (about 1 s)
+  fw:{registry}:workers              sorted set: worker_id -> when its hash expires (unix s)
 
 A gateway's read is O(workers): drop the index entries whose time has passed,
 then read every remaining hash in one pipeline (a hash that expired a moment
@@ -18,13 +18,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-INDEX_KEY = "fw:registry:workers"
+from fareway.redis import keys
+
 DEFAULT_TTL_S = 5.0
 """How long a worker stays registered after its last heartbeat."""
-
-
-def worker_key(worker_id: str) -> str:
-    return f"fw:registry:worker:{worker_id}"
 
 
 @dataclass(frozen=True)
@@ -110,28 +107,28 @@ class WorkerRegistry:
                         now: float | None = None) -> None:
         """Writes (or re-creates) the worker's entry with its load, good for ttl_s."""
         now = time.time() if now is None else now
-        key = worker_key(registration.worker_id)
+        key = keys.registered_worker(registration.worker_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=_to_hash(RegisteredWorker(registration, load, now)))
             pipe.pexpire(key, round(self.ttl_s * 1000))
-            pipe.zadd(INDEX_KEY, {registration.worker_id: now + self.ttl_s})
+            pipe.zadd(keys.REGISTERED_WORKERS, {registration.worker_id: now + self.ttl_s})
             await pipe.execute()
 
     async def deregister(self, worker_id: str) -> None:
         """Takes the worker out of every gateway's pool at their next read."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(worker_key(worker_id))
-            pipe.zrem(INDEX_KEY, worker_id)
+            pipe.delete(keys.registered_worker(worker_id))
+            pipe.zrem(keys.REGISTERED_WORKERS, worker_id)
             await pipe.execute()
 
     async def workers(self, now: float | None = None) -> list[RegisteredWorker]:
         """Every worker whose last heartbeat is younger than the TTL, by worker id."""
         now = time.time() if now is None else now
-        await self._redis.zremrangebyscore(INDEX_KEY, "-inf", now)
-        ids = [i.decode() if isinstance(i, bytes) else i for i in await self._redis.zrange(INDEX_KEY, 0, -1)]
+        await self._redis.zremrangebyscore(keys.REGISTERED_WORKERS, "-inf", now)
+        ids = [i.decode() if isinstance(i, bytes) else i for i in await self._redis.zrange(keys.REGISTERED_WORKERS, 0, -1)]
         async with self._redis.pipeline(transaction=False) as pipe:
             for worker_id in ids:
-                pipe.hgetall(worker_key(worker_id))
+                pipe.hgetall(keys.registered_worker(worker_id))
             hashes = await pipe.execute()
         found = []
         for raw in hashes:
@@ -144,14 +141,10 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def gateways_key(model: str) -> str:
-    return f"fw:registry:gateways:{model}"
-
-
 class GatewayPeers:
     """The gateway replicas in front of a model's workers, counted so each takes its share of them.
 
-      fw:registry:gateways:{model}   sorted set: gateway id -> when its membership lapses (unix s)
+      fw:{registry}:gateways:<model>   sorted set: gateway id -> when its membership lapses (unix s)
 
     Each gateway renews its entry for every model it serves about once a second (`beat`), which
     also drops lapsed entries and counts the rest; a gateway that stops is forgotten after ttl_s.
@@ -175,9 +168,9 @@ class GatewayPeers:
         self._announced.update(models)  # before sending: a beat cut off mid-reply may have landed
         async with self._redis.pipeline(transaction=True) as pipe:
             for model in models:
-                pipe.zadd(gateways_key(model), {self.gateway_id: now + self.ttl_s})
-                pipe.zremrangebyscore(gateways_key(model), "-inf", now)
-                pipe.zcard(gateways_key(model))
+                pipe.zadd(keys.gateways(model), {self.gateway_id: now + self.ttl_s})
+                pipe.zremrangebyscore(keys.gateways(model), "-inf", now)
+                pipe.zcard(keys.gateways(model))
             results = await pipe.execute()
         self._counts = {model: max(int(results[3 * i + 2]), 1) for i, model in enumerate(models)}
         return dict(self._counts)
@@ -185,5 +178,5 @@ class GatewayPeers:
     async def leave(self) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             for model in self._announced:
-                pipe.zrem(gateways_key(model), self.gateway_id)
+                pipe.zrem(keys.gateways(model), self.gateway_id)
             await pipe.execute()

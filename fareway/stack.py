@@ -27,7 +27,7 @@ from fareway.config import RedisConfig
 from fareway.console import usage_table
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import resolve_url
+from fareway.redis.embedded import resolve_url
 
 DEMO_TEAM, DEMO_PROJECT = "demo", "quickstart"
 DEMO_QUESTION = "In two sentences, why do GPUs make language models fast?"
@@ -97,7 +97,7 @@ def _demo(url: str, gateway: str, console: Console) -> str:
     from accounting.report_cli import write_report
     from accounting.reports import usage_report
     from fareway.auth import KeyStore
-    from fareway.redis_store import connect
+    from fareway.redis import connect
 
     async def create_key() -> str:
         redis = connect(url)

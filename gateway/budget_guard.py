@@ -1,5 +1,5 @@
 """Budget admission: before a request runs, its maximum cost is held against
-its team's and project's monthly budgets (accounting/budgets.py)."""
+its team's and project's monthly budgets (fareway/quota.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from accounting.budgets import BudgetRefused, Budgets, Reservation
 from accounting.pricebook import NANO_USD_PER_USD, PriceBook
 from fareway.auth import Tenant
 from fareway.errors import ResourceExhausted
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.quota import BudgetRefused, Budgets, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class BudgetGuard:
         """Reserves the request's maximum cost; raises RESOURCE_EXHAUSTED naming the budget it would pass.
         With `claim`, holds nothing (None) unless the request_id's claim is this run's.
 
-        The reservation is queued before this returns (fareway/redis_batch.py), so Redis calls queued
+        The reservation is queued before this returns (fareway/redis/batch.py), so Redis calls queued
         before awaiting the result share its round trip."""
         prompt = max_prompt_tokens(request)
         completion = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else context_length

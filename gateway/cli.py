@@ -95,7 +95,8 @@ def _routing(args: argparse.Namespace) -> tuple[str, tuple[tuple[str, str], ...]
 
 
 async def serve(config, redis_config: RedisConfig) -> None:  # noqa: ANN001 - GatewayConfig
-    from fareway.redis_store import connect, resolve_url
+    from fareway.redis import connect
+    from fareway.redis.embedded import resolve_url
     from gateway.service import running_gateway
 
     with resolve_url(redis_config) as url:

@@ -15,12 +15,13 @@ from typing import Any
 import grpc
 from opentelemetry import propagate, trace
 
-from accounting.budgets import Reservation
-from accounting.recorder import UNREACHABLE, UsageRecorder
+from accounting.recorder import UsageRecorder
 from accounting.records import UsageRecord
 from fareway.auth import Tenant
 from fareway.errors import DeadlineExceeded, FarewayError, Internal, Unavailable, from_rpc_error, status_details
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.quota import Hold, Reservation
+from fareway.redis import UNREACHABLE
 from fareway.validation import HasInput, validate_generate
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.budget_guard import BudgetGuard, max_prompt_tokens
@@ -28,7 +29,6 @@ from gateway.config import GatewayConfig
 from gateway.fairness import FairScheduler, Slot, estimate_prompt_tokens
 from gateway.idempotency import IdempotencyStore, Outcome, replay
 from gateway.limit_guard import LimitGuard
-from gateway.limits import Hold
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerEndpoint, WorkerPool
 from gateway.routing import Route, route_for
@@ -301,7 +301,7 @@ class Dispatcher:
         endpoints = self.pool.serving(run.request.model)
         context_length = max((e.info.context_length for e in endpoints if e.info), default=0)
         book = await self.recorder.prices.get()
-        # Side by side, so both scripts share one Redis round trip (fareway/redis_batch.py): the budget's
+        # Side by side, so both scripts share one Redis round trip (fareway/redis/batch.py): the budget's
         # is queued at once, the limits' when their (cached) settings are read. What one admitted is
         # undone when the other refuses: the hold is settled and the reservation released as for any
         # request that never ran.

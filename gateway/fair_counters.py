@@ -19,8 +19,9 @@ import logging
 
 import redis.asyncio as aioredis
 
-from accounting.recorder import UNREACHABLE
-from fareway.redis_batch import batched_script
+from fareway.redis import UNREACHABLE, keys
+from fareway.redis.batch import batched_script
+from fareway.redis.scripts import lua
 from gateway.fairness import Counters, Tenant
 
 log = logging.getLogger(__name__)
@@ -29,22 +30,6 @@ DEFAULT_SYNC_INTERVAL_S = 0.25
 TTL_S = 86_400
 """A model's counters are forgotten a day after the last replica serving it synced."""
 _SEPARATOR = "\x1f"
-
-# KEYS: 1 the model's hash. ARGV: 1 TTL (s), then per tenant: field, floor ("" for none), amount.
-_SYNC_SCRIPT = """
-for i = 2, #ARGV, 3 do
-  local value = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
-  if ARGV[i + 1] ~= '' then value = math.max(value, tonumber(ARGV[i + 1])) end
-  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g', value + tonumber(ARGV[i + 2])))
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return redis.call('HGETALL', KEYS[1])
-"""
-
-
-def counters_key(model: str) -> str:
-    return f"fw:fair:{{{model}}}"
-
 
 class _Pending:
     """What this replica has not sent for one tenant: max(c, floor) + amount."""
@@ -93,7 +78,7 @@ class SharedCounters(Counters):
             args += [f"{team}{_SEPARATOR}{project}", "" if pending.floor is None else repr(pending.floor),
                      repr(pending.amount)]
         try:
-            reply = await self._store.script(keys=[counters_key(self.model)], args=args)
+            reply = await self._store.script(keys=[keys.fair_counters(self.model)], args=args)
         except BaseException:
             # Not sent: keep it ahead of what came since, for the next sync.
             for tenant, pending in self._pending.items():
@@ -118,7 +103,7 @@ class SharedCounterStore:
     def __init__(self, redis: aioredis.Redis, sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S) -> None:
         if sync_interval_s <= 0:
             raise ValueError(f"sync_interval_s must be positive, got {sync_interval_s}")
-        self.script = batched_script(redis, _SYNC_SCRIPT)
+        self.script = batched_script(redis, lua("fair_counters_sync"))
         self.sync_interval_s = sync_interval_s
         self.models: dict[str, SharedCounters] = {}
 

@@ -7,7 +7,7 @@ again; one that arrives while the first still runs gets ABORTED. A request
 that fails before reaching any worker releases its claim, so it can be retried.
 
 A claim carries its run's owner token, and goes to Redis in the same round trip as the request's
-admission, ahead of it: the admission scripts (gateway/limits.py, accounting/budgets.py) count the
+admission, ahead of it: the admission scripts (fareway/quota.py) count the
 request only if the claim is its run's, so a replay or a duplicate counts for nothing.
 """
 
@@ -24,26 +24,9 @@ import redis.asyncio as aioredis
 from fareway.auth import Tenant
 from fareway.errors import Aborted, FarewayError
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis_batch import batched_script
-
-# KEYS[1] claim key; ARGV[1] lease seconds, ARGV[2] the claiming run's owner token (the admission scripts
-# queued behind the claim count the request only for its owner). Returns {} when claimed, else the stored hash.
-_CLAIM_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  return {}
-end
-return redis.call('HGETALL', KEYS[1])
-"""
-
-
-# KEYS[1] claim key; ARGV[1] seconds to keep the outcome, then its fields and values.
-_COMPLETE_SCRIPT = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
+from fareway.redis import keys
+from fareway.redis.batch import batched_script
+from fareway.redis.scripts import lua
 
 
 @dataclass(frozen=True)
@@ -56,15 +39,15 @@ class Outcome:
 class IdempotencyStore:
     def __init__(self, redis: aioredis.Redis, *, ttl_s: int, lease_s: int) -> None:
         self._redis = redis
-        self._claim = batched_script(redis, _CLAIM_SCRIPT)
-        self._complete = batched_script(redis, _COMPLETE_SCRIPT)
+        self._claim = batched_script(redis, lua("idempotency_claim"))
+        self._complete = batched_script(redis, lua("idempotency_complete"))
         self._ttl_s = ttl_s
         self._lease_s = lease_s
 
     @staticmethod
     def key(tenant: Tenant, request_id: str) -> str:
         """The id's claim (hash-tagged by team, like the team's limits and budgets)."""
-        return f"fw:{{{tenant.team}}}:idem:{tenant.project}:{request_id}"
+        return keys.request_id_claim(tenant.team, tenant.project, request_id)
 
     async def claim(self, tenant: Tenant, request_id: str, owner: str = "") -> Outcome | None:
         """Claims the id for `owner`; None if this request may run, else the earlier run's outcome. Raises
@@ -72,7 +55,7 @@ class IdempotencyStore:
         return await self.claim_soon(tenant, request_id, owner)
 
     def claim_soon(self, tenant: Tenant, request_id: str, owner: str = "") -> Coroutine[Any, Any, Outcome | None]:
-        """`claim`, with its script queued at once (fareway/redis_batch.py): it shares the round trip of
+        """`claim`, with its script queued at once (fareway/redis/batch.py): it shares the round trip of
         the calls queued with it (the request's admission, which counts the request only if `owner` got
         the claim). Await what it returns."""
         return _claimed(self._claim(keys=[self.key(tenant, request_id)], args=[self._lease_s, owner]), request_id)
@@ -81,7 +64,7 @@ class IdempotencyStore:
         await self.complete_soon(tenant, request_id, outcome)
 
     def complete_soon(self, tenant: Tenant, request_id: str, outcome: Outcome) -> Awaitable[Any]:
-        """`complete`, with its script queued at once (fareway/redis_batch.py): it shares the round trip of
+        """`complete`, with its script queued at once (fareway/redis/batch.py): it shares the round trip of
         the calls queued with it, and a later claim of the id through this client finds it. Await what it
         returns."""
         fields = ["state", "done", "code", outcome.code.name, "message", outcome.message]

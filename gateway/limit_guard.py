@@ -1,6 +1,6 @@
 """Rate-limit admission: before a request runs it counts against its team's and
 project's requests and tokens per minute and takes a concurrency slot
-(gateway/limits.py); when it ends its tokens are settled and the slot freed.
+(fareway/quota.py); when it ends its tokens are settled and the slot freed.
 The same settings give the tenant's fair share of saturated workers."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from accounting.recorder import UNREACHABLE
 from fareway.auth import Tenant
 from fareway.errors import ResourceExhausted
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.quota import TEAM_SCOPE, Exceeded, Hold, LimitsExceeded, LimitStore, RateLimiter
+from fareway.redis import UNREACHABLE
 from gateway.budget_guard import max_prompt_tokens
 from gateway.fairness import Share
-from gateway.limits import TEAM_SCOPE, Exceeded, Hold, LimitsExceeded, LimitStore, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LimitGuard:
 
     def settle_soon(self, hold: Hold, usage: pb.Usage) -> Coroutine[Any, Any, None]:
         """`settle`, with its script queued before this returns: Redis calls queued before awaiting the
-        result share its round trip (fareway/redis_batch.py)."""
+        result share its round trip (fareway/redis/batch.py)."""
         return _logged(self.limiter.settle_soon(hold, usage.prompt_tokens + usage.completion_tokens), hold)
 
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fareway.config import RedisConfig
-from fareway.redis_store import redis_session
-from gateway.limits import Limits, LimitStore
+from fareway.quota import Limits, LimitStore
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

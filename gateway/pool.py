@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
-import redis.exceptions
 
 from fareway.errors import NotFound, Unavailable
+from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.tasks import stop_task
 from fareway.tls import ChannelTls, aio_channel
@@ -170,7 +170,7 @@ class WorkerPool:
             return
         try:
             entries = await self.registry.workers()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        except UNREACHABLE as exc:
             log.warning("cannot read the worker registry (keeping the workers known): %s", exc)
             return
         configured = {e.address: e for e in self._configured} | {

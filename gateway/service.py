@@ -13,15 +13,16 @@ import grpc
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from accounting.budgets import Budgets
 from accounting.ledger import Ledger
-from accounting.recorder import UNREACHABLE, UsageRecorder
+from accounting.recorder import UsageRecorder
 from accounting.spool import Spool
 from fareway.auth import KeyStore, Tenant
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.quota import Budgets, LimitStore, RateLimiter
+from fareway.redis import UNREACHABLE
 from fareway.registry import GatewayPeers, WorkerRegistry
 from fareway.tasks import stop_task
 from fareway.validation import validate_input
@@ -33,7 +34,6 @@ from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import FairScheduler
 from gateway.idempotency import IdempotencyStore
 from gateway.limit_guard import LimitGuard
-from gateway.limits import LimitStore, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
 from gateway.routing import Router

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from fareway.redis_store import EmbeddedRedis, free_port
+from fareway.net import free_port
+from fareway.redis.embedded import EmbeddedRedis
 
 T = TypeVar("T")
 
@@ -74,7 +75,7 @@ def redis_url(redis_server: str) -> str:
 @pytest.fixture()
 def with_redis(redis_url: str) -> Callable[[Callable[[Any], Coroutine[Any, Any, T]]], T]:
     """Runs `body(client)` with an asyncio Redis client on the test's Redis, and returns its result."""
-    from fareway.redis_store import connect
+    from fareway.redis import connect
 
     def run(body: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         async def with_client() -> T:
@@ -162,7 +163,7 @@ class Stack:
 
     def create_key(self, team: str, project: str = "main", admin: bool = False) -> str:
         from fareway.auth import KeyStore, Role
-        from fareway.redis_store import connect
+        from fareway.redis import connect
 
         async def create() -> str:
             client = connect(self.redis_url)
@@ -175,7 +176,7 @@ class Stack:
 
     def records(self, team: str) -> list[Any]:
         from accounting.ledger import Ledger
-        from fareway.redis_store import connect
+        from fareway.redis import connect
 
         async def read() -> list[Any]:
             client = connect(self.redis_url)
@@ -189,7 +190,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(background_loop: BackgroundLoop, redis_server: str, smollm2: Any) -> Iterator[Stack]:
     from accounting.service import create_accounting_server
-    from fareway.redis_store import connect
+    from fareway.redis import connect
     from gateway.config import GatewayConfig
     from gateway.service import running_gateway
     from workers.config import WorkerConfig

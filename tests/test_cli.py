@@ -27,8 +27,9 @@ from accounting.report_cli import parse_time
 from fareway.cli import COMMANDS, main
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.net import free_port
 from fareway.process import parse_bytes
-from fareway.redis_store import free_port, is_alive
+from fareway.redis.embedded import is_alive
 
 MODEL = "smollm2-135m-instruct"
 # Variables a developer's shell may set that would point a child at the wrong stack.

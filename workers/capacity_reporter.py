@@ -8,9 +8,8 @@ import asyncio
 import logging
 import time
 
-import redis.exceptions
-
 from accounting.capacity import CapacityStore, WorkerInfo
+from fareway.redis import UNREACHABLE
 from fareway.tasks import stop_task
 from workers.worker import Worker
 
@@ -54,7 +53,7 @@ class CapacityReporter:
         try:
             await self.store.add(self.worker.worker_id, last_time, now, device, idle)
             self._pending = (0, 0)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        except UNREACHABLE as exc:
             # Kept and added to the next report: device time is late, never lost while the worker runs.
             self._pending = (device, idle)
             log.warning("could not report device time to Redis: %s", exc)

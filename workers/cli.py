@@ -141,7 +141,7 @@ def _shared_redis():  # noqa: ANN202 - Redis | None
         log.info("REDIS_URL is not set: this worker does not register in the worker registry, "
                  "and its idle device time is not reported to accounting")
         return None
-    from fareway.redis_store import connect
+    from fareway.redis import connect
     return connect(url)
 
 
@@ -183,7 +183,6 @@ async def _capacity_reporter(worker, redis):  # noqa: ANN001, ANN202 - CapacityR
 
 def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
-
     from workers.parallel.launcher import Rendezvous
 
     setup_telemetry(TelemetryConfig.from_env("fareway-worker"))

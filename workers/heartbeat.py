@@ -8,9 +8,8 @@ import logging
 import socket
 import time
 
-import redis.exceptions
-
 from accounting.pricebook_store import PriceBookStore
+from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.tasks import stop_task
 from workers.engine.llm_engine import LoadSnapshot
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 _THROUGHPUT_SMOOTHING = 0.3
 """Weight of the latest interval in the tokens/s average (an exponential moving average)."""
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def advertised_address(listen: str, port: int, advertise: str | None = None) -> str:
@@ -85,7 +83,7 @@ class RegistryHeartbeat:
     async def _price(self, prices: PriceBookStore) -> float | None:
         try:
             book = await prices.current()
-        except _REDIS_ERRORS:
+        except UNREACHABLE:
             return None
         price = book.hardware_price(self.worker.runner.hardware.hardware_class, time.time()) if book else None
         return price.usd_per_device_hour if price else None
@@ -108,7 +106,7 @@ class RegistryHeartbeat:
         if self.registration is not None:
             try:
                 await self.registry.deregister(self.registration.worker_id)
-            except _REDIS_ERRORS as exc:
+            except UNREACHABLE as exc:
                 log.warning("could not deregister (the entry expires by itself): %s", exc)
 
     async def pause(self) -> None:
@@ -122,7 +120,7 @@ class RegistryHeartbeat:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.beat()
-            except _REDIS_ERRORS as exc:
+            except UNREACHABLE as exc:
                 # The entry expires if Redis stays away; the next beat that gets through re-creates it.
                 log.warning("could not heartbeat to Redis: %s", exc)
             except Exception:  # noqa: BLE001 - one bad beat must not end the heartbeats for good

@@ -19,7 +19,7 @@ from accounting.exports import FOCUS_COLUMNS, Period, charge_rows, render
 from accounting.ledger import Ledger
 from accounting.reconcile import reconcile
 from accounting.reports import usage_report
-from accounting.rollups import rollup_key
+from fareway.redis import keys
 
 NOVEMBER = Period.parse("2026-11")
 # FOCUS 1.2's mandatory columns, as the specification names them.
@@ -115,7 +115,7 @@ def test_reconcile_catches_a_figure_that_does_not_add_up(with_redis, random_reco
         await ledger.record_many(records)
         victim = records[0]
         if tamper == "rollup":
-            key = rollup_key(victim.team, "m", "2026-11")
+            key = keys.rollup(victim.team, "m", "2026-11")
             field = next(f for f in await client.hkeys(key) if f.endswith("cost_nusd"))
             await client.hincrby(key, field, 1)
         else:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from accounting.budgets import Budgets, month_of
 from accounting.ledger import Ledger
 from accounting.reports import usage_report
+from fareway.quota import Budgets, month_of
 
 HOUR = 3600.0
 BASE = 1_793_491_200.0  # 2026-11-01T00:00:00Z, on the hour

@@ -26,7 +26,9 @@ from accounting.records import UsageRecord
 from accounting.spool import Spool
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.net import free_port
+from fareway.redis import connect
+from fareway.redis.embedded import EmbeddedRedis
 
 
 def usage(request_id: str) -> UsageRecord:

@@ -87,7 +87,7 @@ def test_a_cached_key_is_forgotten_as_soon_as_it_is_revoked(with_redis) -> None:
         admin, gateway = KeyStore(client), KeyStore(client, cache_ttl_s=60)
         watcher = asyncio.create_task(gateway.watch_revocations())
         try:
-            from fareway.auth import _digest_key
+            from fareway.redis.keys import api_key as _digest_key
             other, _ = await admin.create("search", "other")
             await gateway.authenticate(bearer(other))
             await client.delete(_digest_key(other))           # gone from Redis, still remembered

@@ -1,4 +1,4 @@
-"""Automatic pipelining (fareway/redis_batch.py) against a real Redis: concurrent calls share a
+"""Automatic pipelining (fareway/redis/batch.py) against a real Redis: concurrent calls share a
 round trip, and each caller still gets its own reply or error."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 
-from fareway.redis_batch import batched_script, batcher_for, close_batcher
-from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.net import free_port
+from fareway.redis import connect
+from fareway.redis.batch import batched_script, batcher_for, close_batcher
+from fareway.redis.embedded import EmbeddedRedis
 
 INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAILS = "return redis.error_reply('refused: ' .. ARGV[1])"

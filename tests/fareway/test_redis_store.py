@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fareway.redis_store import EmbeddedRedis, free_port, is_alive
+from fareway.net import free_port
+from fareway.redis.embedded import EmbeddedRedis, is_alive
 
 
 def test_a_socket_path_over_the_unix_limit_is_refused_up_front(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import grpc
 
 from fareway.auth import KeyStore, Role
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect
+from fareway.redis import connect
 from fareway.registry import WorkerRegistry
 from gateway.config import GatewayConfig
 from gateway.service import running_gateway

@@ -14,12 +14,12 @@ import pytest
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import free_port
+from fareway.net import free_port
+from tests.gateway.fleet import gateway
 from workers.config import WorkerConfig
 from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
-from tests.gateway.fleet import gateway
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ import pytest
 import redis.exceptions
 
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis_store import connect
-from gateway.fair_counters import SharedCounterStore, counters_key
+from fareway.redis import connect, keys
+from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import Counters, FairQueue, Share
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 
@@ -83,14 +83,14 @@ def test_what_a_failed_sync_did_not_send_goes_with_the_next(redis_url, redis_cli
         try:
             counters = SharedCounterStore(client).counters("m")
             counters.add(A, 7)
-            redis_client.set(counters_key("m"), "not a hash")   # the script fails
+            redis_client.set(keys.fair_counters("m"), "not a hash")   # the script fails
             with pytest.raises(redis.exceptions.ResponseError):
                 await counters.sync()
             counters.add(A, 3)
             assert counters.get(A) == 10
-            redis_client.delete(counters_key("m"))
+            redis_client.delete(keys.fair_counters("m"))
             await counters.sync()
-            assert counters.get(A) == 10 and float(redis_client.hget(counters_key("m"), "flood\x1f")) == 10
+            assert counters.get(A) == 10 and float(redis_client.hget(keys.fair_counters("m"), "flood\x1f")) == 10
         finally:
             await client.aclose()
     asyncio.run(body())
@@ -105,6 +105,6 @@ def test_a_running_gateway_shares_the_service_it_gives(background_loop, redis_ur
             model="tiny-llama", prompt="hello there", sampling=pb.SamplingParams(max_tokens=3, temperature=0)))
         served = response.usage.prompt_tokens + 2 * response.usage.completion_tokens  # default token weights
         deadline = time.monotonic() + 5
-        while float(redis_client.hget(counters_key("tiny-llama"), "flood\x1f") or 0) < served:
-            assert time.monotonic() < deadline, redis_client.hgetall(counters_key("tiny-llama"))
+        while float(redis_client.hget(keys.fair_counters("tiny-llama"), "flood\x1f") or 0) < served:
+            assert time.monotonic() < deadline, redis_client.hgetall(keys.fair_counters("tiny-llama"))
             time.sleep(0.05)

@@ -19,11 +19,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from fareway.auth import Tenant
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis_store import connect
+from fareway.quota import Limits, LimitStore, RateLimiter
+from fareway.redis import connect
 from gateway.config import GatewayConfig
 from gateway.fairness import FairnessConfig, FairQueue, Share, Slot
 from gateway.limit_guard import LimitGuard
-from gateway.limits import Limits, LimitStore, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.service import running_gateway
 from tests.gateway.fleet import Client, create_key, gateway

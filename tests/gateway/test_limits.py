@@ -17,13 +17,13 @@ from grpc_status import rpc_status
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect
-from gateway.limits import Limits, LimitsExceeded, LimitStore, RateLimiter, inflight_key, rate_key
+from fareway.quota import Limits, LimitsExceeded, LimitStore, RateLimiter
+from fareway.redis import connect, keys
+from tests.gateway.fleet import gateway
 from workers.config import WorkerConfig
 from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
-from tests.gateway.fleet import gateway
 
 S = 1_000_000  # microseconds per second
 T0 = 1_793_491_200 * S
@@ -104,14 +104,14 @@ def test_a_refusal_holds_nothing_in_any_scope(with_redis) -> None:  # noqa: ANN0
         limits = [Limits("search", requests_per_minute=100, tokens_per_minute=1000, max_concurrent_requests=5),
                   Limits("search", "ranking", max_concurrent_requests=1)]
         held = await limiter.admit("search", "a", limits, 10, now_us=T0)
-        before = await client.hgetall(rate_key("search"))
+        before = await client.hgetall(keys.rate("search"))
         with pytest.raises(LimitsExceeded) as refused:
             await limiter.admit("search", "b", limits, 10, now_us=T0)
-        after = await client.hgetall(rate_key("search"))
-        team_slots = await client.zrange(inflight_key("search", "team"), 0, -1)
+        after = await client.hgetall(keys.rate("search"))
+        team_slots = await client.zrange(keys.inflight("search", "team"), 0, -1)
         await limiter.settle(held, 10, now_us=T0)
-        left = await client.zcard(inflight_key("search", "team")), await client.zcard(
-            inflight_key("search", "project:ranking"))
+        left = await client.zcard(keys.inflight("search", "team")), await client.zcard(
+            keys.inflight("search", "project:ranking"))
         return refused.value.exceeded, before == after, team_slots, left
     refused, unchanged, team_slots, left = with_redis(body)
     assert (refused.scope, refused.limit, refused.retry_after_s) == ("project:ranking", "concurrent", 1.0)
@@ -185,7 +185,7 @@ def _slots(redis_url: str, team: str) -> int:
     import redis
     client = redis.Redis.from_url(redis_url)
     try:
-        return client.zcard(inflight_key(team, "team"))
+        return client.zcard(keys.inflight(team, "team"))
     finally:
         client.close()
 
@@ -257,7 +257,7 @@ def test_tokens_per_minute_settle_to_what_requests_used(stack, background_loop, 
     import redis
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     try:
-        tat_us = float(client.hget(rate_key(team), "team:tpm"))
+        tat_us = float(client.hget(keys.rate(team), "team:tpm"))
         seconds, micros = client.time()
     finally:
         client.close()
@@ -332,7 +332,7 @@ def test_a_replayed_request_id_is_served_at_the_limit_and_does_not_count(stack, 
 def test_a_duplicate_of_a_running_request_id_counts_for_nothing(stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
     """A duplicate's admission, sent with its claim, is skipped by the scripts: it takes no slot, no place in
     the minute and no budget, and leaves the running request's own slot and reservation alone."""
-    from accounting.budgets import Budget, Budgets, month_of
+    from fareway.quota import Budget, Budgets, month_of
 
     team = f"t-{uuid.uuid4().hex[:6]}"
     key = stack.create_key(team)
@@ -371,7 +371,7 @@ def test_a_duplicate_of_a_running_request_id_counts_for_nothing(stack, backgroun
 
 def test_slots_and_tokens_come_back_when_a_budget_refuses_after_the_limits_admitted(
         stack, background_loop, tiny_worker) -> None:  # noqa: ANN001
-    from accounting.budgets import Budget, Budgets
+    from fareway.quota import Budget, Budgets
 
     team = f"t-{uuid.uuid4().hex[:6]}"
     key = stack.create_key(team)

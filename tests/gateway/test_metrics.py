@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.redis_store import connect
+from fareway.redis import connect
 from fareway.telemetry import prometheus_reader
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis_store import EmbeddedRedis, free_port
+from fareway.net import free_port
+from fareway.redis.embedded import EmbeddedRedis
 from tests.gateway.fleet import create_key, gateway
 from tests.gateway.test_failover import call, serving_worker
 

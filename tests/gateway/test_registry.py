@@ -10,6 +10,7 @@ import uuid
 import grpc
 
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.redis import keys
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
@@ -44,7 +45,7 @@ def test_a_registration_lives_as_long_as_its_heartbeats(with_redis) -> None:  # 
         assert await registry.workers() == []
         await registry.heartbeat(registration, load)
         await registry.deregister("w1")
-        assert await registry.workers() == [] and await client.zcard("fw:registry:workers") == 0
+        assert await registry.workers() == [] and await client.zcard(keys.REGISTERED_WORKERS) == 0
     with_redis(body)
 
 
@@ -134,7 +135,7 @@ def test_running_gateways_register_as_peers_of_their_model(background_loop, redi
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(redis_url)
-    peers = "fw:registry:gateways:tiny-llama"
+    peers = keys.gateways("tiny-llama")
     with tiny_workers(background_loop, tiny_checkpoint, 1) as workers:
         address = (workers[0].address,)
         with gateway(background_loop, redis_url, address), gateway(background_loop, redis_url, address):

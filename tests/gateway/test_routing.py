@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.redis import keys
 from fareway.registry import WorkerLoad
 from gateway.routing import POLICIES, Cost, LeastLoad, PrefixAffinity, RoundRobin, Route, Router, route_for
-from gateway.shared_homes import SharedHomes, homes_keys
+from gateway.shared_homes import SharedHomes
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 
 
@@ -88,7 +89,7 @@ def test_gateway_replicas_sharing_prefix_homes_send_each_prefix_to_one_worker(wi
     assert len(set(shared_first)) == 3  # still spread over the fleet
 
     async def held(client) -> dict[str, int]:  # noqa: ANN001
-        return {k: int(v) for k, v in (await client.hgetall(homes_keys(model)[2])).items()}
+        return {k: int(v) for k, v in (await client.hgetall(keys.prefix_homes(model)[2])).items()}
     assert sum(with_redis(held).values()) == sum(50 + 37 * i for i in range(24))
 
 
@@ -142,7 +143,7 @@ def test_shared_prefix_homes_forget_the_least_recently_claimed_past_their_bound(
         homes = SharedHomes(client, model, max_keys=2)
         for i, tokens in enumerate((100, 200, 300)):
             await homes.claim(f"k{i}", tokens, workers)
-        homes_key, _, held_key = homes_keys(model)
+        homes_key, _, held_key = keys.prefix_homes(model)
         return await client.hlen(homes_key), await client.hgetall(held_key)
     num_homes, held = with_redis(body)
     assert num_homes == 2
@@ -158,7 +159,7 @@ def test_shared_prefix_homes_forget_a_prefix_no_replica_claimed_for_max_idle_s(w
         await homes.claim("old", 400, workers)
         await asyncio.sleep(0.7)
         await homes.claim("new", 100, workers)
-        homes_key, _, held_key = homes_keys(model)
+        homes_key, _, held_key = keys.prefix_homes(model)
         return list(await client.hkeys(homes_key)), sum(int(v) for v in (await client.hvals(held_key)))
     remaining, held = with_redis(body)
     assert len(remaining) == 1 and held == 100

@@ -18,7 +18,9 @@ from accounting.recorder import UsageRecorder
 from accounting.records import UsageRecord
 from accounting.spool import Spool
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis_store import EmbeddedRedis, connect, free_port
+from fareway.net import free_port
+from fareway.redis import connect
+from fareway.redis.embedded import EmbeddedRedis
 from tests.gateway.fleet import create_key, gateway
 from tests.gateway.test_failover import call, gateway_for, serving_worker
 
@@ -74,7 +76,7 @@ def test_a_stalled_redis_sends_the_record_to_the_spool_and_lets_the_gateway_stop
     stops instead of waiting on Redis for ever. Once Redis is back, the record is stored once."""
     spool_dir = tmp_path / "spool"
     with EmbeddedRedis(tmp_path / "redis", port=free_port()) as server:
-        monkeypatch.setattr("fareway.redis_store.SOCKET_TIMEOUT_S", 1.0)
+        monkeypatch.setattr("fareway.redis.SOCKET_TIMEOUT_S", 1.0)
         url = server.url
         team = f"t-{uuid.uuid4().hex[:6]}"
         key = create_key(background_loop, url, team)

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
 from fareway.inference.v1 import inference_pb2 as ipb
-from fareway.redis_store import free_port
+from fareway.net import free_port
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
 from workers.config import WorkerConfig

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from accounting.budgets import Budget, BudgetRefused, Budgets, month_of
 from accounting.ledger import Ledger
 from accounting.records import UsageRecord
+from fareway.quota import Budget, BudgetRefused, Budgets, month_of
 
 NOW = time.time()
 

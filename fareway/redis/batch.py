@@ -14,11 +14,13 @@ and their order is kept), and one request's independent calls can share one too:
 The batcher keeps a connection of its own. redis-py opens it, in RESP2 (so the client's user,
 password, database, TLS and socket options apply), then the batcher drives the socket itself: each
 batch goes out in one write, and hiredis parses the replies as they arrive, resolving the callers'
-futures in order. Two script calls in one round trip cost about 70 us of CPU this way against
+futures in order. What that takes of redis-py's private parts is in fareway/redis/redis_py.py, with
+the versions it was written for. Two script calls in one round trip cost about 70 us of CPU this way against
 160 us through a redis-py pipeline (pool checkout, a task per batch, a parser call per reply). The
 client's `socket_timeout` bounds each batch's wait; a lost connection fails its waiting callers with
 a ConnectionError, and the next batch opens a new one. Where a connection has no asyncio transport
-to take over, batches go through redis-py pipelines, one after another. Either way a call reaches Redis
+to take over, or redis-py is a version the adapter was not written for, batches go through redis-py
+pipelines, one after another. Either way a call reaches Redis
 after every call made before it through the batcher, even while its connection opens (a request_id's
 claim before the admission that counts the request only for the claim's owner).
 
@@ -34,20 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis._parsers.base import BaseParser
-from redis._parsers.helpers import get_response_callbacks
-from redis.client import CaseInsensitiveDict
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from fareway.redis import redis_py
 
 Arg = str | int | float | bytes
 
@@ -64,13 +65,14 @@ class Batcher:
     """Queues commands and sends what is queued, in order, at the end of the loop's current turn."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._redis = redis
+        self._client = weakref.ref(redis)
+        """Not a strong reference: the batcher lives as long as its client (`batcher_for`)."""
         self._queue: list[_Pending] = []
         self._link: _Link | None = None
         self._linking: asyncio.Task[_Link | None] | None = None
         self._reloading: collections.deque[_Pending] = collections.deque()
-        self._is_direct = True
-        """False once the client's connections turned out not to be drivable: redis-py pipelines then."""
+        self._is_direct = redis_py.is_supported()
+        """False where the client's connections cannot be driven directly: redis-py pipelines then."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsent: list[list[_Pending]] = []
         """Batches flushed while no connection was open (or while earlier ones waited), oldest first."""
@@ -86,6 +88,13 @@ class Batcher:
         """Queues a call of a registered script; the future has what it returns."""
         return self._enqueue(_Pending(("EVALSHA", script.sha, len(keys), *keys, *args),
                                       asyncio.get_running_loop().create_future(), script))
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        client = self._client()
+        if client is None:
+            raise RedisConnectionError("the Redis client of this batcher was closed and collected")
+        return client
 
     def close(self) -> None:
         """Closes the batcher's connection (a later call opens another)."""
@@ -199,13 +208,14 @@ class _Link(asyncio.Protocol):
     """A connection whose replies are parsed as they arrive and handed, in order, to the futures of
     the commands that were sent."""
 
-    def __init__(self, transport: asyncio.Transport, encoding: str | None, timeout_s: float | None,
-                 callbacks: Mapping[str, Callable[..., Any]], reload: Callable[[_Pending], None]) -> None:
+    def __init__(self, socket: redis_py.Socket, callbacks: Mapping[str, Callable[..., Any]],
+                 reload: Callable[[_Pending], None]) -> None:
         self.loop = asyncio.get_running_loop()
-        self._transport = transport
-        self._reader = hiredis.Reader(encoding=encoding) if encoding else hiredis.Reader()
+        self._socket = socket
+        self._transport = transport = socket.transport
+        self._reader = hiredis.Reader(encoding=socket.encoding) if socket.encoding else hiredis.Reader()
         self._waiting: collections.deque[_Pending] = collections.deque()
-        self._timeout_s = timeout_s
+        self._timeout_s = socket.timeout_s
         self._callbacks = callbacks
         self._reload = reload
         self._num_sent = self._num_answered = 0
@@ -213,7 +223,6 @@ class _Link(asyncio.Protocol):
         """Scripts this connection has sent Redis (SCRIPT LOAD) ahead of their calls."""
         self._failure: Exception | None = None
         self.is_open = True
-        self.stream: object = None
         transport.set_protocol(self)
 
     def send(self, batch: list[_Pending]) -> None:
@@ -255,7 +264,7 @@ class _Link(asyncio.Protocol):
         if pending.future is None:  # a script loaded ahead: its call reports any failure
             return
         if isinstance(reply, hiredis.ReplyError):
-            error = BaseParser.parse_error(str(reply))
+            error = redis_py.parse_error(str(reply))
             if isinstance(error, NoScriptError) and pending.script is not None:
                 # Redis forgot it (SCRIPT FLUSH): the call is rerun through redis-py, and the next call
                 # on this connection sends the source ahead again.
@@ -283,24 +292,13 @@ class _Link(asyncio.Protocol):
 
 
 async def _open_link(redis: aioredis.Redis, reload: Callable[[_Pending], None]) -> _Link | None:
-    """A connection opened (and authenticated) by redis-py in RESP2, then driven by a _Link; None
-    where that cannot be (a connection without an asyncio stream transport underneath)."""
-    pool = redis.connection_pool
-    kwargs = {**pool.connection_kwargs, "protocol": 2}  # the client's own may speak RESP3; hiredis reads RESP2
-    connection = pool.connection_class(**kwargs)
-    await connection.connect()
-    writer = getattr(connection, "_writer", None)
-    transport = getattr(writer, "transport", None)
-    if not isinstance(transport, asyncio.Transport):
-        await connection.disconnect()
+    """A connection opened (and authenticated) by redis-py, then driven by a _Link; None where that
+    cannot be (a connection without an asyncio stream transport underneath)."""
+    socket = await redis_py.open_socket(redis)
+    if socket is None:
         return None
-    connection._reader = connection._writer = None  # the socket is the link's now: redis-py must not close it
-    callbacks = CaseInsensitiveDict(get_response_callbacks(
-        user_protocol=2, legacy_responses=kwargs.get("legacy_responses", True)))
-    encoding = kwargs.get("encoding", "utf-8") if kwargs.get("decode_responses") else None
-    link = _Link(transport, encoding, kwargs.get("socket_timeout"), callbacks, reload)
-    link.stream = writer  # a StreamWriter closes its transport when collected
-    return link
+    legacy = redis.connection_pool.connection_kwargs.get("legacy_responses", True)
+    return _Link(socket, redis_py.reply_callbacks(legacy), reload)
 
 
 async def _run_one(redis: aioredis.Redis, pending: _Pending) -> Any:
@@ -323,21 +321,20 @@ def _resolve(future: asyncio.Future[Any] | None, result: Any) -> None:
         future.set_result(result)
 
 
-_ATTRIBUTE = "_fareway_batcher"
+_BATCHERS: weakref.WeakKeyDictionary[aioredis.Redis, Batcher] = weakref.WeakKeyDictionary()
 
 
 def batcher_for(redis: aioredis.Redis) -> Batcher:
     """The client's batcher (one per client, so everything sent through the client shares it). It
     lives as long as the client; `close_batcher` closes its connection."""
-    batcher = redis.__dict__.get(_ATTRIBUTE)
+    batcher = _BATCHERS.get(redis)
     if batcher is None:
-        batcher = Batcher(redis)
-        setattr(redis, _ATTRIBUTE, batcher)
+        batcher = _BATCHERS[redis] = Batcher(redis)
     return batcher
 
 
 def close_batcher(redis: aioredis.Redis) -> None:
-    batcher = redis.__dict__.get(_ATTRIBUTE)
+    batcher = _BATCHERS.get(redis)
     if batcher is not None:
         batcher.close()
 

