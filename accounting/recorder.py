@@ -1,27 +1,51 @@
-"""Where usage records enter accounting: priced with the price book in force,
-written to the ledger in one atomic step, or spooled to disk while Redis is
-unreachable and replayed when it is back. Nothing is lost and nothing is
-counted twice."""
+"""The seam between accounting and the services that produce usage, which link it in-process: the one
+module of accounting that gateway/ and workers/ import (tests/test_layers.py holds them to it).
+
+- The gateway's usage records (`UsageRecorder`): priced with the price book in force, written to
+  the ledger in one atomic step, or spooled to disk while Redis is unreachable and replayed when
+  it is back. Nothing is lost and nothing is counted twice. The gateway also asks it what a
+  request may cost at most, for budgets (`max_list_price_nusd`).
+- The worker's device time (`CapacityStore`, `WorkerInfo`), and the price of its hardware
+  (`hardware_price`) that it registers with.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Coroutine
+from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from accounting.capacity import CapacityStore, WorkerInfo
 from accounting.ledger import Ledger
 from accounting.pricebook import PriceBook, price_record
 from accounting.pricebook_store import PriceBookCache, PriceBookStore
 from accounting.records import UsageRecord
 from accounting.spool import Spool
+from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
-from fareway.tasks import stop_task
+
+__all__ = ["CapacityStore", "UsageRecord", "UsageRecorder", "WorkerInfo", "hardware_price"]
 
 log = logging.getLogger(__name__)
 
 REPLAY_INTERVAL_S = 2.0
 _REPLAY_BATCH = 500
+
+
+async def hardware_price(redis: aioredis.Redis, hardware_class: str) -> float | None:
+    """USD per device-hour of the hardware class in the price book in force; None when there is none
+    (no price book loaded, or Redis unreachable)."""
+    try:
+        book = await PriceBookStore(redis).current()
+    except UNREACHABLE:
+        return None
+    price = book.hardware_price(hardware_class, time.time()) if book else None
+    return price.usd_per_device_hour if price else None
 
 
 class UsageRecorder:
@@ -32,6 +56,18 @@ class UsageRecorder:
         self._replayer: asyncio.Task[None] | None = None
         self.unreachable = False
         """Whether the last write found Redis unreachable (and went to the spool)."""
+
+    @classmethod
+    def open(cls, redis: aioredis.Redis, spool_dir: Path | None) -> UsageRecorder:
+        """A recorder writing to the ledger in `redis`, spooling to `spool_dir` (None: no spool, and a
+        record that cannot be written fails its request)."""
+        return cls(Ledger(redis), Spool(spool_dir) if spool_dir is not None else None)
+
+    async def max_list_price_nusd(self, model: str, prompt_tokens: int, completion_tokens: int, at: float) -> int:
+        """The list price of a request of that many tokens at most (all prompt tokens uncached), with the
+        prices in force at `at`; 0 when the model has no price."""
+        price = (await self.prices.get()).model_price(model, at)
+        return price.list_price_nusd(prompt_tokens, 0, completion_tokens) if price else 0
 
     async def _price(self, record: UsageRecord) -> UsageRecord:
         book: PriceBook | None = self.prices.book

@@ -1,36 +1,40 @@
-"""The AccountingService: reports, budgets and chargeback exports over gRPC,
-scoped by the caller's key (a tenant key sees its own team, an admin key all)."""
+"""The AccountingService: reports, budgets, limits, keys and chargeback exports over gRPC, scoped
+by the caller's key (a tenant key sees its own team, an admin key all). Each RPC converts from
+protobuf, calls the domain (accounting/admin.py for the admin RPCs, shared with the command line),
+and converts back."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 import redis.asyncio as aioredis
 
+from accounting.admin import Admin, BudgetStatus
 from accounting.exports import Period, charge_rows, render
 from accounting.ledger import Ledger
 from accounting.reports import usage_report
 from accounting.rollups import Totals
 from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
-from fareway.auth import KeyInfo, KeyStore, Role, Tenant
+from fareway.auth import KeyInfo, KeyStore, Role, Tenant, require_admin
+from fareway.config import RedisConfig
 from fareway.errors import InvalidArgument, PermissionDenied
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
-from fareway.quota import Budget, Budgets, Limits, LimitStore, month_of
-from fareway.redis import UNREACHABLE
+from fareway.process import stop_task, wait_for_shutdown_signal
+from fareway.quota import LIMIT_FIELDS, Budgets, Limits
+from fareway.redis import UNREACHABLE, connect
+from fareway.redis.embedded import resolve_url
 
 log = logging.getLogger(__name__)
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
-    def __init__(self, keys: KeyStore, ledger: Ledger, budgets: Budgets, limits: LimitStore) -> None:
+    def __init__(self, keys: KeyStore, ledger: Ledger, admin: Admin) -> None:
         self.keys = keys
         self.ledger = ledger
-        self.budgets = budgets
-        self.limits = limits
+        self.admin = admin
 
     async def _teams(self, context: grpc.aio.ServicerContext, team: str) -> tuple[Tenant, list[str] | None]:
         """The caller, and the teams it may read: the one named (None: all) for admins, its own for tenants."""
@@ -40,6 +44,16 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
         if team and team != tenant.team:
             raise PermissionDenied(f"a tenant key of team {tenant.team!r} cannot read team {team!r}")
         return tenant, [tenant.team]
+
+    async def _one_team(self, context: grpc.aio.ServicerContext, team: str, what: str) -> str:
+        """The team a listing is of: the caller's own for a tenant key; an admin key names it."""
+        _, teams = await self._teams(context, team)
+        if teams is None:
+            raise InvalidArgument(f"name the team whose {what} to list", field="team")
+        return teams[0]
+
+    async def _admin(self, context: grpc.aio.ServicerContext, action: str) -> None:
+        require_admin(await self.keys.authenticate(context.invocation_metadata()), action)
 
     async def GetUsageReport(self, request: pb.GetUsageReportRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> pb.GetUsageReportResponse:
@@ -53,27 +67,23 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             rows=[_row(group, totals) for group, totals in report.rows],
             total=_row((), report.total))
 
-
     async def SetBudget(self, request: pb.SetBudgetRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> pb.SetBudgetResponse:
-        tenant = await self.keys.authenticate(context.invocation_metadata())
-        if not tenant.is_admin:
-            raise PermissionDenied("only admin keys can set budgets")
+        await self._admin(context, "setting budgets")
         b = request.budget
-        try:
-            budget = Budget(b.team, b.project, b.hard_usd if b.HasField("hard_usd") else None,
-                            b.soft_usd if b.HasField("soft_usd") else None, b.basis or "list")
-        except ValueError as error:
-            raise InvalidArgument(str(error), field="budget") from None
-        await self.budgets.set(budget)
-        return pb.SetBudgetResponse(budget=await self._budget_pb(budget))
+        status = await self.admin.set_budget(b.team, b.project, b.hard_usd if b.HasField("hard_usd") else None,
+                                             b.soft_usd if b.HasField("soft_usd") else None, b.basis)
+        return pb.SetBudgetResponse(budget=_budget_pb(status))
 
     async def ListBudgets(self, request: pb.ListBudgetsRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.ListBudgetsResponse:
-        _, teams = await self._teams(context, request.team)
-        if teams is None:
-            raise InvalidArgument("name the team whose budgets to list", field="team")
-        return pb.ListBudgetsResponse(budgets=[await self._budget_pb(b) for b in await self.budgets.list(teams[0])])
+        team = await self._one_team(context, request.team, "budgets")
+        return pb.ListBudgetsResponse(budgets=[_budget_pb(s) for s in await self.admin.list_budgets(team)])
+
+    async def DeleteBudget(self, request: pb.DeleteBudgetRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.DeleteBudgetResponse:
+        await self._admin(context, "deleting budgets")
+        return pb.DeleteBudgetResponse(deleted=await self.admin.delete_budget(request.team, request.project))
 
     async def ExportChargeback(self, request: pb.ExportChargebackRequest,  # noqa: N802
                                context: grpc.aio.ServicerContext) -> pb.ExportChargebackResponse:
@@ -86,70 +96,57 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
 
     async def SetLimits(self, request: pb.SetLimitsRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> pb.SetLimitsResponse:
-        await self._admin(context, "set limits")
+        await self._admin(context, "setting limits")
         x = request.limits
-        try:
-            limits = Limits(x.team, x.project, *(getattr(x, name) if x.HasField(name) else None
-                                                 for name in _LIMIT_FIELDS))
-        except ValueError as error:
-            raise InvalidArgument(str(error), field="limits") from None
-        await self.limits.set(limits)
+        named = list(request.update_mask.paths) if request.HasField("update_mask") else [
+            name for name in LIMIT_FIELDS if x.HasField(name)]
+        if unknown := sorted(set(named) - set(LIMIT_FIELDS)):
+            raise InvalidArgument(f"update_mask names {', '.join(unknown)}; the fields are {', '.join(LIMIT_FIELDS)}",
+                                  field="update_mask")
+        changes = {name: getattr(x, name) if x.HasField(name) else None for name in named}
+        limits = await self.admin.set_limits(x.team, x.project, changes)
         return pb.SetLimitsResponse(limits=_limits_pb(limits))
 
     async def ListLimits(self, request: pb.ListLimitsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListLimitsResponse:
-        _, teams = await self._teams(context, request.team)
-        if teams is None:
-            raise InvalidArgument("name the team whose limits to list", field="team")
-        return pb.ListLimitsResponse(limits=[_limits_pb(x) for x in await self.limits.list(teams[0])])
+        team = await self._one_team(context, request.team, "limits")
+        return pb.ListLimitsResponse(limits=[_limits_pb(x) for x in await self.admin.list_limits(team)])
 
     async def DeleteLimits(self, request: pb.DeleteLimitsRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.DeleteLimitsResponse:
-        await self._admin(context, "delete limits")
-        if not request.team:
-            raise InvalidArgument("name the team whose limits to delete", field="team")
-        return pb.DeleteLimitsResponse(deleted=await self.limits.delete(request.team, request.project))
+        await self._admin(context, "deleting limits")
+        return pb.DeleteLimitsResponse(deleted=await self.admin.delete_limits(request.team, request.project))
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
-        await self._admin(context, "create keys")
+        await self._admin(context, "creating keys")
         role = Role.ADMIN if request.role == pb.KEY_ROLE_ADMIN else Role.TENANT
-        key, info = await self.keys.create(request.team, request.project, role)
+        key, info = await self.admin.create_key(request.team, request.project, role)
         log.info("created %s key %s for %s/%s", role.value, info.key_id, info.team, info.project)
         return pb.CreateApiKeyResponse(key=key, info=_key_pb(info))
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.ListApiKeysResponse:
-        await self._admin(context, "list keys")
-        return pb.ListApiKeysResponse(keys=[_key_pb(info) for info in await self.keys.list()])
+        await self._admin(context, "listing keys")
+        return pb.ListApiKeysResponse(keys=[_key_pb(info) for info in await self.admin.list_keys()])
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.RevokeApiKeyResponse:
-        await self._admin(context, "revoke keys")
-        info = await self.keys.revoke(request.key_id)
+        await self._admin(context, "revoking keys")
+        info = await self.admin.revoke_key(request.key_id)
         log.info("revoked key %s of %s/%s", info.key_id, info.team, info.project)
         return pb.RevokeApiKeyResponse(info=_key_pb(info))
 
-    async def _admin(self, context: grpc.aio.ServicerContext, action: str) -> None:
-        tenant = await self.keys.authenticate(context.invocation_metadata())
-        if not tenant.is_admin:
-            raise PermissionDenied(f"only admin keys can {action}")
 
-    async def _budget_pb(self, budget: Budget) -> pb.Budget:
-        spend = await self.budgets.spend(budget.team, month_of(time.time()))
-        return pb.Budget(team=budget.team, project=budget.project, hard_usd=budget.hard_usd,
-                         soft_usd=budget.soft_usd, basis=budget.basis,
-                         spent_nano_usd=spend.get(f"{budget.scope}:{budget.basis}", 0),
-                         reserved_nano_usd=spend.get(f"{budget.scope}:reserved_{budget.basis}", 0))
-
-
-_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+def _budget_pb(status: BudgetStatus) -> pb.Budget:
+    b = status.budget
+    return pb.Budget(team=b.team, project=b.project, hard_usd=b.hard_usd, soft_usd=b.soft_usd, basis=b.basis,
+                     spent_nano_usd=status.spent_nusd, reserved_nano_usd=status.reserved_nusd)
 
 
 def _limits_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(team=limits.team, project=limits.project, requests_per_minute=limits.requests_per_minute,
-                     tokens_per_minute=limits.tokens_per_minute,
-                     max_concurrent_requests=limits.max_concurrent_requests)
+    return pb.Limits(team=limits.team, project=limits.project, **{
+        name: value for name, value in limits.values().items() if value is not None})
 
 
 def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
@@ -161,7 +158,7 @@ def _row(group: tuple[str, ...], totals: Totals) -> pb.UsageRow:
 
 
 async def create_accounting_server(redis: aioredis.Redis, address: str) -> RunningServer:
-    servicer = AccountingServicer(KeyStore(redis), Ledger(redis), Budgets(redis), LimitStore(redis))
+    servicer = AccountingServicer(KeyStore(redis), Ledger(redis), Admin(redis))
     return await start_server(address, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["AccountingService"].full_name,
         lambda server: accounting_pb2_grpc.add_AccountingServiceServicer_to_server(servicer, server))])
@@ -194,3 +191,18 @@ def _key_pb(info: KeyInfo) -> pb.ApiKeyInfo:
     if info.revoked_at is not None:
         key.revoked_at.FromNanoseconds(int(info.revoked_at * 1e9))
     return key
+
+
+async def serve(listen: str, redis_config: RedisConfig, reservation_max_age_s: float) -> None:
+    """Serves the AccountingService, and sweeps stale budget reservations, until SIGINT or SIGTERM."""
+    with resolve_url(redis_config) as url:
+        redis = connect(url)
+        server = await create_accounting_server(redis, listen)
+        sweeper = asyncio.create_task(sweep_stale_reservations(redis, reservation_max_age_s))
+        log.info("accounting listening on port %d", server.port)
+        try:
+            await wait_for_shutdown_signal()
+        finally:
+            await stop_task(sweeper)
+            await server.stop()
+            await redis.aclose()

@@ -26,12 +26,11 @@ import torch
 
 from bench.common import DEVICE_THREAD, engines_paused, matmul_gflop_per_s, on_device, print_results
 from bench.worker_decode import load_transformers
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.meter import WorkModel
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.sequence import SamplingOptions
 from workers.loader import default_model_path
-from workers.model_runner import RunnerConfig
 from workers.worker import Worker
 
 PROMPT_TOKENS = 32

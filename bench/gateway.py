@@ -84,9 +84,8 @@ def tokenizer():  # noqa: ANN201 - workers.tokenizer.Tokenizer
 
 async def serve_worker(port: int, size: str, kv_bytes: int, worker_id: str) -> None:
     from fareway.process import wait_for_shutdown_signal
-    from workers.config import WorkerConfig
+    from workers.config import RunnerConfig, WorkerConfig
     from workers.loader.checkpoint import Checkpoint
-    from workers.model_runner import RunnerConfig
     from workers.models.config import LlamaConfig
     from workers.server import create_worker_server
     from workers.worker import Worker
@@ -132,7 +131,7 @@ class Processes:
 
     def gateway(self, workers: list[str], routing: str, name: str, *options: str) -> str:
         port = free_port()
-        args = ["-m", "fareway.cli", "gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
+        args = ["-m", "cli", "gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
                 "--spool-dir", str(self.data / f"spool-{name}"), *options]
         for w in workers:
             args += ["--worker", w]

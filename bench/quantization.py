@@ -23,10 +23,10 @@ import torch
 
 from bench.common import DEVICE_THREAD, memory_read_gb_per_s, on_device, print_results
 from bench.engine import ours_seconds, stream_prompts
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.scheduler import SchedulerConfig
 from workers.loader import default_model_path, load_checkpoint
-from workers.model_runner import ModelRunner, RunnerConfig
+from workers.model_runner import ModelRunner
 from workers.worker import Worker
 
 TEXT = Path(__file__).parent.parent / "tests" / "workers" / "data" / "english.txt"

@@ -18,11 +18,17 @@ import time
 
 import torch
 
-from bench.common import DEVICE_THREAD, engines_paused, matmul_gflop_per_s, memory_read_gb_per_s, on_device, print_results
-from workers.config import WorkerConfig
+from bench.common import (
+    DEVICE_THREAD,
+    engines_paused,
+    matmul_gflop_per_s,
+    memory_read_gb_per_s,
+    on_device,
+    print_results,
+)
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.sequence import SamplingOptions
 from workers.loader import default_model_path
-from workers.model_runner import RunnerConfig
 from workers.worker import Worker
 
 # A prompt whose greedy continuation runs on (it keeps counting), so both

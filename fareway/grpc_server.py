@@ -75,8 +75,3 @@ async def start_server(
     log.info("serving %s on port %d", ", ".join(names), port)
     return running
 
-
-def host_port(address: str, port: int) -> str:
-    """The address with its port replaced (for logging the port actually bound)."""
-    host = address.rsplit(":", 1)[0]
-    return f"{host}:{port}"

@@ -1,4 +1,4 @@
-"""Helpers for long-running service processes."""
+"""Helpers for long-running service processes: stopping on a signal, stopping background tasks."""
 
 from __future__ import annotations
 
@@ -19,21 +19,15 @@ async def wait_for_shutdown_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-def parse_bytes(text: str) -> int:
-    """'1GiB', '512MiB', '2GB', '1073741824' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
-    value = text.strip().lower()
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            number = value[: -len(suffix)].strip()
-            break
-    else:
-        number, factor = value, 1
-    try:
-        result = int(float(number) * factor)
-    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e400'
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB or a number of bytes)") from None
-    if result <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return result
+async def stop_task(task: asyncio.Task, retry_s: float = 0.5) -> None:
+    """Cancels `task` and waits until it has ended, cancelling again every `retry_s`.
+
+    One cancel is not always enough: redis-py can swallow a cancel that lands while one of its
+    reads runs under a timeout (redis/redis-py#2028, #2551), and the task then runs on, e.g. into
+    a pub/sub listen that never returns. An exception the task ended with is raised here.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry_s)
+    if not task.cancelled():
+        task.result()

@@ -8,7 +8,6 @@ key as well it presents them. Files are PEM and are read once, at start.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,41 +53,6 @@ def _read(path: Path) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def add_server_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--tls-cert", type=Path, default=None,
-                        help=f"serve {what} over TLS with this certificate chain (PEM); needs --tls-key")
-    parser.add_argument("--tls-key", type=Path, default=None, help="the private key of --tls-cert (PEM)")
-    parser.add_argument("--tls-client-ca", type=Path, default=None,
-                        help="require callers to present a certificate signed by this CA (mutual TLS)")
-
-
-def server_tls_from_args(args: argparse.Namespace) -> ServerTls | None:
-    if args.tls_cert is None and args.tls_key is None:
-        if args.tls_client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if args.tls_cert is None or args.tls_key is None:
-        raise ValueError("--tls-cert and --tls-key go together")
-    return ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
-
-
-def add_channel_arguments(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
-    """--{prefix}tls-ca, --{prefix}tls-cert, --{prefix}tls-key for a channel to `what`."""
-    parser.add_argument(f"--{prefix}tls-ca", type=Path, default=None,
-                        help=f"call {what} over TLS, verifying its certificate against this CA (PEM)")
-    parser.add_argument(f"--{prefix}tls-cert", type=Path, default=None,
-                        help=f"a client certificate to present to {what} (mutual TLS); implies TLS")
-    parser.add_argument(f"--{prefix}tls-key", type=Path, default=None, help="the private key of that certificate")
-
-
-def channel_tls_from_args(args: argparse.Namespace, prefix: str) -> ChannelTls | None:
-    attr = prefix.replace("-", "_")
-    ca, cert, key = (getattr(args, f"{attr}tls_{name}") for name in ("ca", "cert", "key"))
-    if ca is None and cert is None and key is None:
-        return None
-    return ChannelTls(ca, cert, key)
 
 
 def secure_or_insecure_channel(address: str, tls: ChannelTls | None) -> grpc.Channel:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from accounting.records import UsageRecord
+from accounting.recorder import UsageRecord
 
 if TYPE_CHECKING:
     from gateway.pool import WorkerEndpoint

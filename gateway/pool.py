@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from fareway.errors import NotFound, Unavailable
+from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
-from fareway.tasks import stop_task
 from fareway.tls import ChannelTls, aio_channel
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc

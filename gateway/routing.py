@@ -21,13 +21,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.registry import WorkerLoad
-
-if TYPE_CHECKING:
-    from gateway.shared_homes import SharedHomes
+from gateway.shared_homes import SharedHomes
 
 PREFIX_KEY_CHARS = 256
 """How much of the prompt's start makes its affinity key."""
@@ -210,7 +208,8 @@ class PrefixAffinity:
             current = self._homes.get(key)
             if current is None or current[0] != worker:
                 self._home(key, worker, route.prefix_tokens, claimed_at)
-        answer = self.shared.claim(key, route.prefix_tokens, rendezvous_order(key, workers))
+        answer = self.shared.claim(key, route.prefix_tokens,
+                                   [(w.name, w.kv_capacity_tokens) for w in rendezvous_order(key, workers)])
         self._claims[key] = answer
         answer.add_done_callback(adopt)
         return answer

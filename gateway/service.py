@@ -13,30 +13,31 @@ import grpc
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from accounting.ledger import Ledger
 from accounting.recorder import UsageRecorder
-from accounting.spool import Spool
 from fareway.auth import KeyStore, Tenant
+from fareway.config import RedisConfig
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.process import stop_task, wait_for_shutdown_signal
 from fareway.quota import Budgets, LimitStore, RateLimiter
-from fareway.redis import UNREACHABLE
+from fareway.redis import UNREACHABLE, connect
+from fareway.redis.embedded import resolve_url
 from fareway.registry import GatewayPeers, WorkerRegistry
-from fareway.tasks import stop_task
 from fareway.validation import validate_input
 from fareway.worker.v1 import worker_pb2 as wpb
-from gateway.budget_guard import BudgetGuard
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
-from gateway.dispatch import Delta, Dispatcher, Final, copy_input
+from gateway.dispatch import Dispatcher
 from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import FairScheduler
+from gateway.finishing import Finisher
 from gateway.idempotency import IdempotencyStore
-from gateway.limit_guard import LimitGuard
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool
 from gateway.routing import Router
+from gateway.run import Delta, Final, copy_input
 from gateway.shared_homes import SharedHomes
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                                     (lambda model: SharedHomes(redis, model)) if config.shared_prefix_homes else None),
                       tls=config.worker_tls)
     idempotency = IdempotencyStore(redis, ttl_s=config.idempotency_ttl_s, lease_s=config.idempotency_lease_s)
-    recorder = UsageRecorder(Ledger(redis), Spool(config.spool_dir) if config.spool_dir else None)
-    guard = BudgetGuard(Budgets(redis), config.budget_cost_reserve_usd_per_million_tokens)
-    limit_guard = LimitGuard(LimitStore(redis, config.limits_cache_ttl_s), RateLimiter(redis))
+    recorder = UsageRecorder.open(redis, config.spool_dir)
     metrics = metrics or GatewayMetrics()
     metrics.observe_pool(lambda: list(pool.endpoints))
     fairness = shared = None
@@ -161,7 +160,9 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                                  **({"counters": shared.counters} if shared else {}))
         metrics.observe_queues(fairness.depths)
     keys = KeyStore(redis, config.key_cache_ttl_s)
-    dispatcher = Dispatcher(config, pool, recorder, idempotency, guard, limit_guard, metrics, fairness)
+    admission = Admission(pool, recorder, idempotency, Budgets(redis), LimitStore(redis, config.limits_cache_ttl_s),
+                          RateLimiter(redis), config.budget_cost_reserve_usd_per_million_tokens, fairness)
+    dispatcher = Dispatcher(pool, admission, Finisher(recorder, admission, idempotency, metrics), config.max_attempts)
     servicer = InferenceServicer(keys, pool, dispatcher)
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
@@ -204,3 +205,17 @@ async def _count_peers(peers: GatewayPeers, pool: WorkerPool, interval_s: float 
         except Exception:  # noqa: BLE001 - one bad beat must not end the count for good
             log.exception("counting the gateway replicas failed (retried in %.1f s)", interval_s)
         await asyncio.sleep(interval_s)
+
+
+async def serve(config: GatewayConfig, redis_config: RedisConfig) -> None:
+    """Serves the gateway until SIGINT or SIGTERM, then stops gracefully (its answered records written)."""
+    with resolve_url(redis_config) as url:
+        redis = connect(url)
+        try:
+            async with running_gateway(config, redis) as server:
+                log.info("gateway listening on port %d, workers: %s%s", server.port,
+                         ", ".join(config.workers) or "none configured",
+                         " and those in the registry" if config.registry else "")
+                await wait_for_shutdown_signal()
+        finally:
+            await redis.aclose()

@@ -26,16 +26,12 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
 from fareway.redis import keys
 from fareway.redis.batch import batched_script
 from fareway.redis.scripts import lua
-
-if TYPE_CHECKING:
-    from gateway.routing import Routable
 
 DEFAULT_MAX_KEYS = 100_000
 DEFAULT_REFRESH_S = 30.0
@@ -56,12 +52,12 @@ class SharedHomes:
         self.refresh_s = refresh_s
         self.max_idle_s = max_idle_s
 
-    def claim(self, key: str, prefix_tokens: int, candidates: Sequence[Routable]) -> asyncio.Future[str]:
-        """Queues the claim of `key`'s home among `candidates` (in rendezvous order); the future has
-        the home's worker name. Call it from the event loop."""
+    def claim(self, key: str, prefix_tokens: int, candidates: Sequence[tuple[str, int]]) -> asyncio.Future[str]:
+        """Queues the claim of `key`'s home among `candidates`, (worker name, KV capacity in tokens) in
+        rendezvous order; the future has the home's worker name. Call it from the event loop."""
         digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         now = time.time()
         args: list[str | int] = [digest, prefix_tokens, f"{now:.3f}", self.max_keys, f"{now - self.max_idle_s:.3f}"]
-        for worker in candidates:
-            args += [worker.name, worker.kv_capacity_tokens]
+        for name, kv_capacity_tokens in candidates:
+            args += [name, kv_capacity_tokens]
         return self._claim(keys=self._keys, args=args)  # type: ignore[return-value]

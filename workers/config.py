@@ -1,4 +1,4 @@
-"""Configuration of a worker process."""
+"""Configuration of a worker process (no torch: the command line builds it before loading anything)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,62 @@ from pathlib import Path
 
 from fareway.tls import ServerTls
 from workers.engine.scheduler import SchedulerConfig
-from workers.model_runner import RunnerConfig
+from workers.sizing import KV_DTYPES, WEIGHT_DTYPES
+
+COMPUTE_DTYPES: dict[str, str] = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16",
+                                  "bfloat16": "bf16", "bf16": "bf16"}
+"""--dtype's spellings -> the compute dtype."""
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    device: str | None = None
+    """"cpu", "cuda", "cuda:1"; None picks a GPU if there is one."""
+    dtype: str | None = None
+    """Compute dtype (a key of COMPUTE_DTYPES); None is fp32 on CPU, bf16 (or fp16) on GPUs."""
+    kv_cache_memory_bytes: int | None = None
+    """KV pool size, all ranks together; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the
+    free memory on each GPU."""
+    kv_cache_free_memory_fraction: float = 0.85
+    """On GPUs without kv_cache_memory_bytes: the share of the device memory left free after the
+    weights that the KV pool takes (the rest is for activations)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_model_len: int | None = None
+    """Longest sequence served; None is the model's context length (capped by the pool)."""
+    weights: str = "int8"
+    """How linear-layer weights are stored: int8 (per output channel, with the token embedding), fp32,
+    fp16 or bf16. The kernel that runs them is chosen by measurement at load."""
+    kv_cache_dtype: str = "auto"
+    """How the KV cache is stored: auto (the compute dtype), fp32, fp16, bf16, fp8_e4m3 or int8."""
+    tensor_parallel_size: int = 1
+    """Devices (ranks) one replica is split over; rank r uses <device type>:r."""
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.kv_cache_free_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_free_memory_fraction must be in (0, 1], "
+                             f"got {self.kv_cache_free_memory_fraction}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {list(WEIGHT_DTYPES)}, got {self.weights!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be one of {['auto', *KV_DTYPES]}, got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device is not None and ":" in self.device:
+            raise ValueError(f"with tensor_parallel_size > 1 give the device type only, not {self.device!r}: "
+                             f"rank r uses device r")
 
 
 @dataclass(frozen=True)

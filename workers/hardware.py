@@ -8,7 +8,7 @@ import torch
 
 from workers.accelerators import hardware_class
 
-__all__ = ["Hardware", "default_device", "default_dtype", "detect", "hardware_class"]
+__all__ = ["Hardware", "default_device", "default_dtype", "detect", "hardware_class", "rank_device"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def rank_device(name: str | None, local_rank: int, world_size: int) -> torch.device:
+    """The device of rank `local_rank`: the configured one alone, else <type>:<local rank> (cpu stays cpu)."""
+    device = torch.device(name) if name else default_device()
+    if world_size == 1 or device.type == "cpu":
+        return device
+    return torch.device(device.type, local_rank)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 
-from accounting.pricebook_store import PriceBookStore
+from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
-from fareway.tasks import stop_task
 from workers.engine.llm_engine import LoadSnapshot
 from workers.worker import Worker
 
@@ -67,26 +65,18 @@ class RegistryHeartbeat:
         self._throughput = ThroughputMeter(worker.runner.num_devices)
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, prices: PriceBookStore | None = None) -> None:
-        """Registers the worker (with its hardware's price if the price book in Redis has one)."""
+    async def start(self, usd_per_device_hour: float | None = None) -> None:
+        """Registers the worker, with its hardware's price per device-hour if one is known."""
         runner = self.worker.runner
         self.registration = WorkerRegistration(
             worker_id=self.worker.worker_id, address=self.address, model=self.worker.model_name,
             hardware_class=runner.hardware.hardware_class, device_count=runner.num_devices,
             tensor_parallel_size=runner.group.world_size,
             kv_capacity_tokens=runner.num_kv_blocks * runner.block_size,
-            usd_per_device_hour=await self._price(prices) if prices else None)
+            usd_per_device_hour=usd_per_device_hour)
         await self.beat()
         log.info("worker %s registered at %s", self.worker.worker_id, self.address)
         self._task = asyncio.get_running_loop().create_task(self._beat_forever())
-
-    async def _price(self, prices: PriceBookStore) -> float | None:
-        try:
-            book = await prices.current()
-        except UNREACHABLE:
-            return None
-        price = book.hardware_price(self.worker.runner.hardware.hardware_class, time.time()) if book else None
-        return price.usd_per_device_hour if price else None
 
     def load(self) -> WorkerLoad:
         snapshot = self.worker.engine.load()

@@ -9,72 +9,25 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.config import COMPUTE_DTYPES, RunnerConfig
 from workers.engine.scheduler import ScheduledSequence, StepPlan
-from workers.hardware import Hardware, default_dtype, detect
+from workers.hardware import Hardware, default_dtype, detect, rank_device
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
-from workers.layers.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token_per_layer, make_kv_cache
-from workers.layers.linear import WEIGHT_FORMATS, quantize_model
+from workers.layers.kv_cache import kv_bytes_per_token_per_layer, make_kv_cache
+from workers.layers.linear import quantize_model
 from workers.layers.quantization import Int8Embedding
 from workers.loader.checkpoint import Checkpoint
 from workers.models.llama import build_model
-from workers.parallel import RankGroup, StepInputs, launch_ranks, num_kv_heads_per_rank, shard_model
+from workers.parallel.group import RankGroup
+from workers.parallel.sharding import num_kv_heads_per_rank, shard_model
+from workers.parallel.step import StepInputs
 from workers.sampling import sample
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[dtype] for name, dtype in COMPUTE_DTYPES.items()}
 _CPU_KV_CACHE_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    device: str | None = None
-    """"cpu", "cuda", "cuda:1"; None picks a GPU if there is one."""
-    dtype: str | None = None
-    """Compute dtype (a key of DTYPES); None is fp32 on CPU, bf16 (or fp16) on GPUs."""
-    kv_cache_memory_bytes: int | None = None
-    """KV pool size, all ranks together; None is 1 GiB on CPU and kv_cache_free_memory_fraction of the
-    free memory on each GPU."""
-    kv_cache_free_memory_fraction: float = 0.85
-    """On GPUs without kv_cache_memory_bytes: the share of the device memory left free after the
-    weights that the KV pool takes (the rest is for activations)."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    max_model_len: int | None = None
-    """Longest sequence served; None is the model's context length (capped by the pool)."""
-    weights: str = "int8"
-    """How linear-layer weights are stored: int8 (per output channel, with the token embedding), fp32,
-    fp16 or bf16. The kernel that runs them is chosen by measurement at load."""
-    kv_cache_dtype: str = "auto"
-    """How the KV cache is stored: auto (the compute dtype), fp32, fp16, bf16, fp8_e4m3 or int8."""
-    tensor_parallel_size: int = 1
-    """Devices (ranks) one replica is split over; rank r uses <device type>:r."""
-
-    def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
-        if not 0 < self.kv_cache_free_memory_fraction <= 1:
-            raise ValueError(f"kv_cache_free_memory_fraction must be in (0, 1], "
-                             f"got {self.kv_cache_free_memory_fraction}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.weights not in WEIGHT_FORMATS:
-            raise ValueError(f"weights must be one of {list(WEIGHT_FORMATS)}, got {self.weights!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.device is not None and ":" in self.device:
-            raise ValueError(f"with tensor_parallel_size > 1 give the device type only, not {self.device!r}: "
-                             f"rank r uses device r")
 
 
 @dataclass(frozen=True)
@@ -88,9 +41,15 @@ class _Batch:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup | None = None) -> None:
-        """Rank 0 starts the other ranks (if any); they pass in the group they joined."""
+        """This rank's shard of the model, on its device. `group`: the ranks of a tensor-parallel replica,
+        started first (workers/parallel/launcher.py); None: a replica of one device."""
+        if group is None:
+            if config.tensor_parallel_size > 1:
+                raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size} needs its ranks started first "
+                                 "(workers.parallel.launcher.launch_ranks)")
+            group = RankGroup(0, 1, rank_device(config.device, 0, 1))
         self.config = config
-        self.group = group or launch_ranks(checkpoint, config)
+        self.group = group
         self.device = self.group.device
         self.dtype = DTYPES[config.dtype] if config.dtype else default_dtype(self.device)
         self.hardware: Hardware = detect(self.device, self.group.world_size)
@@ -293,6 +252,12 @@ class ModelRunner:
         is_causal = start == 0
         mask = None if is_causal else causal_mask(n, context_len, self.device)
         return PrefillSlice(row, row + n, block_ids, context_len, mask, is_causal)
+
+
+def follow(checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup) -> None:
+    """A rank other than 0: builds its shard, runs rank 0's steps until it stops the group."""
+    ModelRunner(checkpoint, config, group).follow()
+    group.close()
 
 
 def _padded(block_ids: list[int], length: int) -> list[int]:

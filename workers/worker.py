@@ -19,8 +19,9 @@ from workers.engine.meter import WorkModel
 from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
 from workers.loader import Checkpoint, default_model_path, load_checkpoint
-from workers.model_runner import ModelRunner
-from workers.parallel import RankGroup
+from workers.model_runner import ModelRunner, follow
+from workers.parallel.group import RankGroup
+from workers.parallel.launcher import launch_ranks
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class Worker:
     def _load(self, checkpoint: Checkpoint | None, group: RankGroup | None) -> tuple[Checkpoint, ModelRunner]:
         if checkpoint is None:
             checkpoint = load_checkpoint(self.config.model_path or default_model_path())
+        if group is None and self.config.runner.tensor_parallel_size > 1:
+            group = launch_ranks(checkpoint, self.config.runner, follow)
         return checkpoint, ModelRunner(checkpoint, self.config.runner, group)
 
     def start(self) -> None:

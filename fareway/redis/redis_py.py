@@ -37,8 +37,10 @@ class UnsupportedRedisPy(RuntimeError):
     """The installed redis-py is not one this adapter was written for."""
 
 
-def check_version(version: str = redis.__version__) -> None:
-    """Raises UnsupportedRedisPy, naming the versions supported, unless `version` is one of them."""
+def check_version(version: str | None = None) -> None:
+    """Raises UnsupportedRedisPy, naming the versions supported, unless `version` (by default the
+    installed redis-py's) is one of them."""
+    version = redis.__version__ if version is None else version
     try:
         major_minor = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:

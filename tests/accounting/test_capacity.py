@@ -16,9 +16,8 @@ from accounting.pricebook_store import PriceBookStore
 from accounting.records import UsageRecord
 from accounting.reports import IDLE_TEAM, idle_cost_nusd, usage_report
 from workers.capacity_reporter import CapacityReporter
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.sequence import SamplingOptions
-from workers.model_runner import RunnerConfig
 from workers.worker import Worker
 
 CENT_NUSD = 10_000_000

@@ -99,6 +99,17 @@ def test_a_hard_budget_set_by_an_admin_stops_the_gateway(stack) -> None:  # noqa
     # Refused requests leave no usage record and hold nothing.
     assert len(stack.records(team)) == 1
 
+    with pytest.raises(grpc.RpcError) as tenant_deletes:
+        stub.DeleteBudget(pb.DeleteBudgetRequest(team=team), metadata=tenant_auth)
+    assert tenant_deletes.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "needs an admin key" in tenant_deletes.value.details()
+    admin_auth = (("authorization", f"Bearer {admin}"),)
+    assert stub.DeleteBudget(pb.DeleteBudgetRequest(team=team), metadata=admin_auth).deleted
+    assert not stub.DeleteBudget(pb.DeleteBudgetRequest(team=team), metadata=admin_auth).deleted
+    assert list(stub.ListBudgets(pb.ListBudgetsRequest(), metadata=tenant_auth).budgets) == []
+    usage_for_key(stack, key)  # no budget: served again
+    assert len(stack.records(team)) == 2
+
 
 def test_a_tenant_exports_only_its_own_team(stack) -> None:  # noqa: ANN001
     ours = f"e-{uuid.uuid4().hex[:6]}"

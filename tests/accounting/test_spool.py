@@ -85,7 +85,7 @@ def _wait_serving(address: str, timeout_s: float = 60) -> None:
 def _gateway(address: str, worker: str, redis_url: str, spool_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "REDIS_URL": redis_url}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fareway.cli", "gateway", "--listen", address,
+        return subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--listen", address,
                                  "--worker", worker, "--spool-dir", str(spool_dir)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from fareway.tasks import stop_task
+from fareway.process import stop_task
 
 
 def test_a_task_that_swallows_a_cancel_is_still_stopped() -> None:

@@ -15,9 +15,8 @@ from fareway.redis import connect
 from fareway.registry import WorkerRegistry
 from gateway.config import GatewayConfig
 from gateway.service import running_gateway
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.heartbeat import RegistryHeartbeat
-from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
 

@@ -16,8 +16,7 @@ from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.net import free_port
 from tests.gateway.fleet import gateway
-from workers.config import WorkerConfig
-from workers.model_runner import RunnerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
 

@@ -21,16 +21,15 @@ from fareway.auth import Tenant
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.quota import Limits, LimitStore, RateLimiter
 from fareway.redis import connect
+from gateway.admission import fair_share, limit_hold
 from gateway.config import GatewayConfig
 from gateway.fairness import FairnessConfig, FairQueue, Share, Slot
-from gateway.limit_guard import LimitGuard
 from gateway.metrics import GatewayMetrics
 from gateway.service import running_gateway
 from tests.gateway.fleet import Client, create_key, gateway
 from tests.gateway.test_metrics import points
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.scheduler import SchedulerConfig
-from workers.model_runner import RunnerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
 
@@ -267,11 +266,11 @@ def test_weights_and_priorities_come_from_the_limits(with_redis) -> None:  # noq
         store = LimitStore(client, cache_ttl_s=0)
         await store.set(Limits("search", weight=3.0))
         await store.set(Limits("search", "ranking", requests_per_minute=10, priority=2))
-        guard = LimitGuard(store, RateLimiter(client))
-        by_team = await guard.share(Tenant("search", "ranking", "k"), by_project=False)
-        by_project = await guard.share(Tenant("search", "ranking", "k"), by_project=True)
-        other = await guard.share(Tenant("ads", "", "k"), by_project=True)
-        hold = await guard.admit(Tenant("search", "", "k"), "r1", pb.GenerateRequest(prompt="hi"), 100, None)
+        by_team = await fair_share(store, Tenant("search", "ranking", "k"), by_project=False)
+        by_project = await fair_share(store, Tenant("search", "ranking", "k"), by_project=True)
+        other = await fair_share(store, Tenant("ads", "", "k"), by_project=True)
+        hold = await limit_hold(store, RateLimiter(client), Tenant("search", "", "k"), "r1",
+                                pb.GenerateRequest(prompt="hi"), 100, None)
         return by_team, by_project, other, hold
     by_team, by_project, other, hold = with_redis(body)
     assert by_team == Share(("search", ""), 3.0, 0)

@@ -20,8 +20,7 @@ from fareway.inference.v1 import inference_pb2_grpc
 from fareway.quota import Limits, LimitsExceeded, LimitStore, RateLimiter
 from fareway.redis import connect, keys
 from tests.gateway.fleet import gateway
-from workers.config import WorkerConfig
-from workers.model_runner import RunnerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
 

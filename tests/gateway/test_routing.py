@@ -135,6 +135,11 @@ def test_a_replica_meeting_a_prefix_first_waits_for_its_shared_home(with_redis) 
     assert second_first_request == home
 
 
+def candidates(workers: list[FakeWorker]) -> list[tuple[str, int]]:
+    """Workers as a claim names them: (name, KV capacity)."""
+    return [(w.name, w.kv_capacity_tokens) for w in workers]
+
+
 def test_shared_prefix_homes_forget_the_least_recently_claimed_past_their_bound(with_redis) -> None:  # noqa: ANN001
     model = f"m-{uuid.uuid4().hex[:8]}"
     workers = [FakeWorker(f"w{i}", kv_capacity_tokens=1000) for i in range(2)]
@@ -142,7 +147,7 @@ def test_shared_prefix_homes_forget_the_least_recently_claimed_past_their_bound(
     async def body(client) -> tuple[int, dict[str, str]]:  # noqa: ANN001
         homes = SharedHomes(client, model, max_keys=2)
         for i, tokens in enumerate((100, 200, 300)):
-            await homes.claim(f"k{i}", tokens, workers)
+            await homes.claim(f"k{i}", tokens, candidates(workers))
         homes_key, _, held_key = keys.prefix_homes(model)
         return await client.hlen(homes_key), await client.hgetall(held_key)
     num_homes, held = with_redis(body)
@@ -156,9 +161,9 @@ def test_shared_prefix_homes_forget_a_prefix_no_replica_claimed_for_max_idle_s(w
 
     async def body(client) -> tuple[list[str], int]:  # noqa: ANN001
         homes = SharedHomes(client, model, refresh_s=0.1, max_idle_s=0.5)
-        await homes.claim("old", 400, workers)
+        await homes.claim("old", 400, candidates(workers))
         await asyncio.sleep(0.7)
-        await homes.claim("new", 100, workers)
+        await homes.claim("new", 100, candidates(workers))
         homes_key, _, held_key = keys.prefix_homes(model)
         return list(await client.hkeys(homes_key)), sum(int(v) for v in (await client.hvals(held_key)))
     remaining, held = with_redis(body)

@@ -22,11 +22,10 @@ from cryptography.x509.oid import NameOID
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.tls import ChannelTls, ServerTls, secure_or_insecure_channel
-from workers.config import WorkerConfig
-from workers.model_runner import RunnerConfig
+from tests.gateway.fleet import gateway as fleet_gateway
+from workers.config import RunnerConfig, WorkerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
-from tests.gateway.fleet import gateway as fleet_gateway
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def test_tls_without_client_certificates(stack, background_loop, tiny_checkpoint
 def test_tls_flags_go_together() -> None:
     import argparse
 
-    from fareway.tls import add_server_arguments, server_tls_from_args
+    from cli.options import add_server_arguments, server_tls_from_args
     parser = argparse.ArgumentParser()
     add_server_arguments(parser, "it")
     assert server_tls_from_args(parser.parse_args([])) is None

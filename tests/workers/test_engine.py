@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.llm_engine import RequestOutput
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.sequence import FinishReason, SamplingOptions
-from workers.model_runner import RunnerConfig
 from workers.worker import Worker
 
 

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.block_manager import BlockManager
 from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.engine.sequence import SamplingOptions, Sequence
 from workers.loader import Checkpoint
-from workers.model_runner import ModelRunner, RunnerConfig
+from workers.model_runner import ModelRunner
 from workers.models.llama import build_model
 from workers.worker import Worker
 

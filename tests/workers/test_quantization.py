@@ -8,6 +8,7 @@ measurement among the correct ones."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,11 +17,11 @@ import torch
 from torch import nn
 
 from workers import sizing
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.sequence import SamplingOptions
 from workers.layers.linear import LinearKernel, _probe, _reference, choose_linear_kernel
 from workers.loader import Checkpoint
-from workers.model_runner import ModelRunner, RunnerConfig
+from workers.model_runner import ModelRunner
 from workers.worker import Worker
 
 pytestmark = pytest.mark.slow
@@ -86,16 +87,70 @@ def test_greedy_continuations_with_an_int8_kv_cache_agree_with_fp32_for_16_token
     assert greedy(quantized_worker(smollm2, weights="fp32", kv_cache_dtype="int8"), PROMPTS, 16) == fp32_continuations
 
 
-# Not reached yet. Measured over 10 prompts, 24 greedy tokens: the first token that differs from fp32's is
-# int8 weights [1, 6, 24, 2, 24, 24, 6, 12, 19, 24] (the same as dequantizing the weights to fp32, so the
-# weights' rounding decides it, not the kernel); fp8 KV [1, 12, 24, 2, 24, 24, 6, 8, 5, 9]; bf16 weights
-# change the first answer too. SmolLM2-135M's top two logits are often closer than the rounding moves them.
-@pytest.mark.xfail(strict=True, reason="int8 weights and fp8 KV change a greedy token within 16 on some prompts")
+# Greedy continuations of int8 weights and of an fp8 KV cache do not always agree with fp32's: SmolLM2-135M's
+# top two logits are often closer than the rounding moves them (measured over these prompts, 24 tokens: the
+# first token to differ came at 1, 6, 24+, 2, 24+, 24+, 19, 12 with int8 weights, the same as dequantizing
+# them to fp32, so the weights' rounding decides it). What they must keep is fp32's choice at nearly every
+# step given the same text: top-1 agreement fed fp32's own continuation was 184/192 (0.958) with int8 weights
+# and 183/192 (0.953) with fp8 KV; with one scale per matrix instead of one per output channel, 0.79.
+AGREEMENT_PROMPTS = PROMPTS + [
+    "Water boils at a lower temperature on a mountain because",
+    "Dear hiring manager, I am writing to apply for",
+    "The capital of France is",
+    "To install the package, run",
+]
+AGREEMENT_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def fp32_long_continuations(smollm2: Checkpoint) -> list[list[int]]:
+    return greedy(quantized_worker(smollm2, weights="fp32"), AGREEMENT_PROMPTS, AGREEMENT_TOKENS)
+
+
+def teacher_forced_agreement(worker: Worker, prompts: list[str], reference: list[list[int]]) -> float:
+    """The share of positions where the worker's greedy next token, after the prompt and the reference's
+    tokens so far, is the reference's next token."""
+    async def next_token(ids: list[int]) -> int:
+        [token] = [t async for output in worker.async_engine.generate(ids, SamplingOptions(1, temperature=0))
+                   for t in output.token_ids]
+        return token
+
+    async def all_positions() -> list[int]:
+        encoded = [worker.tokenizer.encode(p) for p in prompts]
+        return await asyncio.gather(*(next_token(ids + ref[:i]) for ids, ref in zip(encoded, reference)
+                                      for i in range(len(ref))))
+    worker.start()
+    try:
+        got = asyncio.run(all_positions())
+    finally:
+        worker.stop()
+    want = [token for ref in reference for token in ref]
+    return sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+
+
 @pytest.mark.parametrize("config", [{"weights": "int8"}, {"weights": "fp32", "kv_cache_dtype": "fp8_e4m3"}],
                          ids=["int8-weights", "fp8-kv"])
-def test_greedy_continuations_with_int8_weights_or_fp8_kv_agree_with_fp32_for_16_tokens(
-        smollm2: Checkpoint, fp32_continuations: list[list[int]], config: dict[str, str]) -> None:
-    assert greedy(quantized_worker(smollm2, **config), PROMPTS, 16) == fp32_continuations
+def test_int8_weights_and_fp8_kv_keep_fp32s_greedy_choice_at_nine_steps_in_ten(
+        smollm2: Checkpoint, fp32_long_continuations: list[list[int]], config: dict[str, str]) -> None:
+    assert sum(map(len, fp32_long_continuations)) == len(AGREEMENT_PROMPTS) * AGREEMENT_TOKENS
+    agreement = teacher_forced_agreement(quantized_worker(smollm2, **config), AGREEMENT_PROMPTS,
+                                         fp32_long_continuations)
+    assert agreement >= 0.90, f"top-1 agreement with fp32 fell to {agreement:.3f}"
+
+
+def test_the_agreement_check_sees_a_broken_quantization(smollm2: Checkpoint,
+                                                        fp32_long_continuations: list[list[int]]) -> None:
+    """int8 weights whose per-channel scales are coarsened to one scale per layer (a real way to break
+    quantization) fall below the bound above."""
+    def per_tensor_int8(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            return tensor
+        scale = tensor.abs().max() / 127  # one scale for the whole matrix, not one per output channel
+        return torch.round(tensor / scale).clamp(-127, 127) * scale
+    broken = dataclasses.replace(smollm2, tensors={name: per_tensor_int8(t) for name, t in smollm2.tensors.items()})
+    agreement = teacher_forced_agreement(quantized_worker(broken, weights="fp32"), AGREEMENT_PROMPTS,
+                                         fp32_long_continuations)
+    assert agreement < 0.90, agreement
 
 
 def test_quantized_formats_shrink_weights_and_kv_as_stated(smollm2: Checkpoint) -> None:
@@ -154,10 +209,11 @@ def test_int8_rows_are_quantized_each_on_its_own(smollm2: Checkpoint) -> None:
 
 
 def test_the_worker_flags_offer_exactly_the_formats_the_runner_takes() -> None:
-    from workers import cli
+    from cli import worker as cli
     from workers.layers.kv_cache import KV_CACHE_DTYPES
     from workers.layers.linear import WEIGHT_FORMATS
-    assert set(cli.WEIGHT_FORMATS) == set(WEIGHT_FORMATS) and set(cli.KV_CACHE_DTYPES) == set(KV_CACHE_DTYPES)
+    # The flags offer workers/sizing.py's names (no torch to import); the layers implement each of them.
+    assert set(sizing.WEIGHT_DTYPES) == set(WEIGHT_FORMATS) and {"auto", *sizing.KV_DTYPES} == set(KV_CACHE_DTYPES)
     args = cli_args("--weights", "fp32", "--kv-cache-dtype", "fp8_e4m3")
     config = cli.config_from_args(args)
     assert (config.runner.weights, config.runner.kv_cache_dtype) == ("fp32", "fp8_e4m3")
@@ -167,7 +223,7 @@ def test_the_worker_flags_offer_exactly_the_formats_the_runner_takes() -> None:
 def cli_args(*argv: str):  # noqa: ANN201 - argparse.Namespace
     import argparse
 
-    from workers import cli
+    from cli import worker as cli
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     return parser.parse_args(list(argv))

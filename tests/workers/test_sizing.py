@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fareway.planner import PRESETS
+from cli.planner import PRESETS
 from workers.models.config import LlamaConfig
 from workers.sizing import (
     KV_DTYPES,
@@ -138,6 +138,6 @@ def test_max_concurrent_sequences_take_whole_blocks(capacity: int, length: int, 
 
 
 def test_sizing_imports_no_torch() -> None:
-    code = ("import sys, workers.sizing, workers.models.config_files, fareway.planner, fareway.plan_cli; "
+    code = ("import sys, workers.sizing, workers.models.config_files, cli.planner, cli.plan; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

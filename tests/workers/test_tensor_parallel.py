@@ -27,11 +27,10 @@ from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.net import free_port
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
-from workers.config import WorkerConfig
+from workers.config import RunnerConfig, WorkerConfig
 from workers.engine.llm_engine import EngineRequest, RequestOutput
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.sequence import SamplingOptions
-from workers.model_runner import RunnerConfig
 from workers.models.config import LlamaConfig
 from workers.models.llama import build_model
 from workers.parallel.sharding import RowParallelLinear, check_shardable, head_shard, shard_model
@@ -240,7 +239,7 @@ def worker_process(tiny_model_folder: Path) -> Iterator[tuple[subprocess.Popen[b
     port = free_port()
     env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fareway.cli", "worker", "--model", str(tiny_model_folder), "--device", "cpu",
+        [sys.executable, "-m", "cli", "worker", "--model", str(tiny_model_folder), "--device", "cpu",
          "--listen", f"127.0.0.1:{port}", "--kv-cache-memory", "8MiB", "--tensor-parallel-size", "2"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

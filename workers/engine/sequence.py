@@ -107,10 +107,6 @@ class Sequence:
         """Tokens the sequence holds if it runs to max_tokens."""
         return self.num_prompt_tokens + self.sampling.max_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 

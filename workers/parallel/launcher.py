@@ -2,9 +2,10 @@
 
 The worker process is rank 0. It spawns ranks 1..N-1 as child processes that
 meet it at a TCPStore on a free localhost port; the checkpoint is loaded once
-and its tensors reach the children through shared memory. Each child builds
-its shard of the model and its share of the KV cache, then runs the steps
-rank 0 broadcasts until rank 0 stops it.
+and its tensors reach the children through shared memory. Each child runs the
+`follower` it is given (workers/model_runner.py's `follow`: build its shard of
+the model and its share of the KV cache, then run the steps rank 0 broadcasts
+until rank 0 stops it).
 
 A rank's death is never waited out: rank 0 watches its children and breaks the
 group as soon as one exits (the worker then stops serving), and a child exits
@@ -20,22 +21,22 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from workers.hardware import default_device
+from workers.config import RunnerConfig
+from workers.hardware import rank_device
 from workers.loader.checkpoint import Checkpoint
 from workers.parallel.group import RankGroup, join_group
 from workers.parallel.sharding import check_shardable
 
-if TYPE_CHECKING:
-    from workers.model_runner import RunnerConfig  # which imports this module
+Follower = Callable[[Checkpoint, RunnerConfig, RankGroup], None]
+"""What a spawned rank runs once it joined the group (a module-level function: it is pickled)."""
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,9 @@ _STOP_TIMEOUT_S = 10.0
 _START_POLL_S = 0.05
 
 
-def rank_device(name: str | None, local_rank: int, world_size: int) -> torch.device:
-    """The device of rank `local_rank`: the configured one alone, else <type>:<local rank> (cpu stays cpu)."""
-    device = torch.device(name) if name else default_device()
-    if world_size == 1 or device.type == "cpu":
-        return device
-    return torch.device(device.type, local_rank)
-
-
-def launch_ranks(checkpoint: Checkpoint, config: RunnerConfig) -> RankGroup:
-    """Rank 0's group: with tensor_parallel_size N > 1, ranks 1..N-1 are spawned and joined first."""
+def launch_ranks(checkpoint: Checkpoint, config: RunnerConfig, follower: Follower) -> RankGroup:
+    """Rank 0's group: with tensor_parallel_size N > 1, ranks 1..N-1 are spawned, each running
+    `follower`, and joined first."""
     world_size = config.tensor_parallel_size
     device = rank_device(config.device, 0, world_size)
     if world_size == 1:
@@ -64,7 +58,8 @@ def launch_ranks(checkpoint: Checkpoint, config: RunnerConfig) -> RankGroup:
                           wait_for_workers=False)
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=_run_rank, name=f"fareway-rank-{rank}", daemon=True,
-                                 args=(rank, world_size, store.port, checkpoint, config, log.getEffectiveLevel()))
+                                 args=(rank, world_size, store.port, checkpoint, config, follower,
+                                       log.getEffectiveLevel()))
                  for rank in range(1, world_size)]
     for process in processes:
         process.start()
@@ -133,8 +128,8 @@ def _share_cpu_cores(device: torch.device, world_size: int) -> None:
 
 
 def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, config: RunnerConfig,
-              log_level: int) -> None:
-    """A spawned rank's life: join, build its shard, follow rank 0's steps until told to stop."""
+              follower: Follower, log_level: int) -> None:
+    """A spawned rank's life: join, then follow rank 0 until told to stop."""
     # Rank 0 stops the ranks: a Ctrl-C reaching the whole process group is its to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
@@ -143,15 +138,7 @@ def _run_rank(rank: int, world_size: int, port: int, checkpoint: Checkpoint, con
     _share_cpu_cores(device, world_size)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_RENDEZVOUS_TIMEOUT)
     store.set(_joining_key(rank), "1")
-    follow(checkpoint, config, join_group(rank, world_size, device, store))
-
-
-def follow(checkpoint: Checkpoint, config: RunnerConfig, group: RankGroup) -> None:
-    """A rank other than 0: builds its shard, runs rank 0's steps until it stops the group."""
-    from workers.model_runner import ModelRunner
-
-    ModelRunner(checkpoint, config, group).follow()
-    group.close()
+    follower(checkpoint, config, join_group(rank, world_size, device, store))
 
 
 @dataclass(frozen=True)

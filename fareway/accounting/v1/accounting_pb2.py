@@ -22,66 +22,71 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0c\n\x04idle\x18\x05 \x01(\t\"\xf5\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\x12\x15\n\ridle_nano_usd\x18\n \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\"\xb1\x01\n\x06\x42udget\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x15\n\x08hard_usd\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08soft_usd\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x62\x61sis\x18\x05 \x01(\t\x12\x16\n\x0espent_nano_usd\x18\x06 \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x07 \x01(\x03\x42\x0b\n\t_hard_usdB\x0b\n\t_soft_usd\"A\n\x10SetBudgetRequest\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"B\n\x11SetBudgetResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"\"\n\x12ListBudgetsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"E\n\x13ListBudgetsResponse\x12.\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1d.fareway.accounting.v1.Budget\"9\n\x17\x45xportChargebackRequest\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"A\n\x18\x45xportChargebackResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"\xd9\x01\n\x06Limits\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12 \n\x13requests_per_minute\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12$\n\x17max_concurrent_requests\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minuteB\x1a\n\x18_max_concurrent_requests\"A\n\x10SetLimitsRequest\x12-\n\x06limits\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Limits\"B\n\x11SetLimitsResponse\x12-\n\x06limits\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Limits\"!\n\x11ListLimitsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"C\n\x12ListLimitsResponse\x12-\n\x06limits\x18\x01 \x03(\x0b\x32\x1d.fareway.accounting.v1.Limits\"4\n\x13\x44\x65leteLimitsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteLimitsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\xc9\x01\n\nApiKeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0f\n\x07project\x18\x03 \x01(\t\x12,\n\x04role\x18\x04 \x01(\x0e\x32\x1e.fareway.accounting.v1.KeyRole\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12,\n\x04role\x18\x03 \x01(\x0e\x32\x1e.fareway.accounting.v1.KeyRole\"T\n\x14\x43reateApiKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x04info\x18\x02 \x01(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo\"\x14\n\x12ListApiKeysRequest\"F\n\x13ListApiKeysResponse\x12/\n\x04keys\x18\x01 \x03(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"G\n\x14RevokeApiKeyResponse\x12/\n\x04info\x18\x01 \x01(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo*L\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_ROLE_TENANT\x10\x01\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x02\x32\xa1\x08\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponse\x12^\n\tSetBudget\x12\'.fareway.accounting.v1.SetBudgetRequest\x1a(.fareway.accounting.v1.SetBudgetResponse\x12\x64\n\x0bListBudgets\x12).fareway.accounting.v1.ListBudgetsRequest\x1a*.fareway.accounting.v1.ListBudgetsResponse\x12s\n\x10\x45xportChargeback\x12..fareway.accounting.v1.ExportChargebackRequest\x1a/.fareway.accounting.v1.ExportChargebackResponse\x12^\n\tSetLimits\x12\'.fareway.accounting.v1.SetLimitsRequest\x1a(.fareway.accounting.v1.SetLimitsResponse\x12\x61\n\nListLimits\x12(.fareway.accounting.v1.ListLimitsRequest\x1a).fareway.accounting.v1.ListLimitsResponse\x12g\n\x0c\x44\x65leteLimits\x12*.fareway.accounting.v1.DeleteLimitsRequest\x1a+.fareway.accounting.v1.DeleteLimitsResponse\x12g\n\x0c\x43reateApiKey\x12*.fareway.accounting.v1.CreateApiKeyRequest\x1a+.fareway.accounting.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).fareway.accounting.v1.ListApiKeysRequest\x1a*.fareway.accounting.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.fareway.accounting.v1.RevokeApiKeyRequest\x1a+.fareway.accounting.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fareway/accounting/v1/accounting.proto\x12\x15\x66\x61reway.accounting.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x15GetUsageReportRequest\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0c\n\x04idle\x18\x05 \x01(\t\"\xf5\x01\n\x08UsageRow\x12\r\n\x05group\x18\x01 \x03(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x07 \x01(\x01\x12\x1e\n\x16\x63ost_to_serve_nano_usd\x18\x08 \x01(\x03\x12\x1b\n\x13list_price_nano_usd\x18\t \x01(\x03\x12\x15\n\ridle_nano_usd\x18\n \x01(\x03\"\x89\x01\n\x16GetUsageReportResponse\x12\x10\n\x08group_by\x18\x01 \x03(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\x12.\n\x05total\x18\x03 \x01(\x0b\x32\x1f.fareway.accounting.v1.UsageRow\"\xb1\x01\n\x06\x42udget\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x15\n\x08hard_usd\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08soft_usd\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x62\x61sis\x18\x05 \x01(\t\x12\x16\n\x0espent_nano_usd\x18\x06 \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x07 \x01(\x03\x42\x0b\n\t_hard_usdB\x0b\n\t_soft_usd\"A\n\x10SetBudgetRequest\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"B\n\x11SetBudgetResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Budget\"\"\n\x12ListBudgetsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"E\n\x13ListBudgetsResponse\x12.\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1d.fareway.accounting.v1.Budget\"4\n\x13\x44\x65leteBudgetRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteBudgetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"9\n\x17\x45xportChargebackRequest\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"A\n\x18\x45xportChargebackResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"\x9d\x02\n\x06Limits\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12 \n\x13requests_per_minute\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12$\n\x17max_concurrent_requests\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x13\n\x06weight\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x15\n\x08priority\x18\x07 \x01(\x05H\x04\x88\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minuteB\x1a\n\x18_max_concurrent_requestsB\t\n\x07_weightB\x0b\n\t_priority\"r\n\x10SetLimitsRequest\x12-\n\x06limits\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Limits\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"B\n\x11SetLimitsResponse\x12-\n\x06limits\x18\x01 \x01(\x0b\x32\x1d.fareway.accounting.v1.Limits\"!\n\x11ListLimitsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\"C\n\x12ListLimitsResponse\x12-\n\x06limits\x18\x01 \x03(\x0b\x32\x1d.fareway.accounting.v1.Limits\"4\n\x13\x44\x65leteLimitsRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteLimitsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\xc9\x01\n\nApiKeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0f\n\x07project\x18\x03 \x01(\t\x12,\n\x04role\x18\x04 \x01(\x0e\x32\x1e.fareway.accounting.v1.KeyRole\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12,\n\x04role\x18\x03 \x01(\x0e\x32\x1e.fareway.accounting.v1.KeyRole\"T\n\x14\x43reateApiKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x04info\x18\x02 \x01(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo\"\x14\n\x12ListApiKeysRequest\"F\n\x13ListApiKeysResponse\x12/\n\x04keys\x18\x01 \x03(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"G\n\x14RevokeApiKeyResponse\x12/\n\x04info\x18\x01 \x01(\x0b\x32!.fareway.accounting.v1.ApiKeyInfo*L\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_ROLE_TENANT\x10\x01\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x02\x32\x8a\t\n\x11\x41\x63\x63ountingService\x12m\n\x0eGetUsageReport\x12,.fareway.accounting.v1.GetUsageReportRequest\x1a-.fareway.accounting.v1.GetUsageReportResponse\x12^\n\tSetBudget\x12\'.fareway.accounting.v1.SetBudgetRequest\x1a(.fareway.accounting.v1.SetBudgetResponse\x12\x64\n\x0bListBudgets\x12).fareway.accounting.v1.ListBudgetsRequest\x1a*.fareway.accounting.v1.ListBudgetsResponse\x12g\n\x0c\x44\x65leteBudget\x12*.fareway.accounting.v1.DeleteBudgetRequest\x1a+.fareway.accounting.v1.DeleteBudgetResponse\x12s\n\x10\x45xportChargeback\x12..fareway.accounting.v1.ExportChargebackRequest\x1a/.fareway.accounting.v1.ExportChargebackResponse\x12^\n\tSetLimits\x12\'.fareway.accounting.v1.SetLimitsRequest\x1a(.fareway.accounting.v1.SetLimitsResponse\x12\x61\n\nListLimits\x12(.fareway.accounting.v1.ListLimitsRequest\x1a).fareway.accounting.v1.ListLimitsResponse\x12g\n\x0c\x44\x65leteLimits\x12*.fareway.accounting.v1.DeleteLimitsRequest\x1a+.fareway.accounting.v1.DeleteLimitsResponse\x12g\n\x0c\x43reateApiKey\x12*.fareway.accounting.v1.CreateApiKeyRequest\x1a+.fareway.accounting.v1.CreateApiKeyResponse\x12\x64\n\x0bListApiKeys\x12).fareway.accounting.v1.ListApiKeysRequest\x1a*.fareway.accounting.v1.ListApiKeysResponse\x12g\n\x0cRevokeApiKey\x12*.fareway.accounting.v1.RevokeApiKeyRequest\x1a+.fareway.accounting.v1.RevokeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fareway.accounting.v1.accounting_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYROLE']._serialized_start=2342
-  _globals['_KEYROLE']._serialized_end=2418
-  _globals['_GETUSAGEREPORTREQUEST']._serialized_start=99
-  _globals['_GETUSAGEREPORTREQUEST']._serialized_end=254
-  _globals['_USAGEROW']._serialized_start=257
-  _globals['_USAGEROW']._serialized_end=502
-  _globals['_GETUSAGEREPORTRESPONSE']._serialized_start=505
-  _globals['_GETUSAGEREPORTRESPONSE']._serialized_end=642
-  _globals['_BUDGET']._serialized_start=645
-  _globals['_BUDGET']._serialized_end=822
-  _globals['_SETBUDGETREQUEST']._serialized_start=824
-  _globals['_SETBUDGETREQUEST']._serialized_end=889
-  _globals['_SETBUDGETRESPONSE']._serialized_start=891
-  _globals['_SETBUDGETRESPONSE']._serialized_end=957
-  _globals['_LISTBUDGETSREQUEST']._serialized_start=959
-  _globals['_LISTBUDGETSREQUEST']._serialized_end=993
-  _globals['_LISTBUDGETSRESPONSE']._serialized_start=995
-  _globals['_LISTBUDGETSRESPONSE']._serialized_end=1064
-  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_start=1066
-  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_end=1123
-  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_start=1125
-  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_end=1190
-  _globals['_LIMITS']._serialized_start=1193
-  _globals['_LIMITS']._serialized_end=1410
-  _globals['_SETLIMITSREQUEST']._serialized_start=1412
-  _globals['_SETLIMITSREQUEST']._serialized_end=1477
-  _globals['_SETLIMITSRESPONSE']._serialized_start=1479
-  _globals['_SETLIMITSRESPONSE']._serialized_end=1545
-  _globals['_LISTLIMITSREQUEST']._serialized_start=1547
-  _globals['_LISTLIMITSREQUEST']._serialized_end=1580
-  _globals['_LISTLIMITSRESPONSE']._serialized_start=1582
-  _globals['_LISTLIMITSRESPONSE']._serialized_end=1649
-  _globals['_DELETELIMITSREQUEST']._serialized_start=1651
-  _globals['_DELETELIMITSREQUEST']._serialized_end=1703
-  _globals['_DELETELIMITSRESPONSE']._serialized_start=1705
-  _globals['_DELETELIMITSRESPONSE']._serialized_end=1744
-  _globals['_APIKEYINFO']._serialized_start=1747
-  _globals['_APIKEYINFO']._serialized_end=1948
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1950
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2048
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2050
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2134
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2136
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2156
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2158
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2228
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2230
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2267
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=2269
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2340
-  _globals['_ACCOUNTINGSERVICE']._serialized_start=2421
-  _globals['_ACCOUNTINGSERVICE']._serialized_end=3478
+  _globals['_KEYROLE']._serialized_start=2588
+  _globals['_KEYROLE']._serialized_end=2664
+  _globals['_GETUSAGEREPORTREQUEST']._serialized_start=133
+  _globals['_GETUSAGEREPORTREQUEST']._serialized_end=288
+  _globals['_USAGEROW']._serialized_start=291
+  _globals['_USAGEROW']._serialized_end=536
+  _globals['_GETUSAGEREPORTRESPONSE']._serialized_start=539
+  _globals['_GETUSAGEREPORTRESPONSE']._serialized_end=676
+  _globals['_BUDGET']._serialized_start=679
+  _globals['_BUDGET']._serialized_end=856
+  _globals['_SETBUDGETREQUEST']._serialized_start=858
+  _globals['_SETBUDGETREQUEST']._serialized_end=923
+  _globals['_SETBUDGETRESPONSE']._serialized_start=925
+  _globals['_SETBUDGETRESPONSE']._serialized_end=991
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=993
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=1027
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=1029
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=1098
+  _globals['_DELETEBUDGETREQUEST']._serialized_start=1100
+  _globals['_DELETEBUDGETREQUEST']._serialized_end=1152
+  _globals['_DELETEBUDGETRESPONSE']._serialized_start=1154
+  _globals['_DELETEBUDGETRESPONSE']._serialized_end=1193
+  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_start=1195
+  _globals['_EXPORTCHARGEBACKREQUEST']._serialized_end=1252
+  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_start=1254
+  _globals['_EXPORTCHARGEBACKRESPONSE']._serialized_end=1319
+  _globals['_LIMITS']._serialized_start=1322
+  _globals['_LIMITS']._serialized_end=1607
+  _globals['_SETLIMITSREQUEST']._serialized_start=1609
+  _globals['_SETLIMITSREQUEST']._serialized_end=1723
+  _globals['_SETLIMITSRESPONSE']._serialized_start=1725
+  _globals['_SETLIMITSRESPONSE']._serialized_end=1791
+  _globals['_LISTLIMITSREQUEST']._serialized_start=1793
+  _globals['_LISTLIMITSREQUEST']._serialized_end=1826
+  _globals['_LISTLIMITSRESPONSE']._serialized_start=1828
+  _globals['_LISTLIMITSRESPONSE']._serialized_end=1895
+  _globals['_DELETELIMITSREQUEST']._serialized_start=1897
+  _globals['_DELETELIMITSREQUEST']._serialized_end=1949
+  _globals['_DELETELIMITSRESPONSE']._serialized_start=1951
+  _globals['_DELETELIMITSRESPONSE']._serialized_end=1990
+  _globals['_APIKEYINFO']._serialized_start=1993
+  _globals['_APIKEYINFO']._serialized_end=2194
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=2196
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2294
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2296
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2380
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2382
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2402
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2404
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2474
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2476
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2513
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=2515
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2586
+  _globals['_ACCOUNTINGSERVICE']._serialized_start=2667
+  _globals['_ACCOUNTINGSERVICE']._serialized_end=3829
 # @@protoc_insertion_point(module_scope)

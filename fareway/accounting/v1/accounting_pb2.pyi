@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -109,6 +110,20 @@ class ListBudgetsResponse(_message.Message):
     budgets: _containers.RepeatedCompositeFieldContainer[Budget]
     def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ...) -> None: ...
 
+class DeleteBudgetRequest(_message.Message):
+    __slots__ = ("team", "project")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    project: str
+    def __init__(self, team: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
+
+class DeleteBudgetResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
 class ExportChargebackRequest(_message.Message):
     __slots__ = ("period", "format")
     PERIOD_FIELD_NUMBER: _ClassVar[int]
@@ -126,24 +141,30 @@ class ExportChargebackResponse(_message.Message):
     def __init__(self, content: _Optional[str] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("team", "project", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+    __slots__ = ("team", "project", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "weight", "priority")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     team: str
     project: str
     requests_per_minute: int
     tokens_per_minute: int
     max_concurrent_requests: int
-    def __init__(self, team: _Optional[str] = ..., project: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
+    weight: float
+    priority: int
+    def __init__(self, team: _Optional[str] = ..., project: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., weight: _Optional[float] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class SetLimitsRequest(_message.Message):
-    __slots__ = ("limits",)
+    __slots__ = ("limits", "update_mask")
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
     limits: Limits
-    def __init__(self, limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, limits: _Optional[_Union[Limits, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class SetLimitsResponse(_message.Message):
     __slots__ = ("limits",)

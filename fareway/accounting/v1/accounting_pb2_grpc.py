@@ -52,6 +52,11 @@ class AccountingServiceStub:
                 request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.SerializeToString,
                 response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.FromString,
                 _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/fareway.accounting.v1.AccountingService/DeleteBudget',
+                request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
         self.ExportChargeback = channel.unary_unary(
                 '/fareway.accounting.v1.AccountingService/ExportChargeback',
                 request_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ExportChargebackRequest.SerializeToString,
@@ -115,6 +120,13 @@ class AccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteBudget(self, request, context):
+        """Removes a team's or project's budget (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportChargeback(self, request, context):
         """A month's chargeback as CSV, JSON Lines or FinOps FOCUS 1.2 (tenant keys:
         their own team's rows, without idle time).
@@ -124,8 +136,8 @@ class AccountingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetLimits(self, request, context):
-        """Sets a team's or project's rate limits, replacing earlier ones (admin keys only).
-        Gateways apply a change within a few seconds.
+        """Changes a team's or project's rate limits and fair share, leaving what the request does not
+        name as it was (admin keys only). Gateways apply a change within a few seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +195,11 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.ListBudgets,
                     request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.FromString,
                     response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetResponse.SerializeToString,
             ),
             'ExportChargeback': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportChargeback,
@@ -304,6 +321,33 @@ class AccountingService:
             '/fareway.accounting.v1.AccountingService/ListBudgets',
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsRequest.SerializeToString,
             fareway_dot_accounting_dot_v1_dot_accounting__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.accounting.v1.AccountingService/DeleteBudget',
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetRequest.SerializeToString,
+            fareway_dot_accounting_dot_v1_dot_accounting__pb2.DeleteBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

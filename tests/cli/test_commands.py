@@ -23,12 +23,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from accounting.report_cli import parse_time
-from fareway.cli import COMMANDS, main
+from cli.main import COMMANDS, main
+from cli.options import parse_bytes
+from cli.report import parse_time
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.net import free_port
-from fareway.process import parse_bytes
 from fareway.redis.embedded import is_alive
 
 MODEL = "smollm2-135m-instruct"
@@ -38,14 +38,14 @@ _FAREWAY_ENV = ("REDIS_URL", "FAREWAY_API_KEY", "FAREWAY_GATEWAY", "FAREWAY_DATA
 
 def fareway(*args: str, redis_url: str | None = None, timeout_s: float = 120, cwd: Path | None = None,
             stdin: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m fareway.cli ARGS` as a user would, with REDIS_URL only if given."""
+    """Runs `python -m cli ARGS` as a user would, with REDIS_URL only if given."""
     env = {name: value for name, value in os.environ.items() if name not in _FAREWAY_ENV}
     # Wide enough that rich tables are not cut to the 80 columns of a pipe.
     env["COLUMNS"] = "200"
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
     env |= extra_env or {}
-    return subprocess.run([sys.executable, "-m", "fareway.cli", *args], env=env, cwd=cwd, input=stdin,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=cwd, input=stdin,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -480,7 +480,7 @@ def test_worker_reports_a_bad_kv_cache_size_as_a_usage_error() -> None:
 
 
 def test_worker_flags_shape_the_engine(tmp_path: Path) -> None:
-    from workers.cli import add_arguments, config_from_args
+    from cli.worker import add_arguments, config_from_args
 
     system = tmp_path / "system.txt"
     system.write_text("You are the assistant of Example Corp.", encoding="utf-8")
@@ -523,10 +523,8 @@ def test_each_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[st
 
 
 def test_gateway_flags_choose_the_registry_and_a_routing_policy_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import cli
-    from gateway.routing import POLICIES
+    from cli import gateway as cli
 
-    assert set(cli.ROUTING_POLICIES) == set(POLICIES) and cli.DEFAULT_ROUTING == "prefix-affinity"
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     monkeypatch.delenv("FAREWAY_WORKERS", raising=False)
@@ -570,3 +568,37 @@ def test_rate_limits_from_the_command_line(stack) -> None:  # noqa: ANN001
     assert fareway("limits", "delete", "--team", team, redis_url=stack.redis_url).returncode == 1
     listed = fareway("limits", "list", "--team", team, redis_url=stack.redis_url)
     assert [line.split("│")[2].strip() for line in listed.stdout.splitlines() if team in line] == ["project:ranking"]
+
+
+def test_limits_changed_on_the_command_line_and_over_grpc_keep_what_neither_names(stack) -> None:  # noqa: ANN001
+    """One admin path: the command and the SetLimits RPC change only the limits they are given."""
+    from google.protobuf import field_mask_pb2
+
+    from fareway.accounting.v1 import accounting_pb2 as apb
+    from fareway.accounting.v1 import accounting_pb2_grpc
+
+    team = new_team()
+    assert fareway("limits", "set", "--team", team, "--weight", "2.5", "--priority", "1",
+                   redis_url=stack.redis_url).returncode == 0
+    auth = (("authorization", f"Bearer {stack.create_key('platform', 'ops', admin=True)}"),)
+    with grpc.insecure_channel(stack.accounting_address) as channel:
+        stub = accounting_pb2_grpc.AccountingServiceStub(channel)
+        changed = stub.SetLimits(apb.SetLimitsRequest(limits=apb.Limits(team=team, requests_per_minute=100)),
+                                 metadata=auth).limits
+        assert (changed.requests_per_minute, changed.weight, changed.priority) == (100, 2.5, 1)
+        assert not changed.HasField("tokens_per_minute")
+        cleared = stub.SetLimits(apb.SetLimitsRequest(limits=apb.Limits(team=team),
+                                                      update_mask=field_mask_pb2.FieldMask(paths=["priority"])),
+                                 metadata=auth).limits
+        assert (cleared.requests_per_minute, cleared.weight, cleared.HasField("priority")) == (100, 2.5, False)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.SetLimits(apb.SetLimitsRequest(limits=apb.Limits(team=team),
+                                                update_mask=field_mask_pb2.FieldMask(paths=["speed"])), metadata=auth)
+        assert unknown.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "speed" in unknown.value.details()
+    assert fareway("limits", "set", "--team", team, "--rpm", "none", "--tpm", "5000",
+                   redis_url=stack.redis_url).returncode == 0
+    listed = fareway("limits", "list", "--team", team, redis_url=stack.redis_url)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in listed.stdout.splitlines() if team in line]
+    assert rows == [[team, "team", "-", "5,000", "-", "2.5", "-"]]
+    refused = fareway("limits", "set", "--team", team, "--weight", "heavy", redis_url=stack.redis_url)
+    assert refused.returncode == 2 and "not a number: 'heavy'" in refused.stderr

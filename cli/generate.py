@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 
 import grpc
 from rich.console import Console
 
-from fareway.console import usage_table
+from cli.options import (
+    add_connection_arguments,
+    add_sampling_arguments,
+    channel_tls_from_args,
+    sampling_from_args,
+    tags_from_args,
+)
+from cli.render import usage_table
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
-from fareway.tls import add_channel_arguments, channel_tls_from_args, secure_or_insecure_channel
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway", default=os.environ.get("FAREWAY_GATEWAY", "127.0.0.1:50051"),
-                        help="gateway address (default: $FAREWAY_GATEWAY or %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("FAREWAY_API_KEY"),
-                        help="API key (default: $FAREWAY_API_KEY)")
-    parser.add_argument("--model", default=None, help="model name (default: the first the gateway lists)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    add_channel_arguments(parser, "", "the gateway")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="a stop string; repeat for several")
-    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                        help="a cost-attribution tag; repeat for several")
+from fareway.tls import secure_or_insecure_channel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,24 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-id", default="",
                         help="requests with the same session id go to the same worker while it is up")
     parser.add_argument("prompt", help="the prompt text; '-' reads standard input")
-
-
-def sampling_from_args(args: argparse.Namespace) -> pb.SamplingParams:
-    params = pb.SamplingParams(top_k=args.top_k, stop=args.stop)
-    for name in ("max_tokens", "temperature", "top_p", "seed"):
-        if getattr(args, name) is not None:
-            setattr(params, name, getattr(args, name))
-    return params
-
-
-def tags_from_args(args: argparse.Namespace) -> dict[str, str]:
-    tags = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--tag takes KEY=VALUE, got {item!r}")
-        tags[key] = value
-    return tags
 
 
 class Connection:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 from pathlib import Path
 
+from cli.options import add_server_arguments, parse_bytes, server_tls_from_args
 from fareway.config import TelemetryConfig
-from fareway.process import parse_bytes, wait_for_shutdown_signal
-from fareway.tls import add_server_arguments, server_tls_from_args
+from workers.sizing import KV_DTYPES, WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
-# The choices of --weights and --kv-cache-dtype (kept here: the CLI must not import torch to build its parser).
-WEIGHT_FORMATS = ("int8", "fp32", "fp16", "bf16")
-KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8_e4m3", "int8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16 "
                                                       "(default: float32 on CPU, bfloat16 on GPUs)")
-    parser.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="int8",
+    parser.add_argument("--weights", choices=list(WEIGHT_DTYPES), default="int8",
                         help="how linear-layer weights are stored; the fastest correct kernel for them is "
                              "measured at load (default: %(default)s)")
-    parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+    parser.add_argument("--kv-cache-dtype", choices=["auto", *KV_DTYPES], default="auto",
                         help="how the KV cache is stored; auto is the compute dtype (default: %(default)s)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="KV cache size, e.g. 2GiB (default: 1GiB on CPU; on GPUs "
@@ -69,9 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, imported lazily
-    from workers.config import WorkerConfig, default_worker_id
+    from workers.config import RunnerConfig, WorkerConfig, default_worker_id
     from workers.engine.scheduler import SchedulerConfig
-    from workers.model_runner import RunnerConfig
 
     return WorkerConfig(
         model_path=args.model, served_model_name=args.served_model_name, listen=args.listen,
@@ -97,114 +92,17 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"cannot read {path}: {exc}") from None
 
 
-async def serve(config, group=None) -> int:  # noqa: ANN001 - WorkerConfig, RankGroup
-    """Serves until SIGINT/SIGTERM (exit code 0) or until the worker fails (1: a rank died)."""
-    from workers.server import create_worker_server
-    from workers.worker import Worker
-
-    worker = await asyncio.to_thread(Worker, config, None, group)
-    server = await create_worker_server(worker, config.listen, config.tls.credentials() if config.tls else None)
-    log.info("worker %s listening on port %d", config.worker_id, server.port)
-    redis = _shared_redis()
-    reporter = heartbeat = None
-    try:
-        if redis is not None:
-            reporter = await _capacity_reporter(worker, redis)
-            heartbeat = await _registry_heartbeat(worker, redis, server.port)
-        failure = await _shutdown_signal_or_failure(worker)
-    finally:
-        await shut_down(server, worker, heartbeat, config.drain_timeout_s)
-        if reporter is not None:
-            await reporter.stop()
-        if redis is not None:
-            await redis.aclose()
-    if failure is not None:
-        log.error("worker %s stopped: %s", config.worker_id, failure)
-        return 1
-    return 0
-
-
-async def shut_down(server, worker, heartbeat, drain_timeout_s: float) -> None:  # noqa: ANN001
-    """Leaves the registry first (gateways stop sending new requests within a poll), then lets
-    in-flight requests finish for up to `drain_timeout_s` while refusing new ones, then stops."""
-    if heartbeat is not None:
-        await heartbeat.stop()
-    await server.stop(drain_timeout_s)
-    worker.stop()
-
-
-def _shared_redis():  # noqa: ANN202 - Redis | None
-    """The shared Redis named by REDIS_URL (a worker never starts the embedded one: without
-    REDIS_URL it neither registers nor reports its idle device time)."""
-    url = os.environ.get("REDIS_URL")
-    if not url:
-        log.info("REDIS_URL is not set: this worker does not register in the worker registry, "
-                 "and its idle device time is not reported to accounting")
-        return None
-    from fareway.redis import connect
-    return connect(url)
-
-
-async def _registry_heartbeat(worker, redis, port: int):  # noqa: ANN001, ANN202 - RegistryHeartbeat
-    from accounting.pricebook_store import PriceBookStore
-    from fareway.registry import WorkerRegistry
-    from workers.heartbeat import RegistryHeartbeat, advertised_address
-
-    address = advertised_address(worker.config.listen, port, worker.config.advertise_address)
-    heartbeat = RegistryHeartbeat(worker, WorkerRegistry(redis), address)
-    await heartbeat.start(PriceBookStore(redis))
-    return heartbeat
-
-
-async def _shutdown_signal_or_failure(worker) -> str | None:  # noqa: ANN001 - Worker
-    """Waits for SIGINT/SIGTERM (None) or the worker's failure (why it failed)."""
-    loop = asyncio.get_running_loop()
-    failed: asyncio.Future[str] = loop.create_future()
-
-    def set_failed(reason: str) -> None:
-        if not failed.done():
-            failed.set_result(reason)
-    worker.on_failure(lambda reason: loop.call_soon_threadsafe(set_failed, reason))
-    signalled = asyncio.ensure_future(wait_for_shutdown_signal())
-    await asyncio.wait([signalled, failed], return_when=asyncio.FIRST_COMPLETED)
-    signalled.cancel()
-    return failed.result() if failed.done() else None
-
-
-async def _capacity_reporter(worker, redis):  # noqa: ANN001, ANN202 - CapacityReporter
-    """Reports device time to accounting."""
-    from accounting.capacity import CapacityStore
-    from workers.capacity_reporter import CapacityReporter
-
-    reporter = CapacityReporter(worker, CapacityStore(redis))
-    await reporter.start()
-    return reporter
-
-
 def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
     from workers.parallel.launcher import Rendezvous
+    from workers.serving import serve, serve_rank
 
     setup_telemetry(TelemetryConfig.from_env("fareway-worker"))
     config = config_from_args(args)
+    # Without REDIS_URL a worker neither registers nor reports its device time (it never starts the
+    # embedded Redis: that is the gateway's and the tools').
+    redis_url = os.environ.get("REDIS_URL") or None
     rendezvous = Rendezvous.from_env(os.environ)
     if rendezvous is None:
-        return asyncio.run(serve(config))
-    return _run_torchrun_rank(config, rendezvous)
-
-
-def _run_torchrun_rank(config, rendezvous) -> int:  # noqa: ANN001 - WorkerConfig, Rendezvous
-    """Under torchrun: rank 0 serves, the other ranks follow its steps."""
-    from workers.loader import default_model_path, load_checkpoint
-    from workers.parallel.launcher import follow
-
-    size = config.runner.tensor_parallel_size
-    if size not in (1, rendezvous.world_size):
-        raise ValueError(f"--tensor-parallel-size {size} disagrees with torchrun's WORLD_SIZE {rendezvous.world_size}")
-    config = dataclasses.replace(config, runner=dataclasses.replace(
-        config.runner, tensor_parallel_size=rendezvous.world_size))
-    group = rendezvous.join(config.runner)
-    if rendezvous.rank == 0:
-        return asyncio.run(serve(config, group))
-    follow(load_checkpoint(config.model_path or default_model_path()), config.runner, group)
-    return 0
+        return asyncio.run(serve(config, redis_url))
+    return serve_rank(config, rendezvous, redis_url)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from accounting.pricebook import DEFAULT_PRICE_BOOK, PriceBook
-from fareway.cli import main
-from fareway.planner import (
+from cli.main import main
+from cli.planner import (
     GIB,
     HARDWARE,
     PRESETS,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from accounting.pricebook import DEFAULT_PRICE_BOOK, PriceBook
-from fareway.planner import (
+from cli.planner import (
     COMPARE_AXES,
     GIB,
     HARDWARE,

@@ -1,4 +1,5 @@
-"""`fareway keys`: create, list and revoke API keys (talks to Redis directly)."""
+"""`fareway keys`: create, list and revoke API keys (accounting/admin.py, as the AccountingService's
+key RPCs; on Redis directly)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import datetime as dt
 from rich.console import Console
 from rich.table import Table
 
-from fareway.auth import KeyStore, Role
+from accounting.admin import Admin
+from fareway.auth import KeyInfo, Role
 from fareway.config import RedisConfig
 from fareway.errors import FarewayError
-from fareway.redis import connect
-from fareway.redis.embedded import resolve_url
+from fareway.redis.embedded import redis_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,26 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace, console: Console) -> None:
-    with resolve_url(RedisConfig.from_env()) as url:
-        redis = connect(url)
-        try:
-            store = KeyStore(redis)
-            if args.action == "create":
-                key, info = await store.create(args.team, args.project, Role.ADMIN if args.admin else Role.TENANT)
-                console.print(f"created {info.role.value} key {info.key_id} for {info.team}/{info.project}; "
-                              "it is shown only once:", highlight=False)
-                print(key)
-            elif args.action == "list":
-                # The list is the command's output (stdout); notes and errors go to stderr.
-                Console().print(_keys_table(await store.list()))
-            else:
-                info = await store.revoke(args.key_id)
-                console.print(f"revoked key {info.key_id} ({info.team}/{info.project})")
-        finally:
-            await redis.aclose()
+    async with redis_session(RedisConfig.from_env()) as redis:
+        admin = Admin(redis)
+        if args.action == "create":
+            key, info = await admin.create_key(args.team, args.project, Role.ADMIN if args.admin else Role.TENANT)
+            console.print(f"created {info.role.value} key {info.key_id} for {info.team}/{info.project}; "
+                          "it is shown only once:", highlight=False)
+            print(key)
+        elif args.action == "list":
+            # The list is the command's output (stdout); notes and errors go to stderr.
+            Console().print(_keys_table(await admin.list_keys()))
+        else:
+            info = await admin.revoke_key(args.key_id)
+            console.print(f"revoked key {info.key_id} ({info.team}/{info.project})")
 
 
-def _keys_table(infos) -> Table:  # noqa: ANN001 - list[KeyInfo]
+def _keys_table(infos: list[KeyInfo]) -> Table:
     table = Table("key id", "team", "project", "role", "created", "status")
     for info in infos:
         created = dt.datetime.fromtimestamp(info.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

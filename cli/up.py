@@ -23,10 +23,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
+from accounting.admin import Admin
+from accounting.ledger import Ledger
+from accounting.reports import UsageReport, usage_report
+from cli.render import usage_table
+from cli.report import write_report
 from fareway.config import RedisConfig
-from fareway.console import usage_table
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
+from fareway.redis import connect
 from fareway.redis.embedded import resolve_url
 
 DEMO_TEAM, DEMO_PROJECT = "demo", "quickstart"
@@ -57,7 +62,7 @@ class Child:
 def _spawn(name: str, args: list[str], address: str, env: dict[str, str], logs: Path) -> Child:
     log_path = logs / f"{name}.log"
     log_file = log_path.open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "fareway.cli", name, *args], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "cli", name, *args], env=env,
                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     return Child(name, address, process, log_path, log_file)
 
@@ -93,21 +98,15 @@ def _stop(children: list[Child]) -> None:
 
 def _demo(url: str, gateway: str, console: Console) -> str:
     """Creates a demo key, sends one chat request, prints the reply, its usage and the team's report."""
-    from accounting.ledger import Ledger
-    from accounting.report_cli import write_report
-    from accounting.reports import usage_report
-    from fareway.auth import KeyStore
-    from fareway.redis import connect
-
     async def create_key() -> str:
         redis = connect(url)
         try:
-            key, _ = await KeyStore(redis).create(DEMO_TEAM, DEMO_PROJECT)
+            key, _ = await Admin(redis).create_key(DEMO_TEAM, DEMO_PROJECT)
             return key
         finally:
             await redis.aclose()
 
-    async def report():  # noqa: ANN202
+    async def report() -> UsageReport:
         redis = connect(url)
         try:
             return await usage_report(Ledger(redis), ["team", "project", "model"], teams=[DEMO_TEAM])

@@ -1,4 +1,5 @@
-"""`fareway budget`: set, list and delete monthly budgets (an admin's tool; talks to Redis directly)."""
+"""`fareway budget`: set, list and delete monthly budgets (an admin's tool: accounting/admin.py, as the
+AccountingService's budget RPCs, on Redis directly)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from accounting.admin import Admin
 from fareway.config import RedisConfig
-from fareway.quota import BASES, Budget, Budgets, month_of
+from fareway.quota import BASES, month_of
 from fareway.redis.embedded import redis_session
 
 
@@ -39,27 +41,26 @@ def _usd(value: float | int | None, nano: bool = False) -> str:
 
 async def _run(args: argparse.Namespace, console: Console) -> int:
     async with redis_session(RedisConfig.from_env()) as redis:
-        budgets = Budgets(redis)
+        admin = Admin(redis)
         if args.action == "set":
-            budget = Budget(args.team, args.project, args.hard, args.soft, args.basis)
-            await budgets.set(budget)
+            budget = (await admin.set_budget(args.team, args.project, args.hard, args.soft, args.basis)).budget
             console.print(f"budget for {budget.scope} of {args.team}: hard {_usd(args.hard)}, "
                           f"soft {_usd(args.soft)} a month ({args.basis} basis)", highlight=False)
         elif args.action == "delete":
-            if not await budgets.delete(args.team, args.project):
+            if not await admin.delete_budget(args.team, args.project):
                 console.print(f"no such budget for {args.team} {args.project}".rstrip())
                 return 1
         else:
-            month = month_of(time.time())
-            spend = await budgets.spend(args.team, month)
+            statuses = await admin.list_budgets(args.team)
+            month = statuses[0].month if statuses else month_of(time.time())
             table = Table("scope", "basis", "hard", "soft", f"spent {month}", "held by running requests",
                           title=f"budgets of {args.team}", title_justify="left")
-            for b in await budgets.list(args.team):
+            for status in statuses:
+                b = status.budget
                 table.add_row(b.scope, b.basis, _usd(b.hard_usd), _usd(b.soft_usd),
-                              _usd(spend.get(f"{b.scope}:{b.basis}", 0), nano=True),
-                              _usd(spend.get(f"{b.scope}:reserved_{b.basis}", 0), nano=True))
+                              _usd(status.spent_nusd, nano=True), _usd(status.reserved_nusd, nano=True))
             Console().print(table)
-            for alert in await budgets.alerts(args.team):
+            for alert in await admin.budget_alerts(args.team):
                 Console().print(f"alert {alert['month']}: {alert['scope']} passed its soft budget "
                                 f"({_usd(int(alert['spent_nusd']), nano=True)} spent)", highlight=False)
     return 0

@@ -1,4 +1,4 @@
-"""`fareway prices`: load a price book version, or show the one in force."""
+"""`fareway prices`: load a price book version, or show the one in force (accounting/admin.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from accounting.admin import Admin
 from accounting.pricebook import PriceBook
-from accounting.pricebook_store import PriceBookStore
 from fareway.config import RedisConfig
 from fareway.redis.embedded import redis_session
 
@@ -41,13 +41,13 @@ def _table(book: PriceBook) -> tuple[Table, Table]:
 
 async def _run(args: argparse.Namespace) -> int:
     async with redis_session(RedisConfig.from_env()) as redis:
-        store = PriceBookStore(redis)
+        admin = Admin(redis)
         if args.action == "load":
             book = PriceBook.load(args.file)
-            await store.load(book)
+            await admin.load_prices(book)
             Console(stderr=True).print(f"price book {book.version} is in force")
             return 0
-        for table in _table(await store.ensure()):
+        for table in _table(await admin.prices_in_force()):
             Console().print(table)
     return 0
 

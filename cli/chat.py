@@ -7,8 +7,8 @@ import argparse
 import grpc
 from rich.console import Console
 
-from fareway.client_cli import (Connection, add_connection_arguments, add_sampling_arguments, print_stream,
-                                sampling_from_args, tags_from_args)
+from cli.generate import Connection, print_stream
+from cli.options import add_connection_arguments, add_sampling_arguments, sampling_from_args, tags_from_args
 from fareway.inference.v1 import inference_pb2 as pb
 
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         history.append(pb.ChatMessage(role="assistant", content=reply))
         if args.show_usage:
-            from fareway.console import usage_table
+            from cli.render import usage_table
             console.print(usage_table(last.usage, last.finish_reason))
     return 0
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 from pathlib import Path
 
+from cli.options import add_channel_arguments, add_server_arguments, channel_tls_from_args, server_tls_from_args
 from fareway.config import DEFAULT_DATA_DIR, RedisConfig, TelemetryConfig
-from fareway.process import wait_for_shutdown_signal
-from fareway.tls import add_channel_arguments, add_server_arguments, channel_tls_from_args, server_tls_from_args
-
-# Kept in step with gateway/routing.py's POLICIES (the parser does not import the gateway).
-ROUTING_POLICIES = ("prefix-affinity", "least-load", "cost", "round-robin")
-DEFAULT_ROUTING = "prefix-affinity"
-
-log = logging.getLogger(__name__)
+from fareway.telemetry import setup_telemetry
+from gateway.config import GatewayConfig
+from gateway.fairness import FairnessConfig
+from gateway.routing import DEFAULT_POLICY, POLICIES
+from gateway.service import serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also dispatch to the workers registered in Redis (default: on when REDIS_URL is "
                              "set and no worker address is given)")
     parser.add_argument("--routing", action="append", default=None, metavar="[MODEL=]POLICY",
-                        help=f"routing policy: {', '.join(ROUTING_POLICIES)}; MODEL=POLICY sets one model's "
-                             f"(repeatable; default: {DEFAULT_ROUTING})")
+                        help=f"routing policy: {', '.join(POLICIES)}; MODEL=POLICY sets one model's "
+                             f"(repeatable; default: {DEFAULT_POLICY})")
     parser.add_argument("--shared-prefix-homes", action=argparse.BooleanOptionalAction, default=True,
                         help="prefix-affinity: agree each prompt prefix's home worker with the other gateway "
                              "replicas through Redis; --no-shared-prefix-homes keeps this replica's own (default: on)")
@@ -82,11 +79,11 @@ def _use_registry(args: argparse.Namespace) -> bool:
 
 def _routing(args: argparse.Namespace) -> tuple[str, tuple[tuple[str, str], ...]]:
     """--routing values -> (the default policy, (model, policy) overrides)."""
-    default, by_model = DEFAULT_ROUTING, []
+    default, by_model = DEFAULT_POLICY, []
     for item in args.routing or ():
         model, _, policy = item.rpartition("=")
-        if policy not in ROUTING_POLICIES:
-            raise SystemExit(f"--routing: unknown policy {policy!r}; choose from {', '.join(ROUTING_POLICIES)}")
+        if policy not in POLICIES:
+            raise SystemExit(f"--routing: unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
         if model:
             by_model.append((model, policy))
         else:
@@ -94,28 +91,7 @@ def _routing(args: argparse.Namespace) -> tuple[str, tuple[tuple[str, str], ...]
     return default, tuple(by_model)
 
 
-async def serve(config, redis_config: RedisConfig) -> None:  # noqa: ANN001 - GatewayConfig
-    from fareway.redis import connect
-    from fareway.redis.embedded import resolve_url
-    from gateway.service import running_gateway
-
-    with resolve_url(redis_config) as url:
-        redis = connect(url)
-        try:
-            async with running_gateway(config, redis) as server:
-                log.info("gateway listening on port %d, workers: %s%s", server.port,
-                         ", ".join(config.workers) or "none configured",
-                         " and those in the registry" if config.registry else "")
-                await wait_for_shutdown_signal()
-        finally:
-            await redis.aclose()
-
-
 def run(args: argparse.Namespace) -> int:
-    from fareway.telemetry import setup_telemetry
-    from gateway.config import GatewayConfig
-    from gateway.fairness import FairnessConfig
-
     setup_telemetry(TelemetryConfig.from_env("fareway-gateway", args.metrics_port))
     spool_dir = args.spool_dir or Path(os.environ.get("FAREWAY_DATA_DIR", DEFAULT_DATA_DIR)) / "spool"
     registry = _use_registry(args)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from accounting.chart import cost_chart
 from accounting.ledger import Ledger
 from accounting.reports import DIMENSIONS, IDLE_MODES, UsageReport, usage_report
 from accounting.rollups import Totals
+from cli.chart import cost_chart
+from cli.render import USAGE_COLUMNS, totals_table
 from fareway.config import RedisConfig
-from fareway.console import USAGE_COLUMNS, totals_table
 from fareway.errors import FarewayError
 from fareway.redis import connect
 from fareway.redis.embedded import resolve_url

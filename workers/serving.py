@@ -1,0 +1,106 @@
+"""A worker process from start to drained shutdown: the model, its gRPC server, its heartbeat in the
+registry and its device-time reports to accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from accounting.recorder import CapacityStore, hardware_price
+from fareway.process import wait_for_shutdown_signal
+from fareway.redis import Redis, connect
+from fareway.registry import WorkerRegistry
+from workers.capacity_reporter import CapacityReporter
+from workers.config import WorkerConfig
+from workers.heartbeat import RegistryHeartbeat, advertised_address
+from workers.loader import default_model_path, load_checkpoint
+from workers.model_runner import follow
+from workers.parallel.group import RankGroup
+from workers.parallel.launcher import Rendezvous
+from workers.server import create_worker_server
+from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: WorkerConfig, redis_url: str | None, group: RankGroup | None = None) -> int:
+    """Serves until SIGINT/SIGTERM (exit code 0) or until the worker fails (1: a rank died). With
+    `redis_url` the worker registers (and leaves the registry first at shutdown) and reports its
+    device time; without it, neither."""
+    worker = await asyncio.to_thread(Worker, config, None, group)
+    server = await create_worker_server(worker, config.listen, config.tls.credentials() if config.tls else None)
+    log.info("worker %s listening on port %d", config.worker_id, server.port)
+    if redis_url is None:
+        log.info("REDIS_URL is not set: this worker does not register in the worker registry, "
+                 "and its idle device time is not reported to accounting")
+    redis = connect(redis_url) if redis_url else None
+    reporter = heartbeat = None
+    try:
+        if redis is not None:
+            reporter = await _capacity_reporter(worker, redis)
+            heartbeat = await _registry_heartbeat(worker, redis, server.port)
+        failure = await _shutdown_signal_or_failure(worker)
+    finally:
+        await shut_down(server, worker, heartbeat, config.drain_timeout_s)
+        if reporter is not None:
+            await reporter.stop()
+        if redis is not None:
+            await redis.aclose()
+    if failure is not None:
+        log.error("worker %s stopped: %s", config.worker_id, failure)
+        return 1
+    return 0
+
+
+async def shut_down(server, worker: Worker, heartbeat: RegistryHeartbeat | None,  # noqa: ANN001 - RunningServer
+                    drain_timeout_s: float) -> None:
+    """Leaves the registry first (gateways stop sending new requests within a poll), then lets
+    in-flight requests finish for up to `drain_timeout_s` while refusing new ones, then stops."""
+    if heartbeat is not None:
+        await heartbeat.stop()
+    await server.stop(drain_timeout_s)
+    worker.stop()
+
+
+async def _registry_heartbeat(worker: Worker, redis: Redis, port: int) -> RegistryHeartbeat:
+    address = advertised_address(worker.config.listen, port, worker.config.advertise_address)
+    heartbeat = RegistryHeartbeat(worker, WorkerRegistry(redis), address)
+    await heartbeat.start(await hardware_price(redis, worker.runner.hardware.hardware_class))
+    return heartbeat
+
+
+async def _shutdown_signal_or_failure(worker: Worker) -> str | None:
+    """Waits for SIGINT/SIGTERM (None) or the worker's failure (why it failed)."""
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[str] = loop.create_future()
+
+    def set_failed(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+    worker.on_failure(lambda reason: loop.call_soon_threadsafe(set_failed, reason))
+    signalled = asyncio.ensure_future(wait_for_shutdown_signal())
+    await asyncio.wait([signalled, failed], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    return failed.result() if failed.done() else None
+
+
+async def _capacity_reporter(worker: Worker, redis: Redis) -> CapacityReporter:
+    """Reports device time to accounting."""
+    reporter = CapacityReporter(worker, CapacityStore(redis))
+    await reporter.start()
+    return reporter
+
+
+def serve_rank(config: WorkerConfig, rendezvous: Rendezvous, redis_url: str | None) -> int:
+    """Under torchrun: rank 0 serves, the other ranks follow its steps."""
+    size = config.runner.tensor_parallel_size
+    if size not in (1, rendezvous.world_size):
+        raise ValueError(f"--tensor-parallel-size {size} disagrees with torchrun's WORLD_SIZE {rendezvous.world_size}")
+    config = dataclasses.replace(config, runner=dataclasses.replace(
+        config.runner, tensor_parallel_size=rendezvous.world_size))
+    group = rendezvous.join(config.runner)
+    if rendezvous.rank == 0:
+        return asyncio.run(serve(config, redis_url, group))
+    follow(load_checkpoint(config.model_path or default_model_path()), config.runner, group)
+    return 0
