@@ -62,7 +62,10 @@ def print_stream(responses: Iterator[pb.GenerateStreamResponse], console: Consol
     for last in responses:
         sys.stdout.write(last.text)
         sys.stdout.flush()
+    # Flushed too: what follows goes to stderr, and where both reach one pipe (`2>&1 | less`) it must
+    # start on a line of its own.
     sys.stdout.write("\n")
+    sys.stdout.flush()
     return last
 
 

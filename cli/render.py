@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from fareway.inference.v1 import inference_pb2 as pb
 
@@ -49,3 +51,17 @@ def _format(figures: Sequence[object]) -> list[str]:
     *counts, hit_rate, gpu_seconds, cost_usd, idle_usd, list_usd = figures
     return ([f"{int(c):,}" for c in counts] + [f"{float(hit_rate):.1%}", f"{float(gpu_seconds):.3f}"]
             + [f"${float(usd):,.6f}" for usd in (cost_usd, idle_usd, list_usd)])
+
+
+def usage_blocks(title: str, group_by: Sequence[str], rows: Sequence[tuple[Sequence[str], Sequence[object]]],
+                 total: Sequence[object]) -> Group:
+    """The same report, a block per group, for a terminal too narrow for the table."""
+    lines: list[Text] = [Text(f"{title} by {', '.join(group_by) or 'nothing'}", style="bold")]
+    for group, figures in [*rows, (["total"], total)]:
+        requests, prompt, cached, completion, hit_rate, gpu_seconds, cost, idle, list_ = _format(figures)
+        lines += [Text(),
+                  Text(" / ".join(value or "-" for value in group), style="bold"),
+                  Text(f"  {requests} requests, {gpu_seconds} GPU-seconds"),
+                  Text(f"  tokens: {prompt} prompt, {cached} cached ({hit_rate}), {completion} completion"),
+                  Text(f"  USD: cost to serve {cost}, idle {idle}, list price {list_}")]
+    return Group(*lines)

@@ -18,7 +18,7 @@ from accounting.ledger import Ledger
 from accounting.reports import DIMENSIONS, IDLE_MODES, UsageReport, usage_report
 from accounting.rollups import Totals
 from cli.chart import cost_chart
-from cli.render import USAGE_COLUMNS, totals_table
+from cli.render import USAGE_COLUMNS, totals_table, usage_blocks
 from fareway.config import RedisConfig
 from fareway.errors import FarewayError
 from fareway.redis import connect
@@ -74,7 +74,13 @@ def write_report(report: UsageReport, fmt: str, out=None) -> None:  # noqa: ANN0
     out = out or sys.stdout
     if fmt == "table":
         rows = [(group, _figures(totals)) for group, totals in report.rows]
-        Console(file=out).print(totals_table("usage", report.group_by, rows, _figures(report.total)))
+        console = Console(file=out)
+        table = totals_table("usage", report.group_by, rows, _figures(report.total))
+        natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+        if natural > console.width:  # the table would cut every cell to a letter or two
+            console.print(usage_blocks("usage", report.group_by, rows, _figures(report.total)))
+        else:
+            console.print(table)
     elif fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([*report.group_by, *USAGE_COLUMNS])

@@ -132,14 +132,45 @@ def _demo(url: str, gateway: str, console: Console) -> str:
     return key
 
 
-def _wait_for_exit(children: list[Child]) -> Child | None:
-    """Blocks until Ctrl-C / SIGTERM (returns None) or a child exits (returns it)."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+class _StopRequested:
+    """SIGINT (Ctrl-C) and SIGTERM stop the stack, however this process was started: a shell's
+    background job inherits SIGINT ignored, while the children, which handle it themselves, would still
+    stop on it. The signal raises KeyboardInterrupt, to leave whatever is waiting, and is remembered."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.is_set:
+            self.is_set = True
+            raise KeyboardInterrupt
+
+    def within(self, seconds: float) -> bool:
+        """Whether a stop was asked for, waiting up to `seconds` for one (a signal sent to the whole
+        process group may reach a child that stops on it before it reaches this process)."""
+        deadline = time.monotonic() + seconds
+        try:
+            while not self.is_set and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
+        return self.is_set
+
+
+_STOP_GRACE_S = 2.0
+
+
+def _wait_for_exit(children: list[Child], stop: _StopRequested) -> Child | None:
+    """Blocks until a stop is asked for (returns None) or a child exits unasked (returns it)."""
     try:
         while True:
             for child in children:
                 if child.process.poll() is not None:
-                    return child
+                    return None if stop.within(_STOP_GRACE_S) else child
             time.sleep(0.5)
     except KeyboardInterrupt:
         return None
@@ -147,6 +178,8 @@ def _wait_for_exit(children: list[Child]) -> Child | None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    stop = _StopRequested()
+    stop.install()
     logs = args.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     redis_config = RedisConfig(url=os.environ.get("REDIS_URL") or None, data_dir=args.data_dir)
@@ -172,12 +205,16 @@ def run(args: argparse.Namespace) -> int:
             if args.exit_after_demo:
                 return 0
             _print_next_steps(console, args.gateway_listen, url, key)
-            exited = _wait_for_exit(children)
+            exited = _wait_for_exit(children, stop)
             if exited is not None:
                 console.print(f"[red]{exited.name} exited with {exited.process.returncode}[/red]; "
                               f"see {exited.log_path}")
                 return 1
             return 0
+        except (KeyboardInterrupt, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not stop.within(_STOP_GRACE_S):
+                raise  # a child failed to start
+            return 0  # a stop was asked for while starting: a clean exit too
         finally:
             console.print("stopping...")
             _stop(children)

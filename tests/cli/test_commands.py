@@ -11,9 +11,11 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -37,16 +39,20 @@ _FAREWAY_ENV = ("REDIS_URL", "FAREWAY_API_KEY", "FAREWAY_GATEWAY", "FAREWAY_DATA
 
 
 def fareway(*args: str, redis_url: str | None = None, timeout_s: float = 120, cwd: Path | None = None,
-            stdin: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m cli ARGS` as a user would, with REDIS_URL only if given."""
-    env = {name: value for name, value in os.environ.items() if name not in _FAREWAY_ENV}
+            stdin: str | None = None, extra_env: dict[str, str] | None = None,
+            one_stream: bool = False) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m cli ARGS` as a user would, with REDIS_URL only if given; `one_stream` sends
+    stderr to the same pipe as stdout (as `2>&1 | less` would)."""
+    # Without PYTHONUNBUFFERED (set on some CI machines): a user's stdout to a pipe is block-buffered.
+    env = {name: value for name, value in os.environ.items() if name not in (*_FAREWAY_ENV, "PYTHONUNBUFFERED")}
     # Wide enough that rich tables are not cut to the 80 columns of a pipe.
     env["COLUMNS"] = "200"
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
     env |= extra_env or {}
     return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=cwd, input=stdin,
-                          capture_output=True, text=True, timeout=timeout_s)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT if one_stream else subprocess.PIPE,
+                          text=True, timeout=timeout_s)
 
 
 def new_team() -> str:
@@ -149,6 +155,35 @@ def test_up_runs_the_demo_on_embedded_redis_and_leaves_nothing_running(tmp_path:
 # --- fareway keys -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_the_stack_and_is_a_clean_exit(tmp_path: Path, inherited: str) -> None:
+    """Ctrl-C reaches the whole process group, children first as often as not; a shell's background
+    job (`make run &`) starts with SIGINT ignored. Either way the stack stops, and exits 0."""
+    ports = {name: free_port() for name in ("gateway", "worker", "accounting")}
+    listen = [arg for name, port in ports.items() for arg in (f"--{name}-listen", f"127.0.0.1:{port}")]
+    log = tmp_path / "up.log"
+    env = {name: value for name, value in os.environ.items() if name not in _FAREWAY_ENV}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
+    with log.open("w") as out:
+        up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--no-demo", "--data-dir", str(tmp_path / "data"),
+                               *listen], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True, preexec_fn=ignore)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops everything" not in log.read_text():
+            assert up.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        os.killpg(up.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert up.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "exited with" not in text and text.rstrip().endswith("stopping..."), text
+    assert [name for name, port in ports.items() if is_listening(port)] == []
+
+
 def test_keys_create_prints_a_key_that_authenticates_until_revoked(stack, gateway) -> None:  # noqa: ANN001
     team = new_team()
     created = fareway("keys", "create", "--team", team, "--project", "search", redis_url=stack.redis_url)
@@ -221,6 +256,15 @@ def test_generate_prints_the_text_on_stdout_and_usage_on_stderr(stack, gateway) 
     assert re.search(r"finish reason\W+length", result.stderr)
     assert usage_figure(result.stderr, "completion tokens") == record.completion_tokens == 8
     assert usage_figure(result.stderr, "prompt tokens") == record.prompt_tokens
+
+
+def test_generate_ends_the_text_with_a_newline_before_the_usage_on_one_stream(stack) -> None:  # noqa: ANN001
+    key = stack.create_key(new_team(), "app")
+    result = fareway("generate", *client_flags(stack, key), "--max-tokens", "8", "The capital of France is",
+                     one_stream=True)
+    assert result.returncode == 0, result.stdout
+    text, separator, table = result.stdout.partition("\nusage")
+    assert separator and text.strip() and table.lstrip(" ").startswith("\n"), result.stdout
 
 
 def test_generate_chat_and_stdin(stack) -> None:  # noqa: ANN001
@@ -404,6 +448,25 @@ def test_report_table_shows_each_group_and_the_total(stack, usage) -> None:  # n
         assert re.search(rf"│ {team}\s+│ {project}\s+│\s+{figures} │", result.stdout), result.stdout
     total_requests = sum(group["requests"] for group in totals.values())
     assert re.search(rf"│ total\s+│\s+│\s+{total_requests} │", result.stdout)
+
+
+def test_report_in_an_80_column_terminal_shows_every_figure_whole(stack, usage) -> None:  # noqa: ANN001
+    """Too narrow for the table, the report is a block per group: nothing cut to a letter or two."""
+    team, totals = usage
+    result = fareway("report", "--team", team, "--by", "team,project,model", redis_url=stack.redis_url,
+                     extra_env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in result.stdout, result.stdout
+    for (_, project), expected in totals.items():
+        at = lines.index(f"{team} / {project} / {MODEL}")
+        assert lines[at + 1].startswith(f"  {int(expected['requests']):,} requests, ")
+        assert lines[at + 2].startswith(f"  tokens: {int(expected['prompt_tokens']):,} prompt, "
+                                        f"{int(expected['cached_tokens']):,} cached ")
+        assert lines[at + 2].endswith(f", {int(expected['completion_tokens']):,} completion")
+        assert f"list price ${expected['list_nusd'] / 1e9:,.6f}" in lines[at + 3]
+    total_requests = sum(group["requests"] for group in totals.values())
+    assert lines[lines.index("total") + 1].startswith(f"  {total_requests:,} requests, ")
 
 
 def test_report_time_range_excludes_usage_outside_it(stack, usage) -> None:  # noqa: ANN001
