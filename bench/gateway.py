@@ -11,6 +11,11 @@ tokenizer), the client in this one:
    clients, vs the same clients on the worker directly (alternating rounds); and the
    gateway process's CPU time per request in those rounds (from /proc), which bounds
    what one core given to the gateway alone would sustain.
+   Both phases also measure, in the same alternation, a gateway whose Redis calls go through
+   redis-py's public pipelines instead of the batcher's own connection (what the gateway does on
+   a redis-py release fareway/redis/redis_py.py was not written for), and with `--baseline DIR`
+   the gateway of another checkout (e.g. `git worktree add /tmp/base <commit>`): before and after
+   a change, in one run.
 3. Prefix-affinity vs round-robin routing over 2 workers, and over 4 (prefix caching on):
    4 shared system prompts x 3 teams with varied user questions; fleet prefix-cache
    hit rate (cached / prompt tokens over the responses) and requests per second.
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -113,12 +119,14 @@ class Processes:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
 
-    def _spawn(self, args: list[str], name: str, threads: int) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str, threads: int, tree: Path | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "REDIS_URL": self.redis_url, "FAREWAY_DATA_DIR": str(self.data),
                "FAREWAY_TRACES": "none", "OMP_NUM_THREADS": str(threads)}
+        if tree is not None:  # its packages ahead of this checkout's
+            env["PYTHONPATH"] = str(tree)
         log = open(self.data / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         child = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+                                 stdin=subprocess.DEVNULL, cwd=tree)
         self.children[name] = child
         self.pids[name] = child.pid
         return child
@@ -129,13 +137,23 @@ class Processes:
                      "--kv-bytes", str(kv_bytes), "--worker-id", name], name, threads=1)
         return f"127.0.0.1:{port}"
 
-    def gateway(self, workers: list[str], routing: str, name: str, *options: str) -> str:
+    def gateway(self, workers: list[str], routing: str, name: str, *options: str, tree: Path | None = None,
+                pipelines: bool = False) -> str:
+        """A `fareway gateway` process; from the checkout `tree` if given; with `pipelines`, sending its
+        Redis calls through redis-py pipelines (it is told its redis-py is one the adapter does not know)."""
         port = free_port()
-        args = ["-m", "cli", "gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
+        args = ["gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
                 "--spool-dir", str(self.data / f"spool-{name}"), *options]
         for w in workers:
             args += ["--worker", w]
-        self._spawn(args, name, threads=1)
+        if pipelines:
+            command = ["-c", "import sys, redis; redis.__version__ = '0.0.0'; from cli.main import main; "
+                             "sys.exit(main(sys.argv[1:]))", *args]
+        elif tree is not None and (tree / "fareway" / "cli.py").exists():
+            command = ["-m", "fareway.cli", *args]  # a checkout from before the command line moved to cli/
+        else:
+            command = ["-m", "cli", *args]
+        self._spawn(command, name, threads=1, tree=tree)
         return f"127.0.0.1:{port}"
 
     def check(self) -> None:
@@ -205,13 +223,14 @@ async def tenant(redis_url: str, team: str) -> str:
 # --- 1 and 2: overhead and requests per second ---------------------------------------------------
 
 class Sides:
-    """One 1-token request, sent to the worker directly or through the gateway."""
+    """One 1-token request, sent to the worker directly or through a gateway: this one, one whose Redis
+    calls go through pipelines, and (if given) another checkout's."""
 
-    def __init__(self, worker: str, gateway: str, key: str, team: str, model: str) -> None:
+    def __init__(self, worker: str, gateways: dict[str, str], key: str, team: str, model: str) -> None:
         self.worker_channel = grpc.aio.insecure_channel(worker)
-        self.gateway_channel = grpc.aio.insecure_channel(gateway)
         self.worker = worker_pb2_grpc.WorkerServiceStub(self.worker_channel)
-        self.gateway = inference_pb2_grpc.InferenceServiceStub(self.gateway_channel)
+        self.gateway_channels = {name: grpc.aio.insecure_channel(address) for name, address in gateways.items()}
+        self.gateways = {name: inference_pb2_grpc.InferenceServiceStub(c) for name, c in self.gateway_channels.items()}
         self.metadata = (("authorization", f"Bearer {key}"),)
         self.sampling = ipb.SamplingParams(max_tokens=1, temperature=0)
         self.model, self.salt = model, f"team:{team}"  # the salt the gateway would send: the same cache
@@ -223,10 +242,14 @@ class Sides:
         response = await self.worker.Complete(request, timeout=30)
         assert response.usage.completion_tokens == 1, response
 
-    async def through_gateway(self, request_id: str = "") -> None:
-        response = await self.gateway.Generate(ipb.GenerateRequest(model=self.model, prompt=PROMPT,
-                                                                   sampling=self.sampling, request_id=request_id),
-                                               metadata=self.metadata, timeout=30)
+    def through(self, gateway: str) -> Callable[[], Awaitable[None]]:
+        """The request through the named gateway."""
+        return lambda: self.through_gateway(gateway=gateway)
+
+    async def through_gateway(self, request_id: str = "", gateway: str = "gateway") -> None:
+        response = await self.gateways[gateway].Generate(
+            ipb.GenerateRequest(model=self.model, prompt=PROMPT, sampling=self.sampling, request_id=request_id),
+            metadata=self.metadata, timeout=30)
         assert response.usage.completion_tokens == 1 and response.request_id, response
 
     async def idempotent(self) -> None:
@@ -235,7 +258,8 @@ class Sides:
 
     async def close(self) -> None:
         await self.worker_channel.close()
-        await self.gateway_channel.close()
+        for channel in self.gateway_channels.values():
+            await channel.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -250,14 +274,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
-    calls = {"direct": sides.direct, "gateway": sides.through_gateway, "idempotent": sides.idempotent}
+    calls = {"direct": sides.direct, "gateway": sides.through_gateway, "idempotent": sides.idempotent,
+             **{name: sides.through(name) for name in sides.gateways if name != "gateway"}}
     for _ in range(30):  # warm-up: channels, the limits and key caches, the worker's prefix cache
         for call in calls.values():
             await call()
     out: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     for i in range(samples):
-        for name in names[i % 3:] + names[:i % 3]:  # each goes first, second and third in turn
+        turn = i % len(names)
+        for name in names[turn:] + names[:turn]:  # each goes first, second, ... in turn
             began = time.perf_counter()
             await calls[name]()
             out[name].append((time.perf_counter() - began) * 1000)
@@ -283,20 +309,23 @@ async def rate(call, seconds: float, concurrency: int = CONCURRENCY,  # noqa: AN
     return done / (time.perf_counter() - began)
 
 
-async def rates(sides: Sides, rounds: int, seconds: float, gateway_pid: int) -> dict[str, list[float]]:
-    """Requests per second of each side; "cpu_ms" has the gateway process's CPU per request in its rounds."""
-    await rate(sides.direct, 1.0)
-    await rate(sides.through_gateway, 1.0)
-    out: dict[str, list[float]] = {"direct": [], "gateway": [], "cpu_ms": []}
+async def rates(sides: Sides, rounds: int, seconds: float, pids: dict[str, int]) -> dict[str, list[float]]:
+    """Requests per second of each side, in rounds of alternating order; "<gateway>_cpu_ms" has each
+    gateway process's CPU per request in its rounds."""
+    calls = {"direct": sides.direct, **{name: sides.through(name) for name in sides.gateways}}
+    for call in calls.values():
+        await rate(call, 1.0)
+    out: dict[str, list[float]] = {name: [] for name in calls} | {f"{name}_cpu_ms": [] for name in sides.gateways}
+    names = list(calls)
     for i in range(rounds):
-        for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+        for name in (names if i % 2 == 0 else list(reversed(names))):
             if name == "direct":
                 out[name].append(await rate(sides.direct, seconds))
                 continue
             counted: list[int] = []
-            cpu = cpu_seconds(gateway_pid)
-            out[name].append(await rate(sides.through_gateway, seconds, counted=counted))
-            out["cpu_ms"].append((cpu_seconds(gateway_pid) - cpu) * 1000 / counted[0])
+            cpu = cpu_seconds(pids[name])
+            out[name].append(await rate(calls[name], seconds, counted=counted))
+            out[f"{name}_cpu_ms"].append((cpu_seconds(pids[name]) - cpu) * 1000 / counted[0])
     return out
 
 
@@ -356,7 +385,7 @@ async def affinity_run(gateways: list[str], keys: list[str], prompts: list[str],
 
 # --- the run ---------------------------------------------------------------------------------------
 
-async def run(quick: bool) -> dict[str, object]:
+async def run(quick: bool, baseline: Path | None = None) -> dict[str, object]:
     samples, rounds, seconds = (100, 2, 3.0) if quick else (300, 3, 6.0)
     affinity_requests, affinity_rounds = (72, 2) if quick else (144, 3)
     tok = tokenizer()
@@ -371,14 +400,18 @@ async def run(quick: bool) -> dict[str, object]:
             # Phases 1 and 2 first, with no other worker or gateway running to take the CPU.
             tiny = procs.worker("tiny", 32 << 20, "tiny-0")
             info = await wait_worker(procs, tiny)
-            front = procs.gateway([tiny], "round-robin", "gateway-tiny")
+            fronts = {"gateway": procs.gateway([tiny], "round-robin", "gateway"),
+                      "pipelines": procs.gateway([tiny], "round-robin", "pipelines", pipelines=True)}
+            if baseline is not None:
+                fronts["baseline"] = procs.gateway([tiny], "round-robin", "baseline", tree=baseline)
             key = await tenant(server.url, "bench")
-            await wait_gateway(procs, front, key, info.model, 1)
-            sides = Sides(tiny, front, key, "bench", info.model)
+            for address in fronts.values():
+                await wait_gateway(procs, address, key, info.model, 1)
+            sides = Sides(tiny, fronts, key, "bench", info.model)
             lat = await latencies(sides, samples)
-            rps = await rates(sides, rounds, seconds, procs.pids["gateway-tiny"])
+            rps = await rates(sides, rounds, seconds, procs.pids)
             await sides.close()
-            procs.stop(["tiny-0", "gateway-tiny"])
+            procs.stop(["tiny-0", *fronts])
 
             fleet = [procs.worker("small", affinity_kv, f"small-{i}") for i in range(4)]
             pair = fleet[:2]
@@ -430,6 +463,18 @@ async def run(quick: bool) -> dict[str, object]:
     hit_m = {k: statistics.median(v) for k, v in hits.items()}
     tput_m = {k: statistics.median(v) for k, v in throughput.items()}
     aff, rr = "prefix-affinity", "round-robin"
+    compared = {}
+    for other in ("pipelines", "baseline"):
+        if other in p50:
+            compared |= {
+                f"{other}_p50_ms": round(p50[other], 3),
+                f"{other}_overhead_p50_ms": round(p50[other] - p50["direct"], 3),
+                f"{other}_p50_vs_direct": round(p50[other] / p50["direct"], 2),
+                f"gateway_p50_vs_{other}": round(p50["gateway"] / p50[other], 3),
+                f"{other}_requests_per_s": round(rps_m[other]),
+                f"{other}_cpu_ms_per_request": round(rps_m[f"{other}_cpu_ms"], 3),
+                f"gateway_cpu_vs_{other}": round(rps_m["gateway_cpu_ms"] / rps_m[f"{other}_cpu_ms"], 3),
+            }
     return {
         "bench": "gateway",
         "overhead_p50_ms": round(p50["gateway"] - p50["direct"], 3),
@@ -445,8 +490,8 @@ async def run(quick: bool) -> dict[str, object]:
         "latency_samples": samples,
         "direct_requests_per_s": round(rps_m["direct"]),
         "requests_per_s_vs_direct": round(rps_m["gateway"] / rps_m["direct"], 3),
-        "gateway_cpu_ms_per_request": round(rps_m["cpu_ms"], 3),
-        "requests_per_s_per_gateway_core": round(1000 / rps_m["cpu_ms"]),
+        "gateway_cpu_ms_per_request": round(rps_m["gateway_cpu_ms"], 3),
+        "requests_per_s_per_gateway_core": round(1000 / rps_m["gateway_cpu_ms"]),
         "concurrency": CONCURRENCY,
         "affinity_hit_rate": round(hit_m[aff], 4), "round_robin_hit_rate": round(hit_m[rr], 4),
         "ideal_hit_rate": round(hit_m["ideal"], 4),
@@ -463,12 +508,15 @@ async def run(quick: bool) -> dict[str, object]:
         "shared_homes_vs_own_hit_rate": round(hit_m["replicas-shared"] / hit_m["replicas-own"], 2),
         "prefix_tokens": prefix_tokens, "kv_capacity_tokens_per_worker": small_info[0].kv_capacity_tokens,
         "cpu_count": os.cpu_count(),
+        **compared,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and shorter rounds (~45 s)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also measure the gateway of the checkout in DIR, alternating with this one's")
     parser.add_argument("--serve-worker", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--kv-bytes", type=int, default=32 << 20, help=argparse.SUPPRESS)
@@ -478,7 +526,7 @@ def main() -> None:
         asyncio.run(serve_worker(args.serve_worker, args.size, args.kv_bytes, args.worker_id))
         return
     from bench.common import print_results
-    f = asyncio.run(run(args.quick))
+    f = asyncio.run(run(args.quick, args.baseline))
     rows = [
         ("setup", f"{f['cpu_count']} cores shared by the client, redis-server, `fareway gateway` and the workers "
                   "(separate processes): absolute figures are this machine's, ratios are the result"),
@@ -498,6 +546,15 @@ def main() -> None:
         ("gateway CPU per request", f"{f['gateway_cpu_ms_per_request']:.2f} ms at {f['concurrency']} clients: "
                                     f"one core would sustain ~{f['requests_per_s_per_gateway_core']:,} requests/s "
                                     "if the gateway had it to itself"),
+        ("same, Redis calls through redis-py pipelines",
+         f"p50 +{f['pipelines_overhead_p50_ms']:.2f} ms, {f['pipelines_cpu_ms_per_request']:.2f} ms CPU per request: "
+         f"the batcher's own connection is {f['gateway_p50_vs_pipelines']:.3f}x its p50 and "
+         f"{f['gateway_cpu_vs_pipelines']:.3f}x its CPU"),
+        *([("the --baseline checkout's gateway",
+            f"p50 +{f['baseline_overhead_p50_ms']:.2f} ms ({f['baseline_p50_vs_direct']:.2f}x direct), "
+            f"{f['baseline_cpu_ms_per_request']:.2f} ms CPU per request, {f['baseline_requests_per_s']:,} requests/s: "
+            f"this checkout is {f['gateway_p50_vs_baseline']:.3f}x its p50 and {f['gateway_cpu_vs_baseline']:.3f}x "
+            "its CPU")] if "baseline_p50_ms" in f else []),
         ("2 workers, prefix-affinity", f"hit rate {f['affinity_hit_rate']:.1%}, "
                                        f"{f['affinity_requests_per_s']:.1f} requests/s"),
         ("2 workers, round-robin", f"hit rate {f['round_robin_hit_rate']:.1%}, "
