@@ -13,7 +13,7 @@ from workers.config import COMPUTE_DTYPES, RunnerConfig
 from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.hardware import Hardware, default_dtype, detect, rank_device
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
-from workers.layers.kv_cache import kv_bytes_per_token_per_layer, make_kv_cache
+from workers.layers.kv_cache import RecordingKVCache, kv_bytes_per_token_per_layer, make_kv_cache
 from workers.layers.linear import quantize_model
 from workers.layers.quantization import Int8Embedding
 from workers.loader.checkpoint import Checkpoint
@@ -128,13 +128,22 @@ class ModelRunner:
                 c.head_dim, dtype=self.dtype, device=self.device)  # this rank's KV heads only
 
     def _calibrate_kv_scales(self, token_ids: list[int]) -> None:
-        """Sets each layer's fp8 scales from the K and V of a short text run through the cache."""
-        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
-        for cache in caches:
-            cache.calibrate(True)
-        self.prompt_logprobs(token_ids[: self.num_kv_blocks * self.block_size])
-        for cache in caches:
-            cache.calibrate(False)
+        """Sets each layer's fp8 offsets and scales from the K and V the model computes for a short
+        text, run through fp32 caches that hold them exactly."""
+        token_ids = token_ids[: self.num_kv_blocks * self.block_size]
+        attentions = [layer.self_attn for layer in self.model.model.layers]
+        caches = [attention.kv_cache for attention in attentions]
+        for attention in attentions:
+            attention.kv_cache = RecordingKVCache(
+                -(-len(token_ids) // self.block_size), self.block_size, self.num_kv_heads_per_rank,
+                self.model_config.head_dim, dtype=self.dtype, device=self.device)
+        try:
+            self.prompt_logprobs(token_ids)
+            for attention, cache in zip(attentions, caches):
+                cache.calibrate(attention.kv_cache)
+        finally:
+            for attention, cache in zip(attentions, caches):
+                attention.kv_cache = cache
 
     @torch.inference_mode()
     def prompt_logprobs(self, token_ids: list[int], chunk_size: int = 512) -> torch.Tensor:

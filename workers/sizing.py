@@ -12,7 +12,8 @@ The layout counted is the worker's:
 - int8 weights are 1 byte each plus an fp32 scale per output channel (per row of the embedding).
   A tied head shares the embedding's storage in floats; in int8 it is its own quantized copy.
 - The KV cache holds K and V per layer and per KV head on the rank; int8 adds an fp32 scale per
-  token and KV head for each of K and V, fp8 (e4m3) one scale per layer (no bytes per token).
+  token and KV head for each of K and V, fp8 (e4m3) a channel offset and a scale per
+  KV head and layer (no bytes per token).
 """
 
 from __future__ import annotations

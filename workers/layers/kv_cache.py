@@ -7,9 +7,14 @@ preemption only move block ids around, so every format reads back exactly what
 was written, whoever wrote it.
 
 - float (fp32, fp16, bf16): stored as is, cast on read.
-- fp8_e4m3: one scale per KV head and layer, fixed at load by calibration
-  (`calibrate`) on a short text: amax x 4 headroom maps to fp8's largest value,
-  and values beyond are clamped.
+- fp8_e4m3: per KV head and layer, a channel offset (the mean K or V vector)
+  and a scale, fixed at load from the K and V the model computes for a short
+  text (`RecordingKVCache`, then `calibrate`).
+  What is stored is (x - offset) / scale; amax of x - offset, x 4 headroom,
+  maps to fp8's largest value, and values beyond are clamped. fp8 keeps about
+  two significant digits of each value, so storing the smaller distance from
+  the mean, rather than the value, loses less: K's channels carry large
+  constant offsets. No bytes per token beyond the fp8 element itself.
 - int8: one scale per token and KV head (amax / 127), stored beside the blocks.
 """
 
@@ -65,41 +70,77 @@ class KVCache:
 
 
 class Fp8KVCache(KVCache):
-    """fp8 e4m3 blocks with one scale per KV head for K and one for V."""
+    """fp8 e4m3 blocks with one channel offset and one scale per KV head, for K and for V."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                          storage_dtype=torch.float8_e4m3fn, device=device)
-        self.k_scale = torch.ones(num_kv_heads, 1, device=device)   # [Hkv, 1]
+        self.k_offset = torch.zeros(num_kv_heads, head_dim, device=device)   # [Hkv, D]
+        self.v_offset = torch.zeros(num_kv_heads, head_dim, device=device)
+        self.k_scale = torch.ones(num_kv_heads, 1, device=device)            # [Hkv, 1]
         self.v_scale = torch.ones(num_kv_heads, 1, device=device)
-        self._amax: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def calibrate(self, active: bool) -> None:
-        """While active, writes record each head's largest |K| and |V|; on leaving, those set the scales."""
-        if active:
-            self._amax = (torch.zeros_like(self.k_scale), torch.zeros_like(self.v_scale))
-            return
-        if self._amax is not None:
-            k_amax, v_amax = self._amax
-            self.k_scale = (k_amax * _FP8_HEADROOM / _FP8_MAX).clamp_min(1e-8)
-            self.v_scale = (v_amax * _FP8_HEADROOM / _FP8_MAX).clamp_min(1e-8)
-            self._amax = None
+    def calibrate(self, recorded: RecordingKVCache) -> None:
+        """Sets the offsets and scales from the K and V a recording cache saw."""
+        self.k_offset, self.k_scale = recorded.k_stats.offset_and_scale()
+        self.v_offset, self.v_scale = recorded.v_stats.offset_and_scale()
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._amax is not None:
-            torch.maximum(self._amax[0], k.abs().amax(dim=(0, 2))[:, None].float(), out=self._amax[0])
-            torch.maximum(self._amax[1], v.abs().amax(dim=(0, 2))[:, None].float(), out=self._amax[1])
-        self._store(self.k, slot_mapping, _to_fp8(k, self.k_scale))
-        self._store(self.v, slot_mapping, _to_fp8(v, self.v_scale))
+        self._store(self.k, slot_mapping, _to_fp8(k, self.k_offset, self.k_scale))
+        self._store(self.v, slot_mapping, _to_fp8(v, self.v_offset, self.v_scale))
 
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().gather(block_ids)
-        return k * self.k_scale.to(self.dtype), v * self.v_scale.to(self.dtype)
+        return (torch.addcmul(self.k_offset.to(self.dtype), k, self.k_scale.to(self.dtype)),
+                torch.addcmul(self.v_offset.to(self.dtype), v, self.v_scale.to(self.dtype)))
 
 
-def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+def _to_fp8(x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return ((x.float() - offset) / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+
+
+class RecordingKVCache(KVCache):
+    """An fp32 cache that keeps what is written exactly and records each head's channel statistics:
+    the model runs a calibration text through it to set an fp8 cache's offsets and scales."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                         storage_dtype=torch.float32, device=device)
+        self.k_stats, self.v_stats = _ChannelStats(), _ChannelStats()
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_stats.add(k)
+        self.v_stats.add(v)
+        super().write(slot_mapping, k, v)
+
+
+class _ChannelStats:
+    """Per KV head and channel: the sum, least and greatest of the values seen."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum = self.min = self.max = torch.empty(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()   # [N, Hkv, D]
+        if not self.count:
+            self.sum, self.min, self.max = torch.zeros_like(x[0]), x.amin(0), x.amax(0)
+        else:
+            torch.minimum(self.min, x.amin(0), out=self.min)
+            torch.maximum(self.max, x.amax(0), out=self.max)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+    def offset_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean vector [Hkv, D] and the scale [Hkv, 1] that maps the value farthest from it, with
+        headroom, to fp8's largest."""
+        if not self.count:
+            raise ValueError("no K or V was recorded to calibrate the fp8 KV cache from")
+        mean = self.sum / self.count
+        amax = torch.maximum(self.max - mean, mean - self.min).amax(dim=-1, keepdim=True)
+        return mean, (amax * _FP8_HEADROOM / _FP8_MAX).clamp_min(1e-8)
 
 
 class Int8KVCache(KVCache):
