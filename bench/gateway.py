@@ -6,7 +6,9 @@ tokenizer), the client in this one:
    a budget, usage accounting and idempotency-free dispatch, all on) minus the same
    request sent to the worker directly; alternating, p50 and p99 of each. Alongside,
    the same request with a request_id (its claim, and its outcome stored before the
-   answer).
+   answer), and the same request through the same gateway's OpenAI-compatible HTTP edge
+   (`POST /v1/completions` from an aiohttp client; target: its overhead within 1.5x the
+   gRPC edge's).
 2. Requests per second one gateway process sustains with 32 concurrent grpc.aio
    clients, vs the same clients on the worker directly (alternating rounds); and the
    gateway process's CPU time per request in those rounds (from /proc), which bounds
@@ -48,6 +50,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from fareway.auth import KeyStore, Role
@@ -118,6 +121,7 @@ class Processes:
         self.data, self.redis_url = data, redis_url
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: dict[str, int] = {}
+        self.http_urls: dict[str, str] = {}
 
     def _spawn(self, args: list[str], name: str, threads: int, tree: Path | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "REDIS_URL": self.redis_url, "FAREWAY_DATA_DIR": str(self.data),
@@ -138,12 +142,17 @@ class Processes:
         return f"127.0.0.1:{port}"
 
     def gateway(self, workers: list[str], routing: str, name: str, *options: str, tree: Path | None = None,
-                pipelines: bool = False) -> str:
+                pipelines: bool = False, http: bool = False) -> str:
         """A `fareway gateway` process; from the checkout `tree` if given; with `pipelines`, sending its
-        Redis calls through redis-py pipelines (it is told its redis-py is one the adapter does not know)."""
+        Redis calls through redis-py pipelines (it is told its redis-py is one the adapter does not know);
+        with `http`, serving its HTTP edge too (its URL in `http_urls`)."""
         port = free_port()
         args = ["gateway", "--listen", f"127.0.0.1:{port}", "--routing", routing,
                 "--spool-dir", str(self.data / f"spool-{name}"), *options]
+        if http:
+            http_port = free_port()
+            args += ["--http-listen", f"127.0.0.1:{http_port}"]
+            self.http_urls[name] = f"http://127.0.0.1:{http_port}/v1"
         for w in workers:
             args += ["--worker", w]
         if pipelines:
@@ -226,7 +235,12 @@ class Sides:
     """One 1-token request, sent to the worker directly or through a gateway: this one, one whose Redis
     calls go through pipelines, and (if given) another checkout's."""
 
-    def __init__(self, worker: str, gateways: dict[str, str], key: str, team: str, model: str) -> None:
+    def __init__(self, worker: str, gateways: dict[str, str], key: str, team: str, model: str,
+                 http_url: str) -> None:
+        self.http_url = http_url
+        self.http = aiohttp.ClientSession()
+        self.http_body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+        self.http_headers = {"Authorization": f"Bearer {key}"}
         self.worker_channel = grpc.aio.insecure_channel(worker)
         self.worker = worker_pb2_grpc.WorkerServiceStub(self.worker_channel)
         self.gateway_channels = {name: grpc.aio.insecure_channel(address) for name, address in gateways.items()}
@@ -252,11 +266,19 @@ class Sides:
             metadata=self.metadata, timeout=30)
         assert response.usage.completion_tokens == 1 and response.request_id, response
 
+    async def through_http(self) -> None:
+        """The same request through the gateway's OpenAI-compatible edge."""
+        async with self.http.post(f"{self.http_url}/completions", json=self.http_body,
+                                  headers=self.http_headers) as response:
+            body = await response.json()
+        assert response.status == 200 and body["usage"]["completion_tokens"] == 1, body
+
     async def idempotent(self) -> None:
         """Through the gateway with a request_id: its claim, and its outcome stored before the answer."""
         await self.through_gateway(uuid.uuid4().hex)
 
     async def close(self) -> None:
+        await self.http.close()
         await self.worker_channel.close()
         for channel in self.gateway_channels.values():
             await channel.close()
@@ -275,7 +297,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
     calls = {"direct": sides.direct, "gateway": sides.through_gateway, "idempotent": sides.idempotent,
-             **{name: sides.through(name) for name in sides.gateways if name != "gateway"}}
+             "http": sides.through_http, **{name: sides.through(name) for name in sides.gateways if name != "gateway"}}
     for _ in range(30):  # warm-up: channels, the limits and key caches, the worker's prefix cache
         for call in calls.values():
             await call()
@@ -311,11 +333,14 @@ async def rate(call, seconds: float, concurrency: int = CONCURRENCY,  # noqa: AN
 
 async def rates(sides: Sides, rounds: int, seconds: float, pids: dict[str, int]) -> dict[str, list[float]]:
     """Requests per second of each side, in rounds of alternating order; "<gateway>_cpu_ms" has each
-    gateway process's CPU per request in its rounds."""
-    calls = {"direct": sides.direct, **{name: sides.through(name) for name in sides.gateways}}
+    gateway process's CPU per request in its rounds ("http": the HTTP edge of the "gateway" process)."""
+    calls = {"direct": sides.direct, **{name: sides.through(name) for name in sides.gateways},
+             "http": sides.through_http}
+    pids = {**pids, "http": pids["gateway"]}
     for call in calls.values():
         await rate(call, 1.0)
-    out: dict[str, list[float]] = {name: [] for name in calls} | {f"{name}_cpu_ms": [] for name in sides.gateways}
+    out: dict[str, list[float]] = {name: [] for name in calls} | {f"{name}_cpu_ms": [] for name in calls
+                                                                   if name != "direct"}
     names = list(calls)
     for i in range(rounds):
         for name in (names if i % 2 == 0 else list(reversed(names))):
@@ -400,14 +425,14 @@ async def run(quick: bool, baseline: Path | None = None) -> dict[str, object]:
             # Phases 1 and 2 first, with no other worker or gateway running to take the CPU.
             tiny = procs.worker("tiny", 32 << 20, "tiny-0")
             info = await wait_worker(procs, tiny)
-            fronts = {"gateway": procs.gateway([tiny], "round-robin", "gateway"),
+            fronts = {"gateway": procs.gateway([tiny], "round-robin", "gateway", http=True),
                       "pipelines": procs.gateway([tiny], "round-robin", "pipelines", pipelines=True)}
             if baseline is not None:
                 fronts["baseline"] = procs.gateway([tiny], "round-robin", "baseline", tree=baseline)
             key = await tenant(server.url, "bench")
             for address in fronts.values():
                 await wait_gateway(procs, address, key, info.model, 1)
-            sides = Sides(tiny, fronts, key, "bench", info.model)
+            sides = Sides(tiny, fronts, key, "bench", info.model, procs.http_urls["gateway"])
             lat = await latencies(sides, samples)
             rps = await rates(sides, rounds, seconds, procs.pids)
             await sides.close()
@@ -486,6 +511,13 @@ async def run(quick: bool, baseline: Path | None = None) -> dict[str, object]:
         "gateway_p50_ms": round(p50["gateway"], 3), "gateway_p99_ms": round(p99["gateway"], 3),
         "gateway_p50_vs_direct": round(p50["gateway"] / p50["direct"], 2),
         "idempotent_overhead_p50_ms": round(p50["idempotent"] - p50["direct"], 3),
+        "http_p50_ms": round(p50["http"], 3), "http_p99_ms": round(p99["http"], 3),
+        "http_overhead_p50_ms": round(p50["http"] - p50["direct"], 3),
+        "http_p50_vs_direct": round(p50["http"] / p50["direct"], 2),
+        "http_overhead_vs_grpc_overhead": round((p50["http"] - p50["direct"]) / (p50["gateway"] - p50["direct"]), 2),
+        "http_requests_per_s": round(rps_m["http"]),
+        "http_cpu_ms_per_request": round(rps_m["http_cpu_ms"], 3),
+        "http_cpu_vs_grpc_cpu": round(rps_m["http_cpu_ms"] / rps_m["gateway_cpu_ms"], 2),
         "idempotent_p50_vs_direct": round(p50["idempotent"] / p50["direct"], 2),
         "latency_samples": samples,
         "direct_requests_per_s": round(rps_m["direct"]),
@@ -539,6 +571,11 @@ def main() -> None:
         ("same, with a request_id", f"p50 +{f['idempotent_overhead_p50_ms']:.2f} ms, "
                                     f"{f['idempotent_p50_vs_direct']:.2f}x direct (its claim, and its outcome "
                                     "stored before the answer)"),
+        ("same, through the HTTP edge", f"p50 {f['http_p50_ms']:.2f} ms, p99 {f['http_p99_ms']:.2f} ms: overhead "
+                                        f"+{f['http_overhead_p50_ms']:.2f} ms, {f['http_overhead_vs_grpc_overhead']:.2f}x "
+                                        "the gRPC edge's (target <= 1.5x); "
+                                        f"{f['http_cpu_ms_per_request']:.2f} ms gateway CPU per request "
+                                        f"({f['http_cpu_vs_grpc_cpu']:.2f}x gRPC's), {f['http_requests_per_s']:,} requests/s"),
         (f"requests/s, {f['concurrency']} clients, directly", f"{f['direct_requests_per_s']:,}"),
         (f"requests/s, {f['concurrency']} clients, one gateway", f"{f['requests_per_s']:,} "
                                                                 f"({f['requests_per_s_vs_direct']:.2f}x direct; "

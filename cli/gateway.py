@@ -18,6 +18,11 @@ from gateway.service import serve
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on (default: %(default)s)")
+    parser.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                        help="also serve the OpenAI-compatible HTTP edge (/v1/chat/completions, /v1/completions, "
+                             "/v1/models) here, e.g. 0.0.0.0:8080 (default: not served)")
+    parser.add_argument("--http-max-body", type=int, default=8 << 20, metavar="BYTES",
+                        help="the largest HTTP request body taken (default: %(default)s)")
     parser.add_argument("--worker", action="append", default=None, metavar="HOST:PORT",
                         help="a worker to dispatch to; repeat for several "
                              "(default: $FAREWAY_WORKERS, comma-separated; without them and without the "
@@ -98,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     routing, routing_by_model = _routing(args)
     config = GatewayConfig(workers=_workers(args, registry), registry=registry, routing=routing,
                            routing_by_model=routing_by_model, shared_prefix_homes=args.shared_prefix_homes,
-                           listen=args.listen, max_attempts=args.max_attempts,
+                           listen=args.listen, http_listen=args.http_listen, http_max_body_bytes=args.http_max_body,
+                           max_attempts=args.max_attempts,
                            spool_dir=spool_dir, budget_cost_reserve_usd_per_million_tokens=args.budget_cost_reserve,
                            tls=server_tls_from_args(args), worker_tls=channel_tls_from_args(args, "worker-"),
                            limits_cache_ttl_s=args.limits_cache, key_cache_ttl_s=args.key_cache, fairness=FairnessConfig(

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FAREWAY_DATA_DIR", "var")),
                         help="embedded Redis data and service logs (default: %(default)s)")
     parser.add_argument("--gateway-listen", default="127.0.0.1:50051")
+    parser.add_argument("--gateway-http-listen", default="127.0.0.1:8080",
+                        help="the gateway's OpenAI-compatible HTTP edge (default: %(default)s)")
     parser.add_argument("--worker-listen", default="127.0.0.1:50052")
     parser.add_argument("--accounting-listen", default="127.0.0.1:50053")
     parser.add_argument("--model", default=None, help="passed to the worker (default: SmolLM2-135M-Instruct)")
@@ -96,8 +98,9 @@ def _stop(children: list[Child]) -> None:
         child.log_file.close()
 
 
-def _demo(url: str, gateway: str, console: Console) -> str:
-    """Creates a demo key, sends one chat request, prints the reply, its usage and the team's report."""
+def _demo(url: str, gateway: str, console: Console) -> tuple[str, str]:
+    """Creates a demo key, sends one chat request, prints the reply, its usage and the team's report;
+    the key and the model."""
     async def create_key() -> str:
         redis = connect(url)
         try:
@@ -129,7 +132,7 @@ def _demo(url: str, gateway: str, console: Console) -> str:
         console.print()
     console.print(usage_table(last.usage, last.finish_reason))
     write_report(asyncio.run(report()), "table")
-    return key
+    return key, model
 
 
 class _StopRequested:
@@ -190,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
         children = [
             _spawn("worker", worker_args, args.worker_listen, env, logs),
             _spawn("accounting", ["--listen", args.accounting_listen], args.accounting_listen, env, logs),
-            _spawn("gateway", ["--listen", args.gateway_listen, "--worker", args.worker_listen,
-                               "--spool-dir", str(args.data_dir / "spool")],
+            _spawn("gateway", ["--listen", args.gateway_listen, "--http-listen", args.gateway_http_listen,
+                               "--worker", args.worker_listen, "--spool-dir", str(args.data_dir / "spool")],
                    args.gateway_listen, env, logs),
         ]
         try:
@@ -201,10 +204,11 @@ def run(args: argparse.Namespace) -> int:
                     _wait_serving(child, deadline)
             for child in children:
                 console.print(f"{child.name}: serving on {child.address} (log: {child.log_path})", highlight=False)
-            key = None if args.no_demo else _demo(url, args.gateway_listen, console)
+            console.print(f"gateway: OpenAI-compatible HTTP on http://{args.gateway_http_listen}/v1", highlight=False)
+            key, model = (None, None) if args.no_demo else _demo(url, args.gateway_listen, console)
             if args.exit_after_demo:
                 return 0
-            _print_next_steps(console, args.gateway_listen, url, key)
+            _print_next_steps(console, args.gateway_listen, args.gateway_http_listen, url, key, model)
             exited = _wait_for_exit(children, stop)
             if exited is not None:
                 console.print(f"[red]{exited.name} exited with {exited.process.returncode}[/red]; "
@@ -220,13 +224,24 @@ def run(args: argparse.Namespace) -> int:
             _stop(children)
 
 
-def _print_next_steps(console: Console, gateway: str, url: str, key: str | None) -> None:
+def _print_next_steps(console: Console, gateway: str, http: str, url: str, key: str | None,
+                      model: str | None) -> None:
     key_text = key or "$(.venv/bin/fareway keys create --team myteam --project myproject | tail -1)"
+    model = model or "MODEL"   # GET /v1/models names them
     console.print(f"""
-[bold]Fareway is serving on {gateway}.[/bold] From another terminal:
+Fareway is serving on {gateway} (gRPC) and http://{http}/v1 (OpenAI-compatible). From another terminal:
   export REDIS_URL={url}
   export FAREWAY_API_KEY={key_text}
   .venv/bin/fareway chat
   .venv/bin/fareway generate --chat "Write a haiku about cheap inference"
   .venv/bin/fareway report --by team,project,model
-Ctrl-C stops everything.""", highlight=False)
+Over HTTP:
+  curl http://{http}/v1/chat/completions -H "Authorization: Bearer $FAREWAY_API_KEY" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+With the OpenAI SDK (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="http://{http}/v1", api_key="{key or '<API key>'}")
+  reply = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content, reply.usage)
+Ctrl-C stops everything.""", highlight=False, markup=False)

@@ -121,7 +121,8 @@ class KeyStore:
                 await asyncio.sleep(1.0)
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Tenant:
-        """The tenant named by `authorization: Bearer <key>` metadata."""
+        """The tenant named by `authorization: Bearer <key>` (an HTTP header, or gRPC metadata: header names
+        in lower case)."""
         digest = keys.api_key(bearer_token(metadata))
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > time.monotonic():
@@ -145,9 +146,9 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
             text = value.decode() if isinstance(value, bytes) else value
             scheme, _, token = text.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("the authorization metadata must be 'Bearer <API key>'")
+                raise Unauthenticated("the authorization header (gRPC metadata) must be 'Bearer <API key>'")
             return token.strip()
-    raise Unauthenticated("missing API key: send 'authorization: Bearer <API key>' metadata")
+    raise Unauthenticated("missing API key: send the header (gRPC metadata) 'authorization: Bearer <API key>'")
 
 
 def require_admin(tenant: Tenant, action: str) -> None:

@@ -162,16 +162,22 @@ def _redis_away(exc: BaseException) -> Unavailable:
     return Unavailable("Redis, which holds the keys, limits, budgets and usage, is unreachable; retry shortly")
 
 
+def caller_error(exc: Exception) -> FarewayError:
+    """What the caller is told of an exception: a FarewayError as it is, Redis away as UNAVAILABLE, anything
+    else as INTERNAL with a reference to the log."""
+    if isinstance(exc, FarewayError):
+        return exc
+    if isinstance(exc, UNREACHABLE):
+        return _redis_away(exc)
+    return _internal(exc)
+
+
 def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(request, context)
-        except FarewayError as error:
-            await abort(context, error)
-        except UNREACHABLE as exc:
-            await abort(context, _redis_away(exc))
-        except Exception as exc:  # noqa: BLE001 - every other failure is reported as INTERNAL
-            await abort(context, _internal(exc))
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, unexpected ones as INTERNAL
+            await abort(context, caller_error(exc))
     return wrapper
 
 
@@ -180,12 +186,8 @@ def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., As
         try:
             async for response in handler(request, context):
                 yield response
-        except FarewayError as error:
-            await abort(context, error)
-        except UNREACHABLE as exc:
-            await abort(context, _redis_away(exc))
         except Exception as exc:  # noqa: BLE001
-            await abort(context, _internal(exc))
+            await abort(context, caller_error(exc))
     return wrapper
 
 

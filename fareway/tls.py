@@ -1,4 +1,4 @@
-"""TLS and mutual TLS for Fareway's gRPC ports and the channels that call them.
+"""TLS and mutual TLS for Fareway's gRPC ports (and the gateway's HTTP edge) and the channels that call them.
 
 A server given a certificate and key serves TLS; given a client CA as well it
 requires every caller to present a certificate that CA signed (mutual TLS).
@@ -8,6 +8,7 @@ key as well it presents them. Files are PEM and are read once, at start.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,18 @@ class ServerTls:
         root = _read(self.client_ca_file) if self.client_ca_file else None
         return grpc.ssl_server_credentials([(_read(self.key_file), _read(self.cert_file))],
                                            root_certificates=root, require_client_auth=root is not None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for an HTTP server (the gateway's OpenAI-compatible edge)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+            if self.client_ca_file:
+                context.load_verify_locations(self.client_ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS files {self.cert_file}, {self.key_file}: {exc}") from None
+        return context
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ import uuid
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-import grpc
-
 from accounting.recorder import UsageRecorder
 from fareway.auth import Tenant
 from fareway.errors import DeadlineExceeded, Internal, ResourceExhausted
@@ -40,7 +38,7 @@ from fareway.redis import UNREACHABLE
 from gateway.fairness import FairScheduler, Share, estimate_prompt_tokens
 from gateway.idempotency import IdempotencyStore, Outcome
 from gateway.pool import WorkerPool
-from gateway.run import Run
+from gateway.run import CallContext, Run
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ class Admission:
         self._owner_prefix = uuid.uuid4().hex[:16]
         self._owner_numbers = itertools.count()
 
-    async def admit(self, run: Run, context: grpc.aio.ServicerContext) -> Outcome | None:
+    async def admit(self, run: Run, context: CallContext) -> Outcome | None:
         """Counts the request against its rate limits, then holds its maximum cost against its budgets
         (RESOURCE_EXHAUSTED past either). One with a request_id claims the id in the same round trip, the
         claim queued first, and the admission scripts count the request only if its run got the claim:
@@ -126,7 +124,7 @@ class Admission:
             raise refused
         return outcome
 
-    async def _hold(self, run: Run, context: grpc.aio.ServicerContext,
+    async def _hold(self, run: Run, context: CallContext,
                     claim: tuple[str, str] | None = None) -> bool:
         """Takes the request's rate-limit hold and budget reservation, or neither. With `claim` (its
         request_id's claim key and this run's owner token), nothing is counted unless the run got the
@@ -167,7 +165,7 @@ class Admission:
                                               max_list_nusd=max_list, now=now, claim=claim)
         return _reserved(reserving, tenant, max_cost_nusd=max_cost, max_list_nusd=max_list)
 
-    async def wait_turn(self, run: Run, context: grpc.aio.ServicerContext) -> None:
+    async def wait_turn(self, run: Run, context: CallContext) -> None:
         """Past the workers' capacity, waits for the tenant's fair turn (gateway/fairness.py)."""
         if self.fairness is None:
             return

@@ -15,6 +15,10 @@ class GatewayConfig:
     workers: tuple[str, ...]
     """Configured worker addresses (host:port); may be empty when the registry is watched."""
     listen: str = "127.0.0.1:50051"
+    http_listen: str | None = None
+    """Also serve the OpenAI-compatible HTTP edge on this HOST:PORT (gateway/http_edge.py); None: gRPC only."""
+    http_max_body_bytes: int = 8 << 20
+    """The largest HTTP request body taken (413 past it)."""
     worker_refresh_interval_s: float = 2.0
     """How often each worker's model info is re-read (and unreachable workers retried)."""
     registry: bool = False
@@ -67,5 +71,7 @@ class GatewayConfig:
             raise ValueError(f"key_cache_ttl_s must be >= 0, got {self.key_cache_ttl_s}")
         if self.limits_cache_ttl_s < 0:
             raise ValueError(f"limits_cache_ttl_s must be >= 0, got {self.limits_cache_ttl_s}")
+        if self.http_max_body_bytes < 1024:
+            raise ValueError(f"http_max_body_bytes must be at least 1024, got {self.http_max_body_bytes}")
         if self.worker_refresh_interval_s <= 0:
             raise ValueError(f"worker_refresh_interval_s must be positive, got {self.worker_refresh_interval_s}")

@@ -5,6 +5,7 @@ exactly one usage record however it ends (gateway/finishing.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
@@ -21,7 +22,7 @@ from gateway.finishing import Finisher
 from gateway.idempotency import Outcome, replay
 from gateway.pool import WorkerPool
 from gateway.routing import Route, route_for
-from gateway.run import Delta, Final, Run, worker_request
+from gateway.run import CallContext, Delta, Final, Run, worker_request
 from gateway.worker_calls import CallIds, cancelled_status, complete, open_stream, worker_failure
 
 
@@ -34,10 +35,11 @@ class Dispatcher:
         self._call_ids = CallIds()
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
-        """Deltas as the worker produces them, then the Final response."""
+                  context: CallContext, run_id: str = "") -> AsyncIterator[Delta | Final]:
+        """Deltas as the worker produces them, then the Final response. The run is named by the request's
+        request_id, else by `run_id`, else by a new id."""
         validate_generate(request)
-        run = Run(tenant, request, request.request_id or uuid.uuid4().hex)
+        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex)
         try:
             route = route_for(request, tenant.team)
             try:
@@ -52,17 +54,18 @@ class Dispatcher:
             if outcome is not None:
                 yield Final(replay(outcome, request.request_id), replayed=True)
                 return
-            async for event in self._stream(run, call, context):
-                yield event
+            async with contextlib.aclosing(self._stream(run, call, context)) as events:
+                async for event in events:
+                    yield event
         finally:
             await self.admission.release(run)
 
     async def complete(self, tenant: Tenant, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+                       context: CallContext, run_id: str = "") -> pb.GenerateResponse:
         """The whole response, for a caller that waits for it: the worker answers once
-        (WorkerService.Complete), which costs both sides less than streaming it."""
+        (WorkerService.Complete), which costs both sides less than streaming it. Named as `run`'s."""
         validate_generate(request)
-        run = Run(tenant, request, request.request_id or uuid.uuid4().hex)
+        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex)
         try:
             route = route_for(request, tenant.team)
             try:
@@ -85,7 +88,7 @@ class Dispatcher:
         finally:
             await self.admission.release(run)
 
-    async def _ran_or_undo(self, run: Run, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+    async def _ran_or_undo(self, run: Run, error: BaseException, context: CallContext) -> None:
         """A unary request that failed: billed for what ran if a worker ran it (the worker said what it
         spent: the caller went away and it was aborted, or its generation failed), else undone."""
         if run.endpoint is None:
@@ -96,7 +99,7 @@ class Dispatcher:
         elif isinstance(error, FarewayError):
             await asyncio.shield(self.finisher.finish(run, error.code, pb.FINISH_REASON_ERROR, None, error.message))
 
-    async def _admitted(self, run: Run, route: Route, context: grpc.aio.ServicerContext) -> Outcome | None:
+    async def _admitted(self, run: Run, route: Route, context: CallContext) -> Outcome | None:
         """Admits the request and waits for its turn; a request_id that already ran gives its Outcome."""
         outcome = await self.admission.admit(run, context)
         if outcome is None:
@@ -110,13 +113,15 @@ class Dispatcher:
             await asyncio.shield(self.admission.undo(run))
 
     async def _stream(self, run: Run, call: grpc.aio.UnaryStreamCall,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
+                      context: CallContext) -> AsyncIterator[Delta | Final]:
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
                 delta = run.add(message)
                 if delta is not None:
                     yield delta
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away: cancelled while waiting for the worker, or closed while its edge was
+            # sending what came (GeneratorExit, at the yield). Billed for what ran either way.
             call.cancel()
             await asyncio.shield(self.finisher.finish(run, cancelled_status(context), pb.FINISH_REASON_CANCELLED,
                                                       None))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fareway.errors import NotFound, Unavailable
+from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
@@ -278,3 +279,15 @@ class WorkerPool:
         workers = self.serving(model)
         up = self.router.order(model, [e for e in workers if e.is_up], route or Route())
         return up + [e for e in workers if not e.is_up]  # type: ignore[return-value]
+
+
+def served_models(pool: WorkerPool) -> list[ipb.Model]:
+    """The models the pool's workers serve, by name: the least context length and the hardware classes of
+    those up (ListModels, `GET /v1/models`)."""
+    models = []
+    for name, endpoints in sorted(pool.models().items()):
+        up = [e for e in endpoints if e.is_up and e.info is not None]
+        models.append(ipb.Model(
+            id=name, context_length=min((e.info.context_length for e in up), default=0),
+            hardware_classes=sorted({e.info.hardware_class for e in up}), num_workers=len(up)))
+    return models

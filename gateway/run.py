@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -18,6 +19,14 @@ from gateway.fairness import Slot
 from gateway.pool import WorkerEndpoint
 
 _FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
+
+
+class CallContext(Protocol):
+    """What the request path reads of the call it serves: a gRPC ServicerContext, or the HTTP edge's
+    (gateway/http_edge.py)."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline; None without one."""
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
-from opentelemetry import trace
 
 from accounting.recorder import UsageRecorder
-from fareway.auth import KeyStore, Tenant
+from fareway.auth import KeyStore
 from fareway.config import RedisConfig
 from fareway.errors import from_rpc_error
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
@@ -33,15 +33,16 @@ from gateway.dispatch import Dispatcher
 from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import FairScheduler
 from gateway.finishing import Finisher
+from gateway.http_edge import HttpEdge, serving_http
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import GatewayMetrics
-from gateway.pool import WorkerPool
+from gateway.pool import WorkerPool, served_models
 from gateway.routing import Router
 from gateway.run import Delta, Final, copy_input
 from gateway.shared_homes import SharedHomes
+from gateway.tracing import generate_span
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 _INFO_TIMEOUT_S = 5.0
 
 
@@ -54,25 +55,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _events(self, request: pb.GenerateStreamRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
         tenant = await self.keys.authenticate(context.invocation_metadata())
-        with _tracer.start_as_current_span("gateway.generate") as span:
-            traced = _describe_request(span, tenant, request)
+        with generate_span(tenant, request) as describe_usage:
             async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
                 async for event in events:
-                    if traced and isinstance(event, Final):
-                        _describe_usage(span, event.response.usage)
+                    if isinstance(event, Final):
+                        describe_usage(event.response.usage)
                     yield event
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         tenant = await self.keys.authenticate(context.invocation_metadata())
-        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-            # No tracer provider installed (nothing exports spans: fareway/telemetry.py): not even a no-op span.
-            return await self.dispatcher.complete(tenant, request, context)
-        with _tracer.start_as_current_span("gateway.generate") as span:
-            traced = _describe_request(span, tenant, request)
+        with generate_span(tenant, request) as describe_usage:
             response = await self.dispatcher.complete(tenant, request, context)
-            if traced:
-                _describe_usage(span, response.usage)
+            describe_usage(response.usage)
             return response
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest,  # noqa: N802
@@ -92,12 +87,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         await self.keys.authenticate(context.invocation_metadata())
-        models = []
-        for name, endpoints in sorted(self.pool.models().items()):
-            up = [e for e in endpoints if e.is_up and e.info is not None]
-            models.append(pb.Model(
-                id=name, context_length=min((e.info.context_length for e in up), default=0),
-                hardware_classes=sorted({e.info.hardware_class for e in up}), num_workers=len(up)))
+        models = served_models(self.pool)
         return pb.ListModelsResponse(models=models)
 
     async def CountTokens(self, request: pb.CountTokensRequest,  # noqa: N802
@@ -115,28 +105,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                       context_length=counted.context_length)
 
 
-def _describe_request(span: trace.Span, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest) -> bool:
-    """Names the request's tenant and model on its span; whether the span records (only when something
-    exports spans, fareway/telemetry.py)."""
-    if not span.is_recording():
-        return False
-    span.set_attributes({"fareway.team": tenant.team, "fareway.project": tenant.project,
-                         "fareway.model": request.model})
-    return True
+@dataclass(frozen=True)
+class RunningGateway:
+    grpc: RunningServer
+    http_port: int | None
+    """The OpenAI-compatible edge's port; None when it is not served."""
 
-
-def _describe_usage(span: trace.Span, usage: pb.Usage) -> None:
-    span.set_attributes({"fareway.prompt_tokens": usage.prompt_tokens, "fareway.cached_tokens": usage.cached_tokens,
-                         "fareway.completion_tokens": usage.completion_tokens,
-                         "fareway.gpu_seconds": usage.gpu_seconds, "fareway.worker": usage.worker_id})
+    @property
+    def port(self) -> int:
+        """The gRPC port."""
+        return self.grpc.port
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                           credentials: grpc.ServerCredentials | None = None,
-                          metrics: GatewayMetrics | None = None) -> AsyncIterator[RunningServer]:
-    """A gateway serving on config.listen until the block ends. Its health is
-    SERVING only while at least one worker can be reached."""
+                          metrics: GatewayMetrics | None = None) -> AsyncIterator[RunningGateway]:
+    """A gateway serving gRPC on config.listen (and HTTP on config.http_listen) until the block ends. Its
+    health is SERVING only while at least one worker can be reached."""
     pool = WorkerPool(config.workers, config.worker_refresh_interval_s,
                       registry=WorkerRegistry(redis) if config.registry else None,
                       registry_poll_interval_s=config.registry_poll_interval_s,
@@ -164,6 +150,11 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
                           RateLimiter(redis), config.budget_cost_reserve_usd_per_million_tokens, fairness)
     dispatcher = Dispatcher(pool, admission, Finisher(recorder, admission, idempotency, metrics), config.max_attempts)
     servicer = InferenceServicer(keys, pool, dispatcher)
+    exits = contextlib.AsyncExitStack()
+    http_port = None
+    if config.http_listen is not None:
+        http_port = await exits.enter_async_context(serving_http(
+            HttpEdge(keys, pool, dispatcher, config.http_max_body_bytes), config.http_listen, config.tls))
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
@@ -180,7 +171,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     counting = asyncio.create_task(_count_peers(peers, pool)) if fairness is not None else None
     syncing = asyncio.create_task(shared.sync_forever()) if shared is not None else None
     try:
-        yield server
+        yield RunningGateway(server, http_port)
     finally:
         for task in (revocations, counting, syncing):
             if task is not None:
@@ -188,7 +179,7 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
         if counting is not None:
             with contextlib.suppress(*UNREACHABLE):
                 await peers.leave()
-        await server.stop()
+        await asyncio.gather(server.stop(), exits.aclose())  # both edges finish what they serve
         await dispatcher.drain()
         await recorder.stop()
         await pool.close()
@@ -212,8 +203,9 @@ async def serve(config: GatewayConfig, redis_config: RedisConfig) -> None:
     with resolve_url(redis_config) as url:
         redis = connect(url)
         try:
-            async with running_gateway(config, redis) as server:
-                log.info("gateway listening on port %d, workers: %s%s", server.port,
+            async with running_gateway(config, redis) as gateway:
+                log.info("gateway listening on port %d%s, workers: %s%s", gateway.port,
+                         f" (gRPC) and {gateway.http_port} (HTTP)" if gateway.http_port else "",
                          ", ".join(config.workers) or "none configured",
                          " and those in the registry" if config.registry else "")
                 await wait_for_shutdown_signal()

@@ -27,7 +27,7 @@ from fareway.inference.v1 import inference_pb2 as pb
 from fareway.worker.v1 import worker_pb2 as wpb
 from gateway.failover import WorkerRefused
 from gateway.pool import WorkerEndpoint
-from gateway.run import Run
+from gateway.run import CallContext, Run
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _DEADLINE_SLACK_S = 0.01
 
 
 async def open_stream(endpoint: WorkerEndpoint, forwarded: wpb.GenerateRequest, run: Run,
-                      context: grpc.aio.ServicerContext) -> grpc.aio.UnaryStreamCall:
+                      context: CallContext) -> grpc.aio.UnaryStreamCall:
     """A stream from the worker that has admitted the request (sent its first message, taken by `run`)."""
     call = endpoint.stub.Generate(forwarded, timeout=context.time_remaining(), metadata=trace_context())
     count_in_flight(endpoint, call)
@@ -76,7 +76,7 @@ class CallIds:
 
 
 async def complete(endpoint: WorkerEndpoint, forwarded: wpb.GenerateRequest, run: Run,
-                   context: grpc.aio.ServicerContext) -> wpb.GenerateResponse:
+                   context: CallContext) -> wpb.GenerateResponse:
     """The worker's whole answer, taken by `run`. Raises the caller's error when the generation failed
     after it started (its usage taken by `run`); when the caller goes away meanwhile, the worker is
     told to abort (`forwarded.call_id`) and `run` takes what it spent before the cancellation goes on."""
@@ -136,7 +136,7 @@ def worker_failure(run: Run, error: grpc.aio.AioRpcError) -> FarewayError:
                        f"({error.code().name}: {error.details()}); the partial usage was recorded")
 
 
-def cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def cancelled_status(context: CallContext) -> grpc.StatusCode:
     """How a request the caller stopped waiting for ended: its deadline passed, or it was cancelled."""
     remaining = context.time_remaining()
     expired = remaining is not None and remaining <= _DEADLINE_SLACK_S

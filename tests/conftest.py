@@ -160,6 +160,8 @@ class Stack:
     worker_address: str
     gateway_address: str
     accounting_address: str
+    http_url: str
+    """The gateway's OpenAI-compatible edge, http://127.0.0.1:PORT/v1."""
 
     def create_key(self, team: str, project: str = "main", admin: bool = False) -> str:
         from fareway.auth import KeyStore, Role
@@ -203,18 +205,18 @@ def stack(background_loop: BackgroundLoop, redis_server: str, smollm2: Any) -> I
     worker_address = f"127.0.0.1:{worker_server.port}"
     exits = contextlib.AsyncExitStack()
 
-    async def start() -> tuple[int, int]:
+    async def start() -> tuple[int, int, int]:
         redis_client = connect(redis_server)
         exits.push_async_callback(redis_client.aclose)
         gateway = await exits.enter_async_context(running_gateway(
-            GatewayConfig(workers=(worker_address,), listen="127.0.0.1:0"), redis_client))
+            GatewayConfig(workers=(worker_address,), listen="127.0.0.1:0", http_listen="127.0.0.1:0"), redis_client))
         accounting = await create_accounting_server(redis_client, "127.0.0.1:0")
         exits.push_async_callback(accounting.stop)
-        return gateway.port, accounting.port
+        return gateway.port, accounting.port, gateway.http_port
 
-    gateway_port, accounting_port = background_loop.run(start())
+    gateway_port, accounting_port, http_port = background_loop.run(start())
     yield Stack(background_loop, redis_server, worker, worker_address,
-                f"127.0.0.1:{gateway_port}", f"127.0.0.1:{accounting_port}")
+                f"127.0.0.1:{gateway_port}", f"127.0.0.1:{accounting_port}", f"http://127.0.0.1:{http_port}/v1")
     background_loop.run(exits.aclose())
     background_loop.run(worker_server.stop(0))
     worker.stop()

@@ -109,6 +109,8 @@ def test_up_runs_the_demo_on_embedded_redis_and_leaves_nothing_running(tmp_path:
     data_dir = tmp_path / "data"
     ports = {name: free_port() for name in ("gateway", "worker", "accounting")}
     listen = [arg for name, port in ports.items() for arg in (f"--{name}-listen", f"127.0.0.1:{port}")]
+    http_port = free_port()
+    listen += ["--gateway-http-listen", f"127.0.0.1:{http_port}"]
 
     result = fareway("up", "--exit-after-demo", "--data-dir", str(data_dir), *listen, cwd=tmp_path, timeout_s=300)
 
@@ -118,6 +120,7 @@ def test_up_runs_the_demo_on_embedded_redis_and_leaves_nothing_running(tmp_path:
     assert redis_url == f"unix://{data_dir.resolve()}/redis.sock"
     for name, port in ports.items():
         assert f"{name}: serving on 127.0.0.1:{port}" in out
+    assert f"gateway: OpenAI-compatible HTTP on http://127.0.0.1:{http_port}/v1" in out
     key = re.search(r"demo key for demo/quickstart: (fw_\S+)", out).group(1)
     reply = re.search(rf"{MODEL}> (.*?)\n\s*usage", out, re.DOTALL).group(1)
     assert len(reply.split()) >= 3
@@ -130,14 +133,14 @@ def test_up_runs_the_demo_on_embedded_redis_and_leaves_nothing_running(tmp_path:
     assert out.rstrip().endswith("stopping...")
 
     # Everything it started is gone: no listener, no Redis, no child process.
-    assert [name for name, port in ports.items() if is_listening(port)] == []
+    assert [name for name, port in {**ports, "http": http_port}.items() if is_listening(port)] == []
     assert not is_alive(redis_url)
     assert processes_mentioning(str(data_dir)) == []
     assert [c for port in ports.values() for c in processes_mentioning(f"127.0.0.1:{port}")] == []
 
     logs = data_dir / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["accounting.log", "gateway.log", "worker.log"]
-    assert f"listening on port {ports['gateway']}" in (logs / "gateway.log").read_text()
+    assert f"listening on port {ports['gateway']} (gRPC) and {http_port} (HTTP)" in (logs / "gateway.log").read_text()
     assert f"listening on port {ports['worker']}" in (logs / "worker.log").read_text()
 
     # The embedded Redis kept its data: the next commands on the same data dir see the demo key and its usage.
@@ -162,6 +165,8 @@ def test_ctrl_c_stops_the_stack_and_is_a_clean_exit(tmp_path: Path, inherited: s
     job (`make run &`) starts with SIGINT ignored. Either way the stack stops, and exits 0."""
     ports = {name: free_port() for name in ("gateway", "worker", "accounting")}
     listen = [arg for name, port in ports.items() for arg in (f"--{name}-listen", f"127.0.0.1:{port}")]
+    http_port = free_port()
+    listen += ["--gateway-http-listen", f"127.0.0.1:{http_port}"]
     log = tmp_path / "up.log"
     env = {name: value for name, value in os.environ.items() if name not in _FAREWAY_ENV}
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
@@ -181,7 +186,7 @@ def test_ctrl_c_stops_the_stack_and_is_a_clean_exit(tmp_path: Path, inherited: s
             os.killpg(up.pid, signal.SIGKILL)
     text = log.read_text()
     assert "exited with" not in text and text.rstrip().endswith("stopping..."), text
-    assert [name for name, port in ports.items() if is_listening(port)] == []
+    assert [name for name, port in {**ports, "http": http_port}.items() if is_listening(port)] == []
 
 
 def test_keys_create_prints_a_key_that_authenticates_until_revoked(stack, gateway) -> None:  # noqa: ANN001

@@ -9,12 +9,12 @@ import uuid
 
 import grpc
 
-from workers.serving import shut_down
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.redis import keys
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
+from workers.serving import shut_down
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> float:  # noqa: ANN001

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 
-
 @dataclass(frozen=True)
 class HfReference:
     """transformers' reading of the SmolLM2 GGUF."""

@@ -1,0 +1,383 @@
+"""The OpenAI wire format, translated to and from the InferenceService's messages.
+
+Requests: a JSON body of `POST /v1/chat/completions` or `POST /v1/completions` becomes a
+GenerateRequest (or GenerateStreamRequest), or InvalidArgument naming the parameter. A parameter
+Fareway does not support yet is refused when it asks for something other than OpenAI's default,
+and an unknown one is refused, so that nothing a caller asks for is silently ignored.
+
+Responses: `chat.completion` / `text_completion` objects and their streamed chunks, with `usage`
+as OpenAI defines it and Fareway's own figures (GPU-seconds, worker, hardware, timings) in one
+extension object, `fareway`. Errors: OpenAI's `{"error": {...}}` shape with the HTTP status that
+matches the gRPC status.
+
+No sockets here: gateway/http_edge.py serves these over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+
+from fareway.errors import FarewayError, InvalidArgument
+from fareway.inference.v1 import inference_pb2 as pb
+
+MAX_MODEL_CHARS = 256
+_SHOWN_CHARS = 40
+_INT32_MAX = 2**31 - 1
+_UINT64_MAX = 2**64 - 1
+
+_FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+                   pb.FINISH_REASON_LENGTH: "length"}
+
+# gRPC status -> (HTTP status, OpenAI error type).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ABORTED: (409, "conflict_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+def shown(value: object) -> str:
+    """A value from the caller, as an error message may quote it: repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}...' ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A parsed request: the Fareway message, and how the answer is to be sent."""
+
+    kind: str
+    """"chat" or "text" (completions)."""
+    message: pb.GenerateRequest | pb.GenerateStreamRequest
+    stream: bool
+    include_usage: bool
+    """Streaming: a last chunk carries the usage (stream_options.include_usage)."""
+
+
+# Parameters Fareway takes, or refuses unless they ask for OpenAI's default: name -> that default
+# test. A parameter in neither table is refused as unknown.
+_AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v == 1,
+    "best_of": lambda v: v == 1,
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "repetition_penalty": lambda v: v == 1,
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0,
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "logit_bias": lambda v: v == {},
+    "response_format": lambda v: v == {"type": "text"},
+    "tools": lambda v: v == [],
+    "functions": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "parallel_tool_calls": lambda v: isinstance(v, bool),   # only means something with tools
+    "store": lambda v: v is False,
+    "service_tier": lambda v: v in ("auto", "default"),
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+    "audio": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "web_search_options": lambda v: False,
+}
+_COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                     "stop", "user", "metadata", "session_id"})
+_CHAT = _COMMON | {"messages", "max_completion_tokens"}
+_TEXT = _COMMON | {"prompt"}
+
+
+def chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
+    """A `POST /v1/chat/completions` body."""
+    stream, include_usage = _check_parameters(body, _CHAT)
+    message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)()
+    message.chat.messages.extend(_messages(body.get("messages")))
+    max_tokens = body.get("max_completion_tokens")
+    _fill(message, body, "max_completion_tokens" if max_tokens is not None else "max_tokens")
+    return OpenAIRequest("chat", message, stream, include_usage)
+
+
+def completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
+    """A `POST /v1/completions` body."""
+    stream, include_usage = _check_parameters(body, _TEXT)
+    message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)()
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidArgument("prompt must be a string (one prompt per request; token ids are not taken yet)",
+                              field="prompt")
+    message.prompt = prompt
+    _fill(message, body, "max_tokens")
+    return OpenAIRequest("text", message, stream, include_usage)
+
+
+def _check_parameters(body: Mapping[str, Any], known: frozenset[str]) -> tuple[bool, bool]:
+    """Refuses unknown parameters and unsupported ones that are not at their default; (stream, include_usage)."""
+    for name, value in body.items():
+        if name in known or value is None:
+            continue
+        if name not in _AT_DEFAULT:
+            raise InvalidArgument(f"unknown parameter {shown(name)}", field=name[:_SHOWN_CHARS])
+        if not _AT_DEFAULT[name](value):
+            raise InvalidArgument(f"{name} is not supported by Fareway yet; leave it out or at its default",
+                                  field=name)
+    stream = _typed(body, "stream", bool) or False
+    options = _typed(body, "stream_options", dict) or {}
+    if options and not stream:
+        raise InvalidArgument("stream_options is only for stream: true", field="stream_options")
+    for name in options:
+        if name != "include_usage":
+            raise InvalidArgument(f"unknown stream option {shown(name)}", field="stream_options")
+    include_usage = _typed(options, "include_usage", bool, "stream_options.include_usage") or False
+    return stream, include_usage
+
+
+def _messages(value: Any) -> list[pb.ChatMessage]:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument("messages must be a non-empty list of {role, content} objects", field="messages")
+    messages = []
+    for i, item in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"{where} must be an object with role and content", field=where)
+        for name in item:
+            if name not in ("role", "content"):
+                raise InvalidArgument(f"{where}.{name[:_SHOWN_CHARS]} is not supported by Fareway yet",
+                                      field=f"{where}.{name[:_SHOWN_CHARS]}")
+        role = item.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise InvalidArgument(f"{where}.role is {shown(role)}; use system, developer, user, assistant or tool",
+                                  field=f"{where}.role")
+        messages.append(pb.ChatMessage(role=role, content=_content(item.get("content"), where)))
+    return messages
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts (joined with newlines)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InvalidArgument(f"{where}.content[{j}] must be a text part, {{\"type\": \"text\", \"text\": ...}}; "
+                                      "Fareway serves text models", field=f"{where}.content[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidArgument(f"{where}.content must be a string or a list of text parts", field=f"{where}.content")
+
+
+def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[str, Any], max_tokens_name: str) -> None:
+    """The parameters both endpoints share."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model must be a model's name; GET /v1/models lists them", field="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidArgument(f"model is longer than {MAX_MODEL_CHARS} characters", field="model")
+    message.model = model
+    sampling = message.sampling
+    if (max_tokens := _integer(body, max_tokens_name, 1, _INT32_MAX)) is not None:
+        sampling.max_tokens = max_tokens
+    if (temperature := _number(body, "temperature")) is not None:
+        sampling.temperature = temperature
+    if (top_p := _number(body, "top_p")) is not None:
+        sampling.top_p = top_p
+    if (top_k := _integer(body, "top_k", -1, _INT32_MAX)) is not None:
+        sampling.top_k = max(top_k, 0)   # vLLM's -1 is off, as Fareway's 0
+    if (seed := _integer(body, "seed", 0, _UINT64_MAX)) is not None:
+        sampling.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise InvalidArgument("stop must be a string or a list of strings", field="stop")
+        sampling.stop.extend(stop)
+    metadata = _typed(body, "metadata", dict) or {}
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InvalidArgument(f"metadata values must be strings; {shown(key)} is not", field="metadata")
+        message.tags[key] = value
+    if (user := _typed(body, "user", str)) is not None:
+        message.tags["user"] = user
+    if (session_id := _typed(body, "session_id", str)) is not None:
+        message.session_id = session_id
+
+
+def _typed(body: Mapping[str, Any], name: str, kind: type, shown_as: str | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        article = {"bool": "a boolean", "dict": "an object", "str": "a string"}[kind.__name__]
+        raise InvalidArgument(f"{shown_as or name} must be {article}", field=shown_as or name)
+    return value
+
+
+def _integer(body: Mapping[str, Any], name: str, least: int, most: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+        raise InvalidArgument(f"{name} must be an integer from {least} to {most}", field=name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a number", field=name)
+    return float(value)
+
+
+# Responses.
+
+def response_id(kind: str, request_id: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
+
+
+def usage(u: pb.Usage) -> dict[str, Any]:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def fareway_extension(request_id: str, u: pb.Usage) -> dict[str, Any]:
+    """What Fareway adds to a response: where it ran, what it cost in device time, how long it took."""
+    return {"request_id": request_id, "worker": u.worker_id, "hardware_class": u.hardware_class,
+            "device_count": u.device_count, "gpu_seconds": u.gpu_seconds, "queue_ms": round(u.queue_ms, 3),
+            "ttft_ms": round(u.ttft_ms, 3), "total_ms": round(u.total_ms, 3)}
+
+
+def finish_reason(response: pb.GenerateResponse) -> str:
+    return _FINISH_REASONS.get(response.finish_reason, "stop")
+
+
+def whole_response(kind: str, response: pb.GenerateResponse, created: int) -> dict[str, Any]:
+    """The `chat.completion` or `text_completion` object of a finished request."""
+    if kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": response.text},
+                                  "logprobs": None, "finish_reason": finish_reason(response)}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": response.text, "logprobs": None, "finish_reason": finish_reason(response)}
+        obj = "text_completion"
+    return {"id": response_id(kind, response.request_id), "object": obj, "created": created,
+            "model": response.model, "choices": [choice], "usage": usage(response.usage),
+            "fareway": fareway_extension(response.request_id, response.usage)}
+
+
+class ChunkWriter:
+    """The chunks of one streamed response, as server-sent events (`data: {...}\\n\\n`)."""
+
+    def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.kind = kind
+        self.include_usage = include_usage
+        self._head = {"id": response_id(kind, request_id), "created": created, "model": model,
+                      "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse({**self._head, "choices": choices, **extra})
+
+    def _choice(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            if first:
+                delta = {"role": "assistant", **delta}
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    def opening(self) -> bytes:
+        """The first chunk: the assistant's role (chat), before any text."""
+        return self._event([self._choice("", None, first=True)]) if self.kind == "chat" else b""
+
+    def text(self, text: str) -> bytes:
+        return self._event([self._choice(text, None)])
+
+    def closing(self, response: pb.GenerateResponse, text: str = "") -> bytes:
+        """The last chunks: the finish reason (with `text`, for a replayed response sent whole), the usage
+        when asked for, and `[DONE]`."""
+        out = [self._event([self._choice(text or None, finish_reason(response))])]
+        if self.include_usage:
+            out.append(self._event([], usage=usage(response.usage),
+                                   fareway=fareway_extension(response.request_id, response.usage)))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
+
+
+def sse(obj: Mapping[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+# Errors.
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def http_error(error: FarewayError) -> HttpError:
+    """OpenAI's error object for a Fareway error, its HTTP status, and Retry-After where the error says
+    when to retry."""
+    status, kind = _HTTP_STATUS.get(error.code, (500, "server_error"))
+    param = getattr(error, "field", None)
+    if param:
+        param = _openai_param(param)
+    code = error.code.name.lower()
+    headers: dict[str, str] = {}
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
+            headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+        if isinstance(detail, error_details_pb2.QuotaFailure) and any(
+                "budget" in v.subject for v in detail.violations):
+            code = "insufficient_quota"
+    if status == 503 and "Retry-After" not in headers:
+        headers["Retry-After"] = "1"
+    return HttpError(status, {"error": {"message": error.message, "type": kind, "param": param, "code": code}},
+                     headers)
+
+
+def _openai_param(field: str) -> str:
+    """A Fareway field name as the OpenAI parameter it came from: sampling.max_tokens -> max_tokens."""
+    for prefix, replacement in (("sampling.", ""), ("chat.messages", "messages"), ("tags", "metadata")):
+        if field.startswith(prefix):
+            return replacement + field[len(prefix):]
+    return field
+
+
+def models_list(models: list[pb.Model]) -> dict[str, Any]:
+    """`GET /v1/models`."""
+    return {"object": "list", "data": [model_object(m) for m in models]}
+
+
+def model_object(model: pb.Model) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": 0, "owned_by": "fareway",
+            "fareway": {"context_length": model.context_length, "hardware_classes": list(model.hardware_classes),
+                        "num_workers": model.num_workers}}

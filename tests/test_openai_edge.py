@@ -1,0 +1,375 @@
+"""The gateway's OpenAI-compatible HTTP edge over real sockets, called by the official `openai` SDK and by
+plain HTTP: the same worker (the real SmolLM2), keys, limits, budgets, idempotency, cancellation and usage
+records as the gRPC edge."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from fareway.auth import KeyStore
+from fareway.inference.v1 import inference_pb2 as pb
+from fareway.inference.v1 import inference_pb2_grpc
+from fareway.quota import Budget, Budgets, Limits, LimitStore
+from fareway.redis import connect
+from fareway.worker.v1 import worker_pb2 as wpb
+from fareway.worker.v1 import worker_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+
+
+@pytest.fixture()
+def team() -> str:
+    return f"http-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def key(stack, team: str) -> str:  # noqa: ANN001
+    return stack.create_key(team, "app")
+
+
+@pytest.fixture()
+def client(stack, key: str) -> openai.OpenAI:  # noqa: ANN001
+    return openai.OpenAI(base_url=stack.http_url, api_key=key, max_retries=0, timeout=120)
+
+
+def grpc_generate(stack, key: str, request: pb.GenerateRequest) -> pb.GenerateResponse:  # noqa: ANN001
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        return inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+            request, metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+
+
+def grpc_chat(max_tokens: int, content: str = QUESTION) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=MODEL, sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    request.chat.messages.add(role="user", content=content)
+    return request
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def post(stack, path: str, body: Any, key: str | None = None, headers: dict[str, str] | None = None,  # noqa: ANN001
+         method: str = "POST") -> tuple[int, dict[str, str], Any]:
+    """A plain HTTP request: (status, headers, the JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(stack.http_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {}),
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())
+
+
+def worker_load(stack) -> wpb.GetLoadResponse:  # noqa: ANN001
+    with grpc.insecure_channel(stack.worker_address) as channel:
+        return worker_pb2_grpc.WorkerServiceStub(channel).GetLoad(wpb.GetLoadRequest())
+
+
+# --- the openai SDK ---------------------------------------------------------------------------------------------
+
+
+def test_the_sdk_gets_the_workers_greedy_chat_answer_with_usage_and_one_record(stack, client, key, team) -> None:  # noqa: ANN001
+    over_grpc = grpc_generate(stack, key, grpc_chat(24))
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=24, temperature=0, metadata={"feature": "faq"}, user="u-17")
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    [choice] = reply.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == over_grpc.text and "Paris" in over_grpc.text
+    assert choice.finish_reason == {pb.FINISH_REASON_LENGTH: "length"}.get(over_grpc.finish_reason, "stop")
+    usage = reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (over_grpc.usage.prompt_tokens,
+                                                              over_grpc.usage.completion_tokens)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens > 0   # the same prompt, just served over gRPC
+    fareway = reply.model_extra["fareway"]
+    assert (fareway["worker"], fareway["hardware_class"], fareway["device_count"]) == ("test-worker", "cpu", 1)
+    assert fareway["gpu_seconds"] > 0 and fareway["total_ms"] >= fareway["ttft_ms"] > 0
+    assert reply.id == f"chatcmpl-{fareway['request_id']}"
+
+    records = {r.request_id: r for r in stack.records(team)}
+    assert len(records) == 2
+    record = records[fareway["request_id"]]
+    assert (record.status, record.team, record.project, record.model) == ("OK", team, "app", MODEL)
+    assert record.tags == {"feature": "faq", "user": "u-17"}
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (
+        usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+    assert record.gpu_seconds == pytest.approx(fareway["gpu_seconds"])
+
+
+def test_a_streamed_chat_equals_the_whole_one_and_ends_with_its_usage(stack, client, team) -> None:  # noqa: ANN001
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert wait_until(lambda: len(stack.records(team)) == 2)
+    assert {r.request_id for r in stack.records(team)} == {
+        whole.id.removeprefix("chatcmpl-"), last.id.removeprefix("chatcmpl-")}
+
+    # Without include_usage no chunk carries it.
+    plain = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_async_sdk_completes_raw_prompts_streamed_and_not(stack, key) -> None:  # noqa: ANN001
+    over_grpc = grpc_generate(stack, key, pb.GenerateRequest(
+        model=MODEL, prompt=COUNTING, sampling=pb.SamplingParams(temperature=0.0, max_tokens=12)))
+
+    async def both() -> tuple[Any, list[Any]]:
+        async with openai.AsyncOpenAI(base_url=stack.http_url, api_key=key, max_retries=0) as aclient:
+            whole = await aclient.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0)
+            stream = await aclient.completions.create(model=MODEL, prompt=COUNTING, max_tokens=12, temperature=0,
+                                                      stream=True)
+            return whole, [chunk async for chunk in stream]
+    whole, chunks = asyncio.run(both())
+    assert whole.object == "text_completion" and whole.choices[0].text == over_grpc.text
+    assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == over_grpc.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_are_listed_and_retrieved(client) -> None:  # noqa: ANN001
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["fareway"]["hardware_classes"] == ["cpu"]
+    assert models[0].model_extra["fareway"]["context_length"] > 0
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+# --- one request path: keys, limits, budgets, idempotency -------------------------------------------------------
+
+
+def _store(stack, change) -> None:  # noqa: ANN001
+    async def run() -> None:
+        client = connect(stack.redis_url)
+        try:
+            await change(client)
+        finally:
+            await client.aclose()
+    stack.loop.run(run())
+
+
+def test_a_key_a_rate_limit_and_a_budget_hold_the_same_over_both_edges(stack, client, key, team) -> None:  # noqa: ANN001
+    _store(stack, lambda r: LimitStore(r).set(Limits(team, requests_per_minute=2)))
+    grpc_generate(stack, key, grpc_chat(1))                     # the first of two
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as over_http:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    with pytest.raises(grpc.RpcError) as over_grpc:
+        grpc_generate(stack, key, grpc_chat(1))
+    assert over_grpc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert over_http.value.status_code == 429
+    def without_wait(message: str) -> str:
+        return re.sub(r"retry in [0-9.]+ s", "retry in ... s", message)
+    assert without_wait(over_http.value.body["message"]) == without_wait(over_grpc.value.details())
+    assert f"team {team} is at its limit of 2 requests per minute" in over_grpc.value.details()
+    assert int(over_http.value.response.headers["Retry-After"]) >= 1
+    assert len(stack.records(team)) == 2
+
+    # A budget already spent refuses over both, naming it, with OpenAI's code for it.
+    other = f"{team}-b"
+    other_key = stack.create_key(other, "app")
+    grpc_generate(stack, other_key, grpc_chat(1))
+    _store(stack, lambda r: Budgets(r).set(Budget(other, hard_usd=1e-9, basis="list")))
+    status, _, body = post(stack, "/chat/completions", CHAT, key=other_key)
+    with pytest.raises(grpc.RpcError) as budget_grpc:
+        grpc_generate(stack, other_key, grpc_chat(1, "hi"))
+    assert (status, body["error"]["type"], body["error"]["code"]) == (429, "rate_limit_error", "insufficient_quota")
+    assert body["error"]["message"] == budget_grpc.value.details()
+    assert f"monthly list budget of team {other}" in body["error"]["message"]
+
+    # A revoked key (never used, so no gateway remembers it) is refused by both with the same words.
+    revoked_key = stack.create_key(f"{team}-c", "app")
+    [info] = [k for k in stack.loop.run(_list_keys(stack)) if k.team == f"{team}-c"]
+    _store(stack, lambda r: KeyStore(r).revoke(info.key_id))
+    status, _, body = post(stack, "/models", None, key=revoked_key, method="GET")
+    with pytest.raises(grpc.RpcError) as revoked:
+        grpc_generate(stack, revoked_key, grpc_chat(1))
+    assert revoked.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (status, body["error"]["type"]) == (401, "authentication_error")
+    assert body["error"]["message"] == revoked.value.details()
+    assert len(stack.records(other)) == 1
+
+
+async def _list_keys(stack) -> list[Any]:  # noqa: ANN001
+    client = connect(stack.redis_url)
+    try:
+        return await KeyStore(client).list()
+    finally:
+        await client.aclose()
+
+
+def test_an_idempotency_key_replays_the_first_outcome_and_bills_once(stack, client, team) -> None:  # noqa: ANN001
+    request_id = f"order-{uuid.uuid4().hex[:8]}"
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0,
+               extra_headers={"Idempotency-Key": request_id})
+    first = client.chat.completions.create(**ask)
+    again = client.chat.completions.create(**ask)
+    assert first.id == again.id == f"chatcmpl-{request_id}"
+    assert again.choices[0].message.content == first.choices[0].message.content
+    streamed = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == first.choices[0].message.content
+    [record] = stack.records(team)
+    assert record.request_id == request_id
+
+
+# --- cancellation and deadlines ---------------------------------------------------------------------------------
+
+
+def test_a_client_leaving_a_stream_stops_the_worker_and_is_billed_for_what_ran(stack, client, team) -> None:  # noqa: ANN001
+    stream = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=2000, temperature=0, stream=True)
+    received = [next(iter(stream)) for _ in range(3)]
+    stream.close()
+    assert any(c.choices[0].text for c in received)
+    assert wait_until(lambda: worker_load(stack).num_running == 0), "the worker kept generating"
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason) == ("CANCELLED", "cancelled")
+    assert 1 <= record.completion_tokens < 300 and record.gpu_seconds > 0
+
+
+def test_a_client_leaving_a_whole_request_stops_the_worker_and_is_billed(stack, client, team) -> None:  # noqa: ANN001
+    def ask() -> None:
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=1.0).completions.create(model=MODEL, prompt=COUNTING, max_tokens=2000,
+                                                                temperature=0)
+    asker = threading.Thread(target=ask)
+    asker.start()
+    asker.join(30)
+    assert wait_until(lambda: worker_load(stack).num_running == 0), "the worker kept generating"
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason, record.worker_id) == ("CANCELLED", "cancelled", "test-worker")
+    assert 1 <= record.completion_tokens < 2000 and record.gpu_seconds > 0
+
+
+def test_a_request_timeout_header_is_a_deadline_504_and_a_record(stack, key, team) -> None:  # noqa: ANN001
+    status, headers, body = post(stack, "/completions", {"model": MODEL, "prompt": COUNTING, "max_tokens": 2000},
+                                 key=key, headers={"X-Request-Timeout": "1.5"})
+    assert (status, body["error"]["type"], body["error"]["code"]) == (504, "timeout_error", "deadline_exceeded")
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    [record] = stack.records(team)
+    assert (record.status, record.finish_reason) == ("DEADLINE_EXCEEDED", "cancelled")
+    assert 1 <= record.completion_tokens < 2000
+
+    # Streamed: the chunks so far, then an error event; billed the same way.
+    chunks = list(openai.OpenAI(base_url=stack.http_url, api_key=key, max_retries=0).completions.with_raw_response
+                  .create(model=MODEL, prompt=COUNTING, max_tokens=2000, stream=True,
+                          extra_headers={"X-Request-Timeout": "1.5"}).http_response.iter_lines())
+    events = [json.loads(line.removeprefix("data: ")) for line in chunks if line.startswith("data: {")]
+    assert any(e.get("choices") and e["choices"][0]["text"] for e in events)
+    assert events[-1]["error"]["type"] == "timeout_error"
+    assert "X-Request-Timeout" in events[-1]["error"]["message"]
+    assert wait_until(lambda: len(stack.records(team)) == 2)
+    assert [r.status for r in stack.records(team)] == ["DEADLINE_EXCEEDED"] * 2
+
+
+# --- errors, as plain HTTP --------------------------------------------------------------------------------------
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+@pytest.mark.parametrize("path, body, status, param, words", [
+    ("/chat/completions", b"{not json", 400, None, "not valid JSON (line 1, column 2)"),
+    ("/chat/completions", [1, 2], 400, None, "must be a JSON object"),
+    ("/chat/completions", {**CHAT, "n": 2}, 400, "n", "n is not supported by Fareway yet"),
+    ("/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "logprobs is not supported"),
+    ("/chat/completions", {**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ("/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
+    ("/chat/completions", {**CHAT, "temprature": 0.5}, 400, "temprature", "unknown parameter 'temprature'"),
+    ("/chat/completions", {**CHAT, "x" * 5000: 1}, 400, "x" * 40, "(5002 characters)"),
+    ("/chat/completions", {**CHAT, "max_tokens": "ten"}, 400, "max_tokens", "must be an integer from 1"),
+    ("/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens", "must be an integer from 1"),
+    ("/chat/completions", {**CHAT, "temperature": -1}, 400, "temperature", "temperature must be 0 (greedy) or more"),
+    ("/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream", "stream must be a boolean"),
+    ("/chat/completions", {**CHAT, "messages": []}, 400, "messages", "non-empty list"),
+    ("/chat/completions", {**CHAT, "messages": [{"role": "wizard" * 1000, "content": "hi"}]}, 400,
+     "messages[0].role", "(6002 characters)"),
+    ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]", "must be a text part"),
+    ("/chat/completions", {**CHAT, "model": "gpt-9"}, 404, None, "model 'gpt-9' is not served"),
+    ("/chat/completions", {**CHAT, "model": "m" * 300}, 400, "model", "longer than 256"),
+    ("/completions", {"model": MODEL, "prompt": [1, 2, 3]}, 400, "prompt", "token ids are not taken yet"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo", "echo is not supported"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop", "stop strings must be 1-256"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "only for stream: true"),
+])
+def test_bad_requests_get_openais_error_shape_and_leave_no_record(stack, key, team, path, body, status, param,  # noqa: ANN001
+                                                                  words) -> None:
+    got, _, reply = post(stack, path, body, key=key)
+    assert got == status, reply
+    error = reply["error"]
+    assert words in error["message"] and len(error["message"]) < 400
+    assert error["param"] == param
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert stack.records(team) == []
+
+
+def test_keys_paths_methods_and_sizes_are_refused_in_openais_shape(stack, key) -> None:  # noqa: ANN001
+    status, _, body = post(stack, "/chat/completions", CHAT)
+    assert (status, body["error"]["type"]) == (401, "authentication_error")
+    assert "missing API key" in body["error"]["message"]
+    status, _, body = post(stack, "/chat/completions", CHAT, key="fw_nope")
+    assert (status, body["error"]["message"]) == (401, "the API key is not valid (unknown or revoked)")
+    status, _, body = post(stack, "/chat/completions", CHAT, headers={"Authorization": "Basic abc"})
+    assert status == 401 and "must be 'Bearer <API key>'" in body["error"]["message"]
+    status, _, body = post(stack, "/embeddings", CHAT, key=key)
+    assert status == 404 and "no such endpoint '/v1/embeddings'" in body["error"]["message"]
+    status, _, body = post(stack, "/chat/completions", None, key=key, method="GET")
+    assert status == 405 and body["error"]["type"] == "invalid_request_error"
+    # Refused on its Content-Length, before the body is read (or sent: this client never sends it).
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(stack.http_url).netloc, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in (("Authorization", f"Bearer {key}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(9 << 20))):
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    connection.close()
+    assert response.status == 413 and "larger than 8388608 bytes" in body["error"]["message"]
+    status, _, body = post(stack, "/completions", {"model": MODEL, "prompt": "hi"}, key=key,
+                           headers={"X-Request-Timeout": "soon"})
+    assert (status, body["error"]["param"]) == (400, "X-Request-Timeout")
+
+
+def test_health_says_serving_without_a_key(stack) -> None:  # noqa: ANN001
+    with urllib.request.urlopen(stack.http_url.removesuffix("/v1") + "/health", timeout=10) as response:
+        assert (response.status, json.loads(response.read())) == (200, {"status": "serving"})
