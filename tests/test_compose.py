@@ -59,3 +59,10 @@ def test_every_service_sends_telemetry_to_the_collector_it_runs() -> None:
         assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{port}"
     metrics_port = _args("gateway").metrics_port
     assert f"{metrics_port}:{metrics_port}" in SERVICES["gateway"]["ports"]
+
+
+def test_the_gateway_publishes_both_edges() -> None:
+    args = _args("gateway")
+    for listen in (args.listen, args.http_listen):
+        host, port = listen.rsplit(":", 1)
+        assert host == "0.0.0.0" and f"{port}:{port}" in SERVICES["gateway"]["ports"]
