@@ -289,9 +289,12 @@ def test_a_request_timeout_header_is_a_deadline_504_and_a_record(stack, key, tea
     assert 1 <= record.completion_tokens < 2000
 
     # Streamed: the chunks so far, then an error event; billed the same way.
-    chunks = list(openai.OpenAI(base_url=stack.http_url, api_key=key, max_retries=0).completions.with_raw_response
-                  .create(model=MODEL, prompt=COUNTING, max_tokens=2000, stream=True,
-                          extra_headers={"X-Request-Timeout": "1.5"}).http_response.iter_lines())
+    client = openai.OpenAI(base_url=stack.http_url, api_key=key, max_retries=0)
+    with client.completions.with_streaming_response.create(
+            model=MODEL, prompt=COUNTING, max_tokens=2000, stream=True,
+            extra_headers={"X-Request-Timeout": "1.5"}) as response:
+        chunks = list(response.iter_lines())
+    client.close()
     events = [json.loads(line.removeprefix("data: ")) for line in chunks if line.startswith("data: {")]
     assert any(e.get("choices") and e["choices"][0]["text"] for e in events)
     assert events[-1]["error"]["type"] == "timeout_error"
