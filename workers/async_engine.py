@@ -12,7 +12,6 @@ from workers.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
 from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
 
-
 # Call ids aborted before their request arrived, remembered so that it stops when it does.
 _MAX_EARLY_ABORTS = 4096
 

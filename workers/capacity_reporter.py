@@ -11,7 +11,7 @@ import time
 from accounting.recorder import CapacityStore, WorkerInfo
 from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
-from workers.worker import Worker
+from workers.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ REPORT_INTERVAL_S = 10.0
 
 
 class CapacityReporter:
-    def __init__(self, worker: Worker, store: CapacityStore, interval_s: float = REPORT_INTERVAL_S) -> None:
+    def __init__(self, worker: Replica, store: CapacityStore, interval_s: float = REPORT_INTERVAL_S) -> None:
         self.worker = worker
         self.store = store
         self.interval_s = interval_s
@@ -30,13 +30,12 @@ class CapacityReporter:
         """Device and idle ns metered but not yet written (Redis was unreachable)."""
 
     def _totals(self) -> tuple[int, int]:
-        meter = self.worker.engine.meter
-        return round(meter.total_gpu_seconds * 1e9), round(meter.idle_gpu_seconds * 1e9)
+        total, idle = self.worker.device_seconds()
+        return round(total * 1e9), round(idle * 1e9)
 
     async def start(self) -> None:
-        runner = self.worker.runner
-        await self.store.register(WorkerInfo(self.worker.worker_id, runner.hardware.hardware_class,
-                                             runner.num_devices, self.worker.model_name))
+        w = self.worker
+        await self.store.register(WorkerInfo(w.worker_id, w.hardware_class, w.num_devices, w.model_name))
         self._last = (time.time(), *self._totals())
         self._task = asyncio.get_running_loop().create_task(self._report_forever())
 

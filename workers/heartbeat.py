@@ -11,7 +11,7 @@ from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from workers.engine.llm_engine import LoadSnapshot
-from workers.worker import Worker
+from workers.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ThroughputMeter:
 
 
 class RegistryHeartbeat:
-    def __init__(self, worker: Worker, registry: WorkerRegistry, address: str,
+    def __init__(self, worker: Replica, registry: WorkerRegistry, address: str,
                  interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
         if interval_s >= registry.ttl_s:
             raise ValueError(f"the heartbeat interval ({interval_s} s) must be shorter than the TTL "
@@ -62,24 +62,22 @@ class RegistryHeartbeat:
         self.address = address
         self.interval_s = interval_s
         self.registration: WorkerRegistration | None = None
-        self._throughput = ThroughputMeter(worker.runner.num_devices)
+        self._throughput = ThroughputMeter(worker.num_devices)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, usd_per_device_hour: float | None = None) -> None:
         """Registers the worker, with its hardware's price per device-hour if one is known."""
-        runner = self.worker.runner
+        w = self.worker
         self.registration = WorkerRegistration(
-            worker_id=self.worker.worker_id, address=self.address, model=self.worker.model_name,
-            hardware_class=runner.hardware.hardware_class, device_count=runner.num_devices,
-            tensor_parallel_size=runner.group.world_size,
-            kv_capacity_tokens=runner.num_kv_blocks * runner.block_size,
-            usd_per_device_hour=usd_per_device_hour)
+            worker_id=w.worker_id, address=self.address, model=w.model_name, hardware_class=w.hardware_class,
+            device_count=w.num_devices, tensor_parallel_size=w.tensor_parallel_size,
+            kv_capacity_tokens=w.kv_capacity_tokens, usd_per_device_hour=usd_per_device_hour)
         await self.beat()
         log.info("worker %s registered at %s", self.worker.worker_id, self.address)
         self._task = asyncio.get_running_loop().create_task(self._beat_forever())
 
     def load(self) -> WorkerLoad:
-        snapshot = self.worker.engine.load()
+        snapshot = self.worker.load()
         return WorkerLoad(
             num_running=snapshot.num_running, num_waiting=snapshot.num_waiting,
             kv_tokens_free=snapshot.kv_blocks_free * snapshot.kv_block_size,

@@ -18,6 +18,7 @@ from workers.loader import default_model_path, load_checkpoint
 from workers.model_runner import follow
 from workers.parallel.group import RankGroup
 from workers.parallel.launcher import Rendezvous
+from workers.replica import Replica
 from workers.server import create_worker_server
 from workers.worker import Worker
 
@@ -38,8 +39,9 @@ async def serve(config: WorkerConfig, redis_url: str | None, group: RankGroup | 
     reporter = heartbeat = None
     try:
         if redis is not None:
-            reporter = await _capacity_reporter(worker, redis)
-            heartbeat = await _registry_heartbeat(worker, redis, server.port)
+            reporter = await capacity_reporter(worker, redis)
+            heartbeat = await registry_heartbeat(
+                worker, redis, advertised_address(config.listen, server.port, config.advertise_address))
         failure = await _shutdown_signal_or_failure(worker)
     finally:
         await shut_down(server, worker, heartbeat, config.drain_timeout_s)
@@ -63,10 +65,11 @@ async def shut_down(server, worker: Worker, heartbeat: RegistryHeartbeat | None,
     worker.stop()
 
 
-async def _registry_heartbeat(worker: Worker, redis: Redis, port: int) -> RegistryHeartbeat:
-    address = advertised_address(worker.config.listen, port, worker.config.advertise_address)
-    heartbeat = RegistryHeartbeat(worker, WorkerRegistry(redis), address)
-    await heartbeat.start(await hardware_price(redis, worker.runner.hardware.hardware_class))
+async def registry_heartbeat(replica: Replica, redis: Redis, address: str) -> RegistryHeartbeat:
+    """Registers the replica at `address` (what gateways dial), with its hardware's price, and keeps it
+    registered."""
+    heartbeat = RegistryHeartbeat(replica, WorkerRegistry(redis), address)
+    await heartbeat.start(await hardware_price(redis, replica.hardware_class))
     return heartbeat
 
 
@@ -85,9 +88,9 @@ async def _shutdown_signal_or_failure(worker: Worker) -> str | None:
     return failed.result() if failed.done() else None
 
 
-async def _capacity_reporter(worker: Worker, redis: Redis) -> CapacityReporter:
-    """Reports device time to accounting."""
-    reporter = CapacityReporter(worker, CapacityStore(redis))
+async def capacity_reporter(replica: Replica, redis: Redis) -> CapacityReporter:
+    """Reports the replica's device time to accounting."""
+    reporter = CapacityReporter(replica, CapacityStore(redis))
     await reporter.start()
     return reporter
 

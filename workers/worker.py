@@ -14,7 +14,7 @@ from fareway.validation import validate_input, validate_sampling
 from fareway.worker.v1 import worker_pb2
 from workers.async_engine import AsyncEngine
 from workers.config import WorkerConfig
-from workers.engine.llm_engine import EngineConfig, LLMEngine
+from workers.engine.llm_engine import EngineConfig, LLMEngine, LoadSnapshot
 from workers.engine.meter import WorkModel
 from workers.engine.sequence import SamplingOptions
 from workers.engine.shared_prefix import SharedPrefixes
@@ -75,6 +75,31 @@ class Worker:
     @property
     def context_length(self) -> int:
         return self.runner.max_model_len
+
+    # The Replica protocol (workers/replica.py).
+
+    @property
+    def hardware_class(self) -> str:
+        return self.runner.hardware.hardware_class
+
+    @property
+    def num_devices(self) -> int:
+        return self.runner.num_devices
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.runner.group.world_size
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.runner.num_kv_blocks * self.runner.block_size
+
+    def load(self) -> LoadSnapshot:
+        return self.engine.load()
+
+    def device_seconds(self) -> tuple[float, float]:
+        meter = self.engine.meter
+        return meter.total_gpu_seconds, meter.idle_gpu_seconds
 
     def _load(self, checkpoint: Checkpoint | None, group: RankGroup | None) -> tuple[Checkpoint, ModelRunner]:
         if checkpoint is None:

@@ -34,8 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.quantization import (DequantInt8Linear, FbgemmInt8Linear, Int8Embedding, Int8PackMmLinear,
-                                         fbgemm_available, quantize_int8)
+from workers.layers.quantization import (
+    DequantInt8Linear,
+    FbgemmInt8Linear,
+    Int8Embedding,
+    Int8PackMmLinear,
+    fbgemm_available,
+    quantize_int8,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import LlamaConfig
 
-
 # Checkpoint parameter -> (our stacked parameter, its part), parts stacked in this order.
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
