@@ -44,6 +44,11 @@ class UsageRecord:
     """The price book version that priced the record ("" until priced)."""
     budget_period: str = ""
     """The month (YYYY-MM) whose budget reserved this request's maximum cost at admission, if any."""
+    metering: str = ""
+    """How gpu_seconds was metered: "engine-steps" (Fareway's engine) or "observed" (a worker in front of
+    another engine); "" in records written before it was kept."""
+    token_source: str = ""
+    """Who counted the tokens: "engine", or "tokenizer" (the engine reported none)."""
 
     @property
     def gpu_nanoseconds(self) -> int:

