@@ -30,6 +30,9 @@ class WorkerInfo:
     hardware_class: str
     device_count: int
     model: str
+    metering: str = "engine-steps"
+    """How its device time is split across requests: "engine-steps" (Fareway's engine) or "observed"
+    (a worker in front of another engine)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ class CapacityStore:
 
     async def register(self, info: WorkerInfo) -> None:
         await self._redis.hset(keys.worker_info(info.worker_id), mapping={
-            "hardware_class": info.hardware_class, "device_count": info.device_count, "model": info.model})
+            "hardware_class": info.hardware_class, "device_count": info.device_count, "model": info.model,
+            "metering": info.metering})
         await self._redis.sadd(keys.DEVICE_TIME_WORKERS, info.worker_id)
 
     async def add(self, worker_id: str, start: float, end: float, device_ns: int, idle_ns: int) -> None:
@@ -95,7 +99,8 @@ class CapacityStore:
         for worker_id in sorted(await self._redis.smembers(keys.DEVICE_TIME_WORKERS)):
             values = await self._redis.hgetall(keys.worker_info(worker_id))
             infos.append(WorkerInfo(worker_id, values.get("hardware_class", ""),
-                                    int(values.get("device_count", 1)), values.get("model", "")))
+                                    int(values.get("device_count", 1)), values.get("model", ""),
+                                    values.get("metering", "engine-steps")))
         return infos
 
     async def cells(self, since: float | None = None, until: float | None = None,

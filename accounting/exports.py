@@ -93,6 +93,8 @@ class ChargeRow:
     usd_per_device_hour: Decimal
     tags: str = ""
     """The requests' tags as canonical JSON ("" for none)."""
+    metering: str = "engine-steps"
+    """How the workers that served it metered device time: "engine-steps" or "observed"."""
     totals: Totals = field(default_factory=Totals)
 
     @property
@@ -105,7 +107,7 @@ class ChargeRow:
 
     def sort_key(self) -> tuple:
         return (self.day, self.is_idle, self.team, self.project, self.model, self.hardware_class, self.worker,
-                self.usd_per_device_hour, self.tags)
+                self.usd_per_device_hour, self.tags, self.metering)
 
 
 def _day(instant: float) -> str:
@@ -123,15 +125,18 @@ async def charge_rows(ledger: Ledger, period: Period, *, idle: bool = True,
     redis = ledger.redis
     book = await PriceBookStore(redis).ensure()
     rows: dict[tuple, ChargeRow] = {}
+    workers = await CapacityStore(redis).workers()
+    metering = {w.worker_id: w.metering for w in workers}
     for team in teams if teams is not None else await ledger.teams():
         # Hour buckets: prices change only on the hour, so each has one price per hardware class.
         buckets = await read_rollups(redis, team, period.start, period.end, coarsest="h")
         for name, cells in buckets:
             start = bucket_start(name)
             for group, totals in cells.items():
-                project, model, hardware, _worker, _status, tags = group
+                project, model, hardware, worker, _status, tags = group
                 price = _unit_price(book, hardware, start)
-                key = (_day(start), team, project, model, hardware, "", price, tags)
+                key = (_day(start), team, project, model, hardware, "", price, tags,
+                       metering.get(worker, "engine-steps"))
                 rows.setdefault(key, ChargeRow(*key)).totals.add(totals)
     if idle and teams is None:
         for capacity in await CapacityStore(redis).cells(period.start, period.end):
@@ -140,7 +145,7 @@ async def charge_rows(ledger: Ledger, period: Period, *, idle: bool = True,
             start = bucket_start(capacity.hour)
             hardware = capacity.worker.hardware_class
             key = (_day(start), "", "", capacity.worker.model, hardware, capacity.worker.worker_id,
-                   _unit_price(book, hardware, start), "")
+                   _unit_price(book, hardware, start), "", capacity.worker.metering)
             totals = rows.setdefault(key, ChargeRow(*key)).totals
             totals.gpu_ns += capacity.idle_ns
             totals.idle_nusd += idle_cost_nusd(book, capacity)
@@ -162,7 +167,7 @@ def _gpu_seconds(gpu_ns: int) -> str:
 PLAIN_COLUMNS = ("charge_day", "team", "project", "model", "hardware_class", "worker", "tags", "requests",
                  "prompt_tokens",
                  "cached_tokens", "completion_tokens", "gpu_seconds", "usd_per_device_hour", "cost_usd", "idle_usd",
-                 "list_usd")
+                 "list_usd", "metering")
 
 
 def _plain(row: ChargeRow) -> dict[str, object]:
@@ -172,7 +177,7 @@ def _plain(row: ChargeRow) -> dict[str, object]:
             "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
             "completion_tokens": t.completion_tokens, "gpu_seconds": _gpu_seconds(t.gpu_ns),
             "usd_per_device_hour": format(row.usd_per_device_hour, "f"), "cost_usd": _usd(t.cost_nusd),
-            "idle_usd": _usd(t.idle_nusd), "list_usd": _usd(t.list_nusd)}
+            "idle_usd": _usd(t.idle_nusd), "list_usd": _usd(t.list_nusd), "metering": row.metering}
 
 
 FOCUS_COLUMNS = (
@@ -187,7 +192,7 @@ FOCUS_COLUMNS = (
     "Tags",
     # Ours, after every FOCUS column, with the x_ prefix the specification requires.
     "x_Requests", "x_PromptTokens", "x_CachedTokens", "x_CompletionTokens", "x_GpuSeconds", "x_TokenListCost",
-    "x_HardwareClass", "x_Model", "x_Idle",
+    "x_HardwareClass", "x_Model", "x_Idle", "x_Metering",
 )
 
 
@@ -231,6 +236,7 @@ def _focus(row: ChargeRow, period: Period, config: ExportConfig) -> dict[str, st
         "x_CachedTokens": str(t.cached_tokens), "x_CompletionTokens": str(t.completion_tokens),
         "x_GpuSeconds": _gpu_seconds(t.gpu_ns), "x_TokenListCost": _usd(t.list_nusd),
         "x_HardwareClass": row.hardware_class, "x_Model": row.model, "x_Idle": "true" if row.is_idle else "false",
+        "x_Metering": row.metering,
     }
 
 

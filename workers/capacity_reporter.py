@@ -35,7 +35,8 @@ class CapacityReporter:
 
     async def start(self) -> None:
         w = self.worker
-        await self.store.register(WorkerInfo(w.worker_id, w.hardware_class, w.num_devices, w.model_name))
+        await self.store.register(WorkerInfo(w.worker_id, w.hardware_class, w.num_devices, w.model_name,
+                                             w.metering))
         self._last = (time.time(), *self._totals())
         self._task = asyncio.get_running_loop().create_task(self._report_forever())
 

@@ -30,6 +30,10 @@ class Replica(Protocol):
     def kv_capacity_tokens(self) -> int:
         """Tokens its KV cache holds at once (0: not known)."""
 
+    @property
+    def metering(self) -> str:
+        """How its device time is split across requests: "engine-steps" or "observed"."""
+
     def load(self) -> LoadSnapshot:
         """Its load and its device time so far."""
 

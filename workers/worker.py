@@ -94,6 +94,10 @@ class Worker:
     def kv_capacity_tokens(self) -> int:
         return self.runner.num_kv_blocks * self.runner.block_size
 
+    @property
+    def metering(self) -> str:
+        return "engine-steps"
+
     def load(self) -> LoadSnapshot:
         return self.engine.load()
 

@@ -127,3 +127,21 @@ def test_reconcile_catches_a_figure_that_does_not_add_up(with_redis, random_reco
         assert [c.team for c in result.teams if not c.ok] == [records[0].team]
     else:
         assert result.repriced_mismatches == ["overcharged"]
+
+
+def test_rows_say_how_their_workers_metered_device_time(with_redis, random_records) -> None:  # noqa: ANN001
+    records = random_records(200, seed=11)   # from workers w1 and w2
+
+    async def body(client):  # noqa: ANN001, ANN202
+        ledger = Ledger(client)
+        await ledger.record_many(records)
+        await CapacityStore(client).register(WorkerInfo("w2", "nvidia-h100", 1, "llama-3.1-8b", "observed"))
+        return await charge_rows(ledger, NOVEMBER)
+    rows = with_redis(body)
+    table = list(csv.DictReader(io.StringIO(render(rows, NOVEMBER, "focus"))))
+    by_metering = {m: sum(int(r["x_Requests"]) for r in table if r["x_Metering"] == m)
+                   for m in ("observed", "engine-steps")}
+    assert by_metering == {"observed": sum(r.worker_id == "w2" for r in records),
+                           "engine-steps": sum(r.worker_id == "w1" for r in records)}
+    plain = list(csv.DictReader(io.StringIO(render(rows, NOVEMBER, "csv"))))
+    assert {r["metering"] for r in plain} == {"observed", "engine-steps"}

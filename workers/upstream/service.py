@@ -165,6 +165,10 @@ class UpstreamWorker:
     def kv_capacity_tokens(self) -> int:
         return self.config.kv_capacity_tokens
 
+    @property
+    def metering(self) -> str:
+        return METERING
+
     def load(self) -> LoadSnapshot:
         total, idle = self.meter.totals()
         capacity = self.kv_capacity_tokens
