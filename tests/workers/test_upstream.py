@@ -30,27 +30,14 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
-_SAVE = """
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf, out = sys.argv[1], sys.argv[2]
-folder, name = gguf.rsplit("/", 1)
-tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-config = loaded.config
-del config.quantization_config   # the weights are saved dequantized, as a plain checkpoint
-model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-model.load_state_dict(loaded.state_dict())
-model.save_pretrained(out)
-tokenizer.save_pretrained(out)
-"""
+_TO_HF = Path(__file__).parents[2] / "scripts" / "gguf_to_hf.py"
 
 
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """SmolLM2 as a Hugging Face folder (config with architectures, safetensors, tokenizer), from the GGUF."""
     out = tmp_path_factory.mktemp("smollm2-hf")
-    subprocess.run([sys.executable, "-c", _SAVE, str(smollm2_gguf), str(out)], check=True, timeout=300,
+    subprocess.run([sys.executable, str(_TO_HF), str(smollm2_gguf), str(out)], check=True, timeout=300,
                    capture_output=True)
     return out
 
