@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.accounting
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.upstream
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py
