@@ -53,6 +53,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from bench.latency import alternating, percentile
 from fareway.auth import KeyStore, Role
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.inference.v1 import inference_pb2_grpc
@@ -290,26 +291,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def latencies(sides: Sides, samples: int) -> dict[str, list[float]]:
     calls = {"direct": sides.direct, "gateway": sides.through_gateway, "idempotent": sides.idempotent,
              "http": sides.through_http, **{name: sides.through(name) for name in sides.gateways if name != "gateway"}}
-    for _ in range(30):  # warm-up: channels, the limits and key caches, the worker's prefix cache
-        for call in calls.values():
-            await call()
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(samples):
-        turn = i % len(names)
-        for name in names[turn:] + names[:turn]:  # each goes first, second, ... in turn
-            began = time.perf_counter()
-            await calls[name]()
-            out[name].append((time.perf_counter() - began) * 1000)
-    return out
+    # warm-up: channels, the limits and key caches, the worker's prefix cache
+    return await alternating(calls, samples, warmups=30)
 
 
 async def rate(call, seconds: float, concurrency: int = CONCURRENCY,  # noqa: ANN001 - async () -> None

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from bench.latency import alternating, percentile
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.net import free_port
 from fareway.worker.v1 import worker_pb2 as wpb
@@ -31,11 +32,6 @@ from fareway.worker.v1 import worker_pb2_grpc
 
 QUESTION = "What is the capital of France?"
 TO_HF = Path(__file__).parent.parent / "scripts" / "gguf_to_hf.py"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
@@ -56,7 +52,6 @@ async def measure(engine: str, model: str, worker: str, samples: int, max_tokens
             "temperature": 0}
     request = wpb.GenerateRequest(model="smollm2", sampling=ipb.SamplingParams(max_tokens=max_tokens, temperature=0))
     request.chat.messages.add(role="user", content=QUESTION)
-    out: dict[str, list[float]] = {"direct": [], "direct_stream": [], "worker": []}
     async with aiohttp.ClientSession() as session, grpc.aio.insecure_channel(worker) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
 
@@ -75,18 +70,9 @@ async def measure(engine: str, model: str, worker: str, samples: int, max_tokens
             reply = await stub.Complete(request, timeout=60)
             assert reply.usage.completion_tokens >= 1 and reply.usage.metering == "observed", reply
 
-        calls = {"direct": direct, "direct_stream": direct_stream, "worker": through}
-        for _ in range(5):   # warm-up: connections, the engine's first requests
-            for call in calls.values():
-                await call()
-        names = list(calls)
-        for i in range(samples):
-            turn = i % len(names)
-            for name in names[turn:] + names[:turn]:   # each goes first, second, ... in turn
-                began = time.perf_counter()
-                await calls[name]()
-                out[name].append((time.perf_counter() - began) * 1000)
-    return out
+        # warm-up: connections, the engine's first requests
+        return await alternating({"direct": direct, "direct_stream": direct_stream, "worker": through},
+                                 samples, warmups=5)
 
 
 def run(samples: int, max_tokens: int) -> dict[str, object]:

@@ -269,7 +269,8 @@ def fareway_extension(request_id: str, u: pb.Usage) -> dict[str, Any]:
     """What Fareway adds to a response: where it ran, what it cost in device time, how long it took."""
     return {"request_id": request_id, "worker": u.worker_id, "hardware_class": u.hardware_class,
             "device_count": u.device_count, "gpu_seconds": u.gpu_seconds, "queue_ms": round(u.queue_ms, 3),
-            "ttft_ms": round(u.ttft_ms, 3), "total_ms": round(u.total_ms, 3)}
+            "ttft_ms": round(u.ttft_ms, 3), "total_ms": round(u.total_ms, 3), "metering": u.metering,
+            "token_source": u.token_source}
 
 
 def finish_reason(response: pb.GenerateResponse) -> str:

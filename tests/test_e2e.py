@@ -17,6 +17,7 @@ from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.worker.v1 import worker_pb2 as wpb
 from fareway.worker.v1 import worker_pb2_grpc
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +56,6 @@ def chat_request(cls=pb.GenerateRequest, messages=QUESTION, **sampling) -> pb.Ge
         request.chat.messages.add(role=role, content=content)
     return request
 
-
-def wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_generate_and_stream_return_the_workers_greedy_output(stack, gateway, worker_stub, auth, team) -> None:  # noqa: ANN001

@@ -9,7 +9,6 @@ import http.client
 import json
 import re
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +26,7 @@ from fareway.quota import Budget, Budgets, Limits, LimitStore
 from fareway.redis import connect
 from fareway.worker.v1 import worker_pb2 as wpb
 from fareway.worker.v1 import worker_pb2_grpc
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +61,6 @@ def grpc_chat(max_tokens: int, content: str = QUESTION) -> pb.GenerateRequest:
     request.chat.messages.add(role="user", content=content)
     return request
 
-
-def wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def post(stack, path: str, body: Any, key: str | None = None, headers: dict[str, str] | None = None,  # noqa: ANN001

@@ -4,10 +4,13 @@ registry and its device-time reports to accounting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
 
 from accounting.recorder import CapacityStore, hardware_price
+from fareway.grpc_server import RunningServer
 from fareway.process import wait_for_shutdown_signal
 from fareway.redis import Redis, connect
 from fareway.registry import WorkerRegistry
@@ -32,6 +35,26 @@ async def serve(config: WorkerConfig, redis_url: str | None, group: RankGroup | 
     worker = await asyncio.to_thread(Worker, config, None, group)
     server = await create_worker_server(worker, config.listen, config.tls.credentials() if config.tls else None)
     log.info("worker %s listening on port %d", config.worker_id, server.port)
+    try:
+        async with in_the_fleet(worker, server, redis_url,
+                                advertised_address(config.listen, server.port, config.advertise_address),
+                                config.drain_timeout_s):
+            failure = await _shutdown_signal_or_failure(worker)
+    finally:
+        worker.stop()
+    if failure is not None:
+        log.error("worker %s stopped: %s", config.worker_id, failure)
+        return 1
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def in_the_fleet(replica: Replica, server: RunningServer, redis_url: str | None, address: str,
+                       drain_timeout_s: float) -> AsyncIterator[None]:
+    """While the block runs, with `redis_url`, the replica is registered at `address` and reports its
+    device time. When the block ends it leaves the registry first, then the server lets in-flight
+    requests finish for up to `drain_timeout_s` while refusing new ones; its last device time is
+    reported after that. The caller stops the replica."""
     if redis_url is None:
         log.info("REDIS_URL is not set: this worker does not register in the worker registry, "
                  "and its idle device time is not reported to accounting")
@@ -39,30 +62,17 @@ async def serve(config: WorkerConfig, redis_url: str | None, group: RankGroup | 
     reporter = heartbeat = None
     try:
         if redis is not None:
-            reporter = await capacity_reporter(worker, redis)
-            heartbeat = await registry_heartbeat(
-                worker, redis, advertised_address(config.listen, server.port, config.advertise_address))
-        failure = await _shutdown_signal_or_failure(worker)
+            reporter = await capacity_reporter(replica, redis)
+            heartbeat = await registry_heartbeat(replica, redis, address)
+        yield
     finally:
-        await shut_down(server, worker, heartbeat, config.drain_timeout_s)
+        if heartbeat is not None:
+            await heartbeat.stop()
+        await server.stop(drain_timeout_s)
         if reporter is not None:
             await reporter.stop()
         if redis is not None:
             await redis.aclose()
-    if failure is not None:
-        log.error("worker %s stopped: %s", config.worker_id, failure)
-        return 1
-    return 0
-
-
-async def shut_down(server, worker: Worker, heartbeat: RegistryHeartbeat | None,  # noqa: ANN001 - RunningServer
-                    drain_timeout_s: float) -> None:
-    """Leaves the registry first (gateways stop sending new requests within a poll), then lets
-    in-flight requests finish for up to `drain_timeout_s` while refusing new ones, then stops."""
-    if heartbeat is not None:
-        await heartbeat.stop()
-    await server.stop(drain_timeout_s)
-    worker.stop()
 
 
 async def registry_heartbeat(replica: Replica, redis: Redis, address: str) -> RegistryHeartbeat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -10,11 +11,11 @@ import uuid
 import grpc
 
 from fareway.inference.v1 import inference_pb2 as pb
-from fareway.redis import keys
+from fareway.redis import connect, keys
 from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
-from workers.serving import shut_down
+from workers.serving import in_the_fleet
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> float:  # noqa: ANN001
@@ -85,20 +86,25 @@ def test_a_worker_publishes_its_measured_throughput(background_loop, redis_url, 
 
 def test_shutdown_leaves_the_registry_first_then_finishes_in_flight_requests(
         background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
-    with tiny_workers(background_loop, tiny_checkpoint, 1, redis_url) as [tiny]:
-        registry = tiny.heartbeat.registry
+    redis = connect(redis_url)
+    registry = WorkerRegistry(redis)
+    with tiny_workers(background_loop, tiny_checkpoint, 1) as [tiny]:
+        fleet = contextlib.AsyncExitStack()
+        background_loop.run(fleet.enter_async_context(
+            in_the_fleet(tiny.worker, tiny.server, redis_url, tiny.address, drain_timeout_s=30.0)))
+        wait_for(lambda: [w.registration.address for w in background_loop.run(registry.workers())] == [tiny.address])
         stub = worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(tiny.address))
         stream = stub.Generate(worker_pb2.GenerateRequest(
             model="tiny-llama", prompt="go on", sampling=pb.SamplingParams(max_tokens=300, temperature=0)),
             timeout=60)
         received = [next(stream), next(stream)]  # admitted, generating
-        shutdown = threading.Thread(target=background_loop.run, args=(
-            shut_down(tiny.server, tiny.worker, tiny.heartbeat, 30.0),))
+        shutdown = threading.Thread(target=background_loop.run, args=(fleet.aclose(),))
         shutdown.start()
         wait_for(lambda: background_loop.run(registry.workers()) == [])
         assert shutdown.is_alive()  # deregistered while the request still runs
         received.extend(stream)  # the in-flight request runs to its end
         shutdown.join(timeout=30)
+    background_loop.run(redis.aclose())
     assert received[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
     assert sum(len(m.token_ids) for m in received) == received[-1].usage.completion_tokens
 

@@ -24,6 +24,7 @@ from fareway.inference.v1 import inference_pb2_grpc
 from fareway.net import free_port
 from fareway.worker.v1 import worker_pb2 as wpb
 from fareway.worker.v1 import worker_pb2_grpc
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,17 @@ class Engine:
         return self.post("chat/completions", {"messages": [{"role": "user", "content": content}],
                                               "max_tokens": max_tokens, "temperature": 0})
 
+    def cpu_seconds(self) -> float:
+        """The CPU time the engine's process has used so far (user + system, from /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def cpu_rate(self, seconds: float) -> float:
+        """Cores the engine keeps busy over the next `seconds`."""
+        before = self.cpu_seconds()
+        time.sleep(seconds)
+        return (self.cpu_seconds() - before) / seconds
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -100,6 +112,7 @@ class Fleet:
         self.stack = stack
         self.exits = contextlib.AsyncExitStack()
         self.workers: dict[str, Any] = {}
+        self.http_url = ""
 
     def upstream(self, name: str, url: str, engine_model: str, tokenizer: Path | None,
                  kv_capacity_tokens: int = 0) -> str:
@@ -118,6 +131,7 @@ class Fleet:
         return self.stack.loop.run(start())
 
     def gateway(self, workers: list[str], routing: str = "least-load") -> str:
+        """A gateway in front of `workers`: its gRPC address (its HTTP edge's /v1 URL is `self.http_url`)."""
         from fareway.redis import connect
         from gateway.config import GatewayConfig
         from gateway.service import running_gateway
@@ -126,12 +140,50 @@ class Fleet:
             redis = connect(self.stack.redis_url)
             self.exits.push_async_callback(redis.aclose)
             gateway = await self.exits.enter_async_context(running_gateway(GatewayConfig(
-                workers=tuple(workers), listen="127.0.0.1:0", routing=routing, worker_refresh_interval_s=0.5,
-                shared_prefix_homes=False), redis))
+                workers=tuple(workers), listen="127.0.0.1:0", http_listen="127.0.0.1:0", routing=routing,
+                worker_refresh_interval_s=0.5, shared_prefix_homes=False), redis))
+            self.http_url = f"http://127.0.0.1:{gateway.http_port}/v1"
             return f"127.0.0.1:{gateway.port}"
         address = self.stack.loop.run(start())
         self.wait_models(address, len(workers))
         return address
+
+    def usage_stripping_proxy(self, engine_url: str) -> str:
+        """An engine that reports no usage (as some llama.cpp, TGI and Ollama builds do not when
+        streaming): the real engine's streams, passed through with every `usage` taken out. Its /v1 URL."""
+        from aiohttp import ClientSession, web
+
+        async def start() -> str:
+            session = ClientSession()
+            self.exits.push_async_callback(session.close)
+
+            async def forward(request: web.Request) -> web.StreamResponse:
+                async with session.post(f"{engine_url}/{request.match_info['path']}",
+                                        data=await request.read(), headers={"Content-Type": "application/json"}) as up:
+                    out = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
+                    await out.prepare(request)
+                    async for line in up.content:
+                        if line.startswith(b"data: {"):
+                            chunk = json.loads(line[6:])
+                            if chunk.pop("usage", None) is not None and not chunk.get("choices"):
+                                continue   # the usage-only chunk at the end
+                            line = b"data: " + json.dumps(chunk).encode() + b"\n"
+                        await out.write(line)
+                    await out.write_eof()
+                    return out
+            async def listing(request: web.Request) -> web.Response:
+                async with session.get(f"{engine_url}/{request.match_info['path']}") as up:
+                    return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
+            app = web.Application()
+            app.router.add_post("/v1/{path:.+}", forward)
+            app.router.add_get("/v1/{path:.+}", listing)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            self.exits.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        return self.stack.loop.run(start())
 
     def wait_models(self, address: str, count: int) -> None:
         key = self.stack.create_key("fleet-check")
@@ -170,14 +222,6 @@ def chat(content: str = QUESTION, max_tokens: int = 16, cls: type = pb.GenerateR
 def metadata(stack, team: str) -> tuple[tuple[str, str], ...]:  # noqa: ANN001
     return (("authorization", f"Bearer {stack.create_key(team, 'app')}"),)
 
-
-def wait_until(condition, timeout: float = 15.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_through_the_gateway_the_engines_greedy_answer_with_observed_metering(stack, engine, hf_folder, fleet,  # noqa: ANN001
@@ -239,9 +283,14 @@ def test_a_cancelled_stream_closes_the_engines_request_and_is_billed(stack, engi
                                            sampling=pb.SamplingParams(max_tokens=2000, temperature=0))
         call = stub.GenerateStream(request, metadata=metadata(stack, team))
         received = [next(call) for _ in range(4)]
+        generating = engine.cpu_rate(1.0)
         call.cancel()
+        assert wait_until(lambda: worker.meter.num_in_flight == 0), "the engine's stream stayed open"
+        time.sleep(0.5)
+        after = engine.cpu_rate(1.0)
     assert any(m.text for m in received)
-    assert wait_until(lambda: worker.meter.num_in_flight == 0), "the engine's stream stayed open"
+    # The engine stopped generating: while it ran it kept the CPU busy; after the cancel it idles.
+    assert after < 0.25 * generating, f"the engine kept working after the cancel: {after:.2f} vs {generating:.2f} cores"
     assert wait_until(lambda: len(stack.records(team)) == 1)
     [record] = stack.records(team)
     assert (record.status, record.finish_reason, record.metering) == ("CANCELLED", "cancelled", "observed")
@@ -306,6 +355,45 @@ def test_a_mixed_fleet_is_routed_by_prefix_affinity(stack, engine, hf_folder, fl
             assert len(workers) == 1, f"one prefix went to {workers}"
             homes[prefix] = workers.pop()
     assert set(homes.values()) == {"up-e", "test-worker"}
+
+
+def test_an_engine_that_reports_no_usage_is_counted_with_the_models_tokenizer(stack, engine, hf_folder, fleet,  # noqa: ANN001
+                                                                             team) -> None:
+    direct = engine.chat(QUESTION, 16)
+    silent = fleet.usage_stripping_proxy(engine.url)
+    gateway = fleet.gateway([fleet.upstream("up-t", silent, engine.model, hf_folder)])
+    with grpc.insecure_channel(gateway) as channel:
+        reply = inference_pb2_grpc.InferenceServiceStub(channel).Generate(chat(), metadata=metadata(stack, team),
+                                                                         timeout=120)
+    assert reply.text == direct["choices"][0]["message"]["content"]
+    # The tokenizer's count is the engine's own: the chat template, the text and the end-of-sequence token.
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        direct["usage"]["prompt_tokens"], direct["usage"]["completion_tokens"])
+    assert reply.usage.token_source == "tokenizer"
+    assert wait_until(lambda: len(stack.records(team)) == 1)
+    [record] = stack.records(team)
+    assert (record.token_source, record.metering, record.completion_tokens) == (
+        "tokenizer", "observed", direct["usage"]["completion_tokens"])
+
+
+def test_the_openai_sdk_through_the_http_edge_reaches_the_engine_behind_an_upstream_worker(  # noqa: ANN001
+        stack, engine, hf_folder, fleet, team) -> None:
+    import openai
+    direct = engine.chat(QUESTION, 16)
+    fleet.gateway([fleet.upstream("up-h", engine.url, engine.model, hf_folder)])
+    client = openai.OpenAI(base_url=fleet.http_url, api_key=stack.create_key(team, "app"), max_retries=0, timeout=120)
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert whole.choices[0].message.content == direct["choices"][0]["message"]["content"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == direct["usage"]["completion_tokens"]
+    extension = whole.model_extra["fareway"]
+    assert (extension["worker"], extension["metering"], extension["token_source"]) == ("up-h", "observed", "engine")
+    assert wait_until(lambda: len(stack.records(team)) == 2)
+    assert {(r.worker_id, r.metering) for r in stack.records(team)} == {("up-h", "observed")}
 
 
 def test_engine_errors_map_to_statuses() -> None:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -89,6 +89,8 @@ class Generation:
             source = "tokenizer"
             if final:
                 completion = len(self.worker.tokenizer.encode("".join(self.text)))
+                if self.finish_reason == ipb.FINISH_REASON_STOP:
+                    completion += 1   # the end-of-sequence token: generated (engines count it), never shown
         else:
             source = "none"
         w = self.worker
@@ -262,6 +264,21 @@ class UpstreamWorker:
         yield pb.GenerateResponse(usage=generation.usage(final=True), finish_reason=generation.finish_reason,
                                   stop_sequence=generation.stop_sequence)
 
+    def take_early_abort(self, call_id: str) -> bool:
+        """Whether an Abort for this call id arrived before the call itself (forgotten once taken)."""
+        return bool(call_id) and self._aborted.pop(call_id, None) is not None
+
+    @contextlib.contextmanager
+    def abortable(self, call_id: str, task: asyncio.Task[Any]) -> Iterator[None]:
+        """While the block runs, an Abort for `call_id` cancels `task`."""
+        if call_id:
+            self._calls[call_id] = task
+        try:
+            yield
+        finally:
+            if call_id:
+                self._calls.pop(call_id, None)
+
     def abort(self, call_id: str) -> bool:
         """Stops the Complete call with this id; an id not running yet is remembered for a while."""
         now = time.monotonic()
@@ -309,22 +326,18 @@ class UpstreamServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Complete(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         generation = await self.worker.generation(request)
-        if request.call_id and self.worker._aborted.pop(request.call_id, None) is not None:
+        if self.worker.take_early_abort(request.call_id):
             generation.finish_reason = ipb.FINISH_REASON_CANCELLED
             return pb.GenerateResponse(usage=generation.usage(final=True), finish_reason=generation.finish_reason)
         task = asyncio.ensure_future(self._drain(generation, context.time_remaining()))
-        if request.call_id:
-            self.worker._calls[request.call_id] = task
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not task.cancelled() or (current is not None and current.cancelling()):
-                raise   # this call itself was cancelled (the gateway went away), not aborted
-            generation.finish_reason = ipb.FINISH_REASON_CANCELLED   # aborted: what it spent is answered
-        finally:
-            if request.call_id:
-                self.worker._calls.pop(request.call_id, None)
+        with self.worker.abortable(request.call_id, task):
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not task.cancelled() or (current is not None and current.cancelling()):
+                    raise   # this call itself was cancelled (the gateway went away), not aborted
+                generation.finish_reason = ipb.FINISH_REASON_CANCELLED   # aborted: what it spent is answered
         return pb.GenerateResponse(text="".join(generation.text), usage=generation.usage(final=True),
                                    finish_reason=generation.finish_reason, stop_sequence=generation.stop_sequence)
 
@@ -382,29 +395,18 @@ async def serve_upstream(config: UpstreamConfig, redis_url: str | None) -> int:
     device time, like a native worker (workers/serving.py). At shutdown it leaves the registry first,
     then lets in-flight requests finish for up to the drain timeout."""
     from fareway.process import wait_for_shutdown_signal
-    from fareway.redis import connect
     from workers.heartbeat import advertised_address
-    from workers.serving import capacity_reporter, registry_heartbeat
+    from workers.serving import in_the_fleet
 
     worker = UpstreamWorker(config)
     server = await create_upstream_server(worker, config.listen, config.tls.credentials() if config.tls else None)
     log.info("worker %s listening on port %d, in front of %s (model %s)", config.worker_id, server.port,
              config.upstream, config.model)
-    redis = connect(redis_url) if redis_url else None
-    reporter = heartbeat = None
     try:
-        if redis is not None:
-            reporter = await capacity_reporter(worker, redis)
-            heartbeat = await registry_heartbeat(
-                worker, redis, advertised_address(config.listen, server.port, config.advertise_address))
-        await wait_for_shutdown_signal()
+        async with in_the_fleet(worker, server, redis_url,
+                                advertised_address(config.listen, server.port, config.advertise_address),
+                                config.drain_timeout_s):
+            await wait_for_shutdown_signal()
     finally:
-        if heartbeat is not None:
-            await heartbeat.stop()
-        await server.stop(config.drain_timeout_s)
-        if reporter is not None:
-            await reporter.stop()
         await worker.stop()
-        if redis is not None:
-            await redis.aclose()
     return 0
