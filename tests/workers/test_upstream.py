@@ -171,6 +171,7 @@ class Fleet:
                         await out.write(line)
                     await out.write_eof()
                     return out
+
             async def listing(request: web.Request) -> web.Response:
                 async with session.get(f"{engine_url}/{request.match_info['path']}") as up:
                     return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
@@ -180,9 +181,9 @@ class Fleet:
             runner = web.AppRunner(app)
             await runner.setup()
             self.exits.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            return f"http://127.0.0.1:{port}/v1"
         return self.stack.loop.run(start())
 
     def wait_models(self, address: str, count: int) -> None:
@@ -221,7 +222,6 @@ def chat(content: str = QUESTION, max_tokens: int = 16, cls: type = pb.GenerateR
 
 def metadata(stack, team: str) -> tuple[tuple[str, str], ...]:  # noqa: ANN001
     return (("authorization", f"Bearer {stack.create_key(team, 'app')}"),)
-
 
 
 def test_through_the_gateway_the_engines_greedy_answer_with_observed_metering(stack, engine, hf_folder, fleet,  # noqa: ANN001
