@@ -110,7 +110,8 @@ class CapacityStore:
         for info in await self.workers():
             if workers is not None and info.worker_id not in workers:
                 continue
-            hours = await self._redis.zrangebyscore(keys.device_time_hours(info.worker_id), "-inf" if since is None else since,
+            hours = await self._redis.zrangebyscore(keys.device_time_hours(info.worker_id),
+                                                    "-inf" if since is None else since,
                                                     f"({until}" if until is not None else "+inf")
             async with self._redis.pipeline(transaction=False) as pipe:
                 for hour in hours:

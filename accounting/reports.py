@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.asyncio as aioredis
 
@@ -24,8 +24,9 @@ from accounting.rollups import GROUP_DIMENSIONS, Totals, bucket_start, group_of,
 from fareway.errors import InvalidArgument
 
 TIME_DIMENSIONS = ("day", "week", "month")
-DIMENSIONS = ("team", *GROUP_DIMENSIONS[:-1], *TIME_DIMENSIONS, "tag:<name>")
+DIMENSIONS = ("team", *GROUP_DIMENSIONS[:-1], "metering", *TIME_DIMENSIONS, "tag:<name>")
 _HOUR_S = 3600
+_WORKER = GROUP_DIMENSIONS.index("worker")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Cell:
     ended_at: float
     """The record's end, or the rollup hour's start."""
     tags: dict[str, str]
+    metering: str = "engine-steps"
+    """How its worker metered device time: "engine-steps" or "observed" (the capacity registry's word,
+    as in the exports)."""
 
 
 def _time_key(fmt: str) -> Callable[[Cell], str]:
@@ -47,6 +51,7 @@ def _time_key(fmt: str) -> Callable[[Cell], str]:
 _KEYS: dict[str, Callable[[Cell], str]] = {
     "team": lambda c: c.team,
     **{name: (lambda i: lambda c: c.group[i])(i) for i, name in enumerate(GROUP_DIMENSIONS[:-1])},
+    "metering": lambda c: c.metering,
     "day": _time_key("%Y-%m-%d"),
     "week": _time_key("%G-W%V"),
     "month": _time_key("%Y-%m"),
@@ -112,9 +117,14 @@ async def _records_report(ledger: Ledger, group_by: Sequence[str], since: float 
         cells = _rollup_cells(ledger.redis, teams, since, until, coarsest)
     else:
         cells = _ledger_cells(ledger, teams, since, until)
+    metering: dict[str, str] = {}
+    if "metering" in group_by:
+        metering = {w.worker_id: w.metering for w in await CapacityStore(ledger.redis).workers()}
     groups: dict[tuple[str, ...], Totals] = {}
     total = Totals()
     async for cell, totals in cells:
+        if metering:
+            cell = replace(cell, metering=metering.get(cell.group[_WORKER], "engine-steps"))
         groups.setdefault(tuple(key(cell) for key in keys), Totals()).add(totals)
         total.add(totals)
     return UsageReport(tuple(group_by), sorted(groups.items()), total)
@@ -153,7 +163,7 @@ def _idle_rows(group_by: Sequence[str], cells: Sequence[CapacityCell],
         if not cell.idle_ns:
             continue
         view = Cell(IDLE_TEAM, ("", "", cell.worker.hardware_class, cell.worker.worker_id, "", ""),
-                    bucket_start(cell.hour), {})
+                    bucket_start(cell.hour), {}, cell.worker.metering)
         totals = rows.setdefault(tuple(key(view) for key in keys), Totals())
         totals.gpu_ns += cell.idle_ns
         totals.idle_nusd += idle_cost_nusd(book, cell)

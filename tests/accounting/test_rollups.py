@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from accounting.capacity import CapacityStore, WorkerInfo
 from accounting.ledger import Ledger
-from accounting.reports import usage_report
+from accounting.reports import IDLE_TEAM, usage_report
 from fareway.quota import Budgets, month_of
 
 HOUR = 3600.0
@@ -68,3 +69,26 @@ def test_duplicate_deliveries_count_once_everywhere(with_redis, random_records) 
     for team, counters in spend.items():
         assert counters.get("team:cost", 0) == sum(r.cost_nusd for r in records if r.team == team)
         assert counters.get("team:list", 0) == sum(r.list_nusd for r in records if r.team == team)
+
+
+def test_reports_group_by_how_each_worker_metered_its_device_time(with_redis, random_records) -> None:  # noqa: ANN001
+    records = random_records(120, seed=5)
+
+    async def body(client):  # noqa: ANN001, ANN202
+        ledger, store = Ledger(client), CapacityStore(client)
+        await ledger.record_many(records, now=BASE + 31 * 24 * HOUR)
+        await store.register(WorkerInfo("w1", "cpu", 1, "smollm2-135m-instruct"))
+        await store.register(WorkerInfo("w2", "nvidia-h100", 1, "llama-3.1-8b", "observed"))
+        await store.add("w2", BASE, BASE + HOUR, device_ns=3_600_000_000_000, idle_ns=1_000_000_000_000)
+        return [await usage_report(ledger, ["metering", "team"], since=since, until=BASE + 31 * 24 * HOUR,
+                                   idle=idle) for since, idle in ((BASE, "none"), (BASE - 0.001, "none"),
+                                                                  (BASE, "separate"))]
+    whole_hours, one_by_one, with_idle = with_redis(body)
+    assert summary(whole_hours) == summary(one_by_one)
+    by_metering: dict[str, int] = {}
+    for (metering, _team), totals in whole_hours.rows:
+        by_metering[metering] = by_metering.get(metering, 0) + totals.requests
+    assert by_metering == {"engine-steps": sum(r.worker_id == "w1" for r in records),
+                           "observed": sum(r.worker_id == "w2" for r in records)}
+    idle_rows = {group: totals for group, totals in with_idle.rows if group[1] == IDLE_TEAM}
+    assert list(idle_rows) == [("observed", IDLE_TEAM)] and idle_rows[("observed", IDLE_TEAM)].gpu_ns == 1_000_000_000_000
