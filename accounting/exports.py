@@ -34,7 +34,7 @@ from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.reports import idle_cost_nusd
 from accounting.rollups import Totals, bucket_start, read_rollups, tags_of
-from fareway.errors import InvalidArgument
+from fareway.errors import InvalidArgument, shown
 
 FORMATS = ("csv", "jsonl", "focus")
 PROJECT_TAG = "fareway.project"
@@ -67,7 +67,7 @@ class Period:
         try:
             first = dt.datetime.strptime(text, "%Y-%m").replace(tzinfo=dt.UTC)
         except ValueError:
-            raise InvalidArgument(f"period must be a month like 2026-11, got {text!r}", field="period") from None
+            raise InvalidArgument(f"period must be a month like 2026-11, got {shown(text)}", field="period") from None
         following = (first + dt.timedelta(days=32)).replace(day=1)
         return cls(text, first.timestamp(), following.timestamp())
 
@@ -249,7 +249,7 @@ def render(rows: Sequence[ChargeRow], period: Period, fmt: str, config: ExportCo
             out.write(json.dumps(_plain(row), sort_keys=True, separators=(",", ":")) + "\n")
         return out.getvalue()
     if fmt not in FORMATS:
-        raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", field="format")
+        raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}, got {shown(fmt)}", field="format")
     columns = PLAIN_COLUMNS if fmt == "csv" else FOCUS_COLUMNS
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

@@ -21,7 +21,7 @@ from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookStore
 from accounting.records import UsageRecord
 from accounting.rollups import GROUP_DIMENSIONS, Totals, bucket_start, group_of, read_rollups, tags_of
-from fareway.errors import InvalidArgument
+from fareway.errors import InvalidArgument, shown
 
 TIME_DIMENSIONS = ("day", "week", "month")
 DIMENSIONS = ("team", *GROUP_DIMENSIONS[:-1], "metering", *TIME_DIMENSIONS, "tag:<name>")
@@ -63,7 +63,7 @@ def dimension(name: str) -> Callable[[Cell], str]:
         tag = name[4:]
         return lambda c: c.tags.get(tag, "")
     if name not in _KEYS:
-        raise InvalidArgument(f"cannot group by {name!r}; use any of {', '.join(DIMENSIONS)}", field="group_by")
+        raise InvalidArgument(f"cannot group by {shown(name)}; use any of {', '.join(DIMENSIONS)}", field="group_by")
     return _KEYS[name]
 
 
@@ -96,7 +96,7 @@ async def usage_report(ledger: Ledger, group_by: Sequence[str], *, since: float 
     only with all teams (an idle device belongs to no team).
     """
     if idle not in IDLE_MODES:
-        raise InvalidArgument(f"idle must be one of {', '.join(IDLE_MODES)}, got {idle!r}", field="idle")
+        raise InvalidArgument(f"idle must be one of {', '.join(IDLE_MODES)}, got {shown(idle)}", field="idle")
     report = await _records_report(ledger, group_by, since, until, teams)
     if idle == "none" or teams is not None:
         return report

@@ -20,7 +20,7 @@ from fareway.accounting.v1 import accounting_pb2 as pb
 from fareway.accounting.v1 import accounting_pb2_grpc
 from fareway.auth import KeyInfo, KeyStore, Role, Tenant, require_admin
 from fareway.config import RedisConfig
-from fareway.errors import InvalidArgument, PermissionDenied
+from fareway.errors import InvalidArgument, PermissionDenied, shown
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.process import stop_task, wait_for_shutdown_signal
 from fareway.quota import LIMIT_FIELDS, Budgets, Limits
@@ -42,7 +42,7 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
         if tenant.is_admin:
             return tenant, [team] if team else None
         if team and team != tenant.team:
-            raise PermissionDenied(f"a tenant key of team {tenant.team!r} cannot read team {team!r}")
+            raise PermissionDenied(f"a tenant key of team {tenant.team!r} cannot read team {shown(team)}")
         return tenant, [tenant.team]
 
     async def _one_team(self, context: grpc.aio.ServicerContext, team: str, what: str) -> str:

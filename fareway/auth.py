@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from fareway.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from fareway.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, shown
 from fareway.redis import UNREACHABLE, keys
 
 KEY_PREFIX = "fw"
@@ -61,7 +61,7 @@ def validate_name(kind: str, value: str) -> str:
     """Team and project names end up in Redis keys and reports: keep them plain."""
     if not _NAME.match(value):
         raise InvalidArgument(
-            f"{kind} {value!r} must be 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+            f"{kind} {shown(value)} must be 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
             field=kind)
     return value
 
@@ -102,7 +102,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> KeyInfo:
         digest = await self._redis.hget(keys.API_KEYS, key_id)
         if digest is None:
-            raise NotFound(f"no API key with id {key_id!r}")
+            raise NotFound(f"no API key with id {shown(key_id)}")
         await self._redis.hsetnx(digest, "revoked_at", repr(time.time()))
         # Gateways caching the key drop it now (watch_revocations); the cache's TTL bounds a lost message.
         await self._redis.publish(keys.API_KEY_REVOCATIONS, digest)

@@ -24,6 +24,24 @@ from fareway.redis import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
+SHOWN_CHARS = 40
+"""How much of a caller's value an error message quotes."""
+MAX_MESSAGE_CHARS = 1024
+"""The longest message an error carries: gRPC's trailers (8 KiB by default) must hold it twice (the
+status message and the google.rpc.Status detail), whatever a caller sent."""
+
+
+def shown(value: object) -> str:
+    """A value from the caller, as an error message may quote it: repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}...' ({len(text)} characters)"
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+
 
 class FarewayError(Exception):
     """Root of every error a Fareway service reports to its caller."""
@@ -31,6 +49,7 @@ class FarewayError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, *, details: list[Any] | None = None) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.message = message
         self.details = details or []
@@ -49,6 +68,7 @@ class InvalidArgument(FarewayError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = _bounded(message)
         details = []
         if field:
             violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Protocol
 
-from fareway.errors import InvalidArgument
+from fareway.errors import InvalidArgument, shown
 from fareway.inference.v1 import inference_pb2 as pb
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -18,6 +18,7 @@ MAX_STOP_CHARS = 256
 MAX_TAGS = 32
 MAX_TAG_VALUE_CHARS = 256
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+"""request_id and session_id: printable, bounded, safe inside a Redis key and a log line."""
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -47,7 +48,7 @@ def validate_messages(messages: list[pb.ChatMessage]) -> None:
     for i, message in enumerate(messages):
         if message.role not in CHAT_ROLES:
             raise InvalidArgument(
-                f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}",
+                f"chat.messages[{i}].role is {shown(message.role)}; use one of {', '.join(sorted(CHAT_ROLES))}",
                 field=f"chat.messages[{i}].role")
         if not message.content:
             raise InvalidArgument(f"chat.messages[{i}].content is empty", field=f"chat.messages[{i}].content")
@@ -69,7 +70,7 @@ def validate_sampling(sampling: pb.SamplingParams) -> None:
                               field="sampling.stop")
     for stop in sampling.stop:
         if not stop or len(stop) > MAX_STOP_CHARS:
-            raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_CHARS} characters, got {stop!r}",
+            raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_CHARS} characters, got {shown(stop)}",
                                   field="sampling.stop")
 
 
@@ -82,6 +83,9 @@ def validate_generate(request: pb.GenerateRequest | pb.GenerateStreamRequest) ->
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise InvalidArgument("request_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
                               field="request_id")
+    if request.session_id and not _REQUEST_ID.match(request.session_id):
+        raise InvalidArgument("session_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
+                              field="session_id")
     validate_tags(request.tags)
 
 
@@ -90,7 +94,7 @@ def validate_tags(tags: dict[str, str]) -> None:
         raise InvalidArgument(f"at most {MAX_TAGS} tags, got {len(tags)}", field="tags")
     for key, value in tags.items():
         if not _TAG_KEY.match(key):
-            raise InvalidArgument(f"tag name {key!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+            raise InvalidArgument(f"tag name {shown(key)} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
                                   field="tags")
         if len(value) > MAX_TAG_VALUE_CHARS:
-            raise InvalidArgument(f"tag {key!r} is longer than {MAX_TAG_VALUE_CHARS} characters", field="tags")
+            raise InvalidArgument(f"tag {shown(key)} is longer than {MAX_TAG_VALUE_CHARS} characters", field="tags")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from fareway.errors import Unavailable
+from fareway.errors import Unavailable, shown
 from gateway.pool import WorkerEndpoint, WorkerPool
 from gateway.routing import Route
 
@@ -42,5 +42,5 @@ class Failover:
                 if refused.is_down:
                     self.pool.mark_down(endpoint)
                 refusals.append(f"{endpoint.address}: {refused.reason}")
-        raise Unavailable(f"no worker for model {model!r} could take the request "
+        raise Unavailable(f"no worker for model {shown(model)} could take the request "
                           f"({'; '.join(refusals) or 'none tried'})")

@@ -36,6 +36,7 @@ from fareway.errors import (
     NotFound,
     Unavailable,
     caller_error,
+    shown,
 )
 from fareway.tls import ServerTls
 from gateway import openai_api
@@ -86,9 +87,9 @@ async def _openai_errors(request: web.Request,
             raise
         kind = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}.get(
             exc.status, "invalid_request_error")
-        message = {404: f"no such endpoint {openai_api.shown(request.path)}; Fareway serves /v1/chat/completions, "
+        message = {404: f"no such endpoint {shown(request.path)}; Fareway serves /v1/chat/completions, "
                         "/v1/completions and /v1/models",
-                   405: f"{request.method} is not allowed on {openai_api.shown(request.path)}",
+                   405: f"{request.method} is not allowed on {shown(request.path)}",
                    413: f"the request body is larger than {request.app[_MAX_BODY_BYTES]} bytes"}.get(
             exc.status, exc.reason)
         return web.json_response({"error": {"message": message, "type": kind, "param": None,
@@ -206,7 +207,7 @@ class HttpEdge:
             name = request.match_info["model"]
             model = next((m for m in served_models(self.pool) if m.id == name), None)
             if model is None:
-                raise NotFound(f"model {openai_api.shown(name)} is not served; GET /v1/models lists them")
+                raise NotFound(f"model {shown(name)} is not served; GET /v1/models lists them")
         except Exception as exc:  # noqa: BLE001
             return error_response(caller_error(exc))
         return web.json_response(openai_api.model_object(model), dumps=_dumps)

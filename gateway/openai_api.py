@@ -24,11 +24,10 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 
-from fareway.errors import FarewayError, InvalidArgument
+from fareway.errors import SHOWN_CHARS, FarewayError, InvalidArgument, shown
 from fareway.inference.v1 import inference_pb2 as pb
 
 MAX_MODEL_CHARS = 256
-_SHOWN_CHARS = 40
 _INT32_MAX = 2**31 - 1
 _UINT64_MAX = 2**64 - 1
 
@@ -51,12 +50,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
-
-
-def shown(value: object) -> str:
-    """A value from the caller, as an error message may quote it: repr, cut to a few dozen characters."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}...' ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,7 @@ def _check_parameters(body: Mapping[str, Any], known: frozenset[str]) -> tuple[b
         if name in known or value is None:
             continue
         if name not in _AT_DEFAULT:
-            raise InvalidArgument(f"unknown parameter {shown(name)}", field=name[:_SHOWN_CHARS])
+            raise InvalidArgument(f"unknown parameter {shown(name)}", field=name[:SHOWN_CHARS])
         if not _AT_DEFAULT[name](value):
             raise InvalidArgument(f"{name} is not supported by Fareway yet; leave it out or at its default",
                                   field=name)
@@ -159,8 +152,8 @@ def _messages(value: Any) -> list[pb.ChatMessage]:
             raise InvalidArgument(f"{where} must be an object with role and content", field=where)
         for name in item:
             if name not in ("role", "content"):
-                raise InvalidArgument(f"{where}.{name[:_SHOWN_CHARS]} is not supported by Fareway yet",
-                                      field=f"{where}.{name[:_SHOWN_CHARS]}")
+                raise InvalidArgument(f"{where}.{name[:SHOWN_CHARS]} is not supported by Fareway yet",
+                                      field=f"{where}.{name[:SHOWN_CHARS]}")
         role = item.get("role")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant", "tool"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from fareway.errors import NotFound, Unavailable
+from fareway.errors import NotFound, Unavailable, shown
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.process import stop_task
 from fareway.redis import UNREACHABLE
@@ -258,7 +258,7 @@ class WorkerPool:
         if model not in served:
             if not served:
                 raise Unavailable("no worker is reachable yet; try again shortly")
-            raise NotFound(f"model {model!r} is not served; available: {', '.join(sorted(served))}")
+            raise NotFound(f"model {shown(model)} is not served; available: {', '.join(sorted(served))}")
         return served[model]
 
     def num_sequence_slots(self, model: str) -> int:

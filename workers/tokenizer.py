@@ -2,11 +2,18 @@
 
 A thin layer over Hugging Face `tokenizers`: the model's own BOS/EOS conventions, chat rendering the
 way transformers renders it, and a streaming decoder that never emits half a UTF-8 character.
+
+Chat message content is always text: a message that spells a control token (`<|im_end|>`,
+`<|start_header_id|>`) gets the token's characters, never the token, so no caller can close its
+turn and forge a system one. Only the chat template's own markers are control tokens. A raw
+prompt is the caller's whole input and is tokenized as it is, control tokens included.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -19,6 +26,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 # What a byte-level decoder writes for bytes that are not (yet) a whole UTF-8 character.
 _REPLACEMENT_CHAR = "\ufffd"
+# Stand-ins for message content while the template renders (Unicode private use, plane 15).
+_CONTENT_MARK = re.compile("\U000f0000([0-9]+)\U000f0001")
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -99,14 +108,16 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
         self._template = None if chat_template is None else _compile_chat_template(chat_template)
+        self._text_only: tokenizers.Tokenizer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Compiled templates do not pickle; the template text is enough to rebuild one.
-        return {name: value for name, value in self.__dict__.items() if name != "_template"}
+        return {name: value for name, value in self.__dict__.items() if name not in ("_template", "_text_only")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._template = None if self.chat_template is None else _compile_chat_template(self.chat_template)
+        self._text_only = None
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
@@ -143,11 +154,43 @@ class Tokenizer:
             raise ValueError(f"the chat template rejected the conversation: {error}") from error
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the rendered conversation; BOS is added only if the template did not write it."""
-        text = self.render_chat(messages)
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        """Token ids of the rendered conversation, its content always as text (see the module's
+        docstring); BOS is added only if the template did not write it."""
+        if any(self._control_tokens.search(m.get("content") or "") for m in messages):
+            ids = self._encode_content_as_text(messages)
+        else:
+            ids = self._backend.encode(self.render_chat(messages), add_special_tokens=False).ids
         if self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
+        return ids
+
+    @functools.cached_property
+    def _control_tokens(self) -> re.Pattern[str]:
+        """Matches any special token's text (a pattern that never matches if there are none)."""
+        specials = sorted((t.content for t in self._backend.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials)) or "(?!)")
+
+    def _encode_content_as_text(self, messages: list[dict[str, str]]) -> list[int]:
+        """Renders the template around stand-ins for the content, then tokenizes the template's text
+        with its control tokens and each message's content with none."""
+        marked = [{**m, "content": f"\U000f0000{i}\U000f0001"} for i, m in enumerate(messages)]
+        rendered = self.render_chat(marked)
+        pieces = _CONTENT_MARK.split(rendered)  # template text, content index, template text, ...
+        template_text = "".join(pieces[::2])
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))) or \
+                "\U000f0000" in template_text or "\U000f0001" in template_text:
+            raise ValueError("a message spells one of the model's control tokens, and this model's chat template "
+                             "transforms message content, so it cannot be kept as text; remove the control token")
+        if self._text_only is None:
+            self._text_only = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            self._text_only.encode_special_tokens = True
+        ids: list[int] = []
+        for n, piece in enumerate(pieces):
+            if n % 2:
+                ids += self._text_only.encode(messages[int(piece)].get("content") or "", add_special_tokens=False).ids
+            elif piece:
+                ids += self._backend.encode(piece, add_special_tokens=False).ids
         return ids
 
     def incremental_decoder(self) -> IncrementalDecoder:

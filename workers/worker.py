@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fareway.errors import InvalidArgument, NotFound
+from fareway.errors import InvalidArgument, NotFound, shown
 from fareway.validation import validate_input, validate_sampling
 from fareway.worker.v1 import worker_pb2
 from workers.async_engine import AsyncEngine
@@ -126,7 +126,7 @@ class Worker:
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
-            raise NotFound(f"model {model!r} is not served here; this worker serves {self.model_name!r}")
+            raise NotFound(f"model {shown(model)} is not served here; this worker serves {self.model_name!r}")
 
     async def tokenize(self, request: worker_pb2.GenerateRequest | worker_pb2.CountTokensRequest) -> list[int]:
         """The prompt's token ids: raw text as is, chat rendered with the model's template."""
@@ -134,7 +134,10 @@ class Worker:
         if request.WhichOneof("input") == "prompt":
             return await asyncio.to_thread(self.tokenizer.encode, request.prompt)
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+        except ValueError as refused:  # no chat template, or the template refused the conversation
+            raise InvalidArgument(str(refused), field="chat.messages") from None
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> PreparedRequest:
         """Validates a request against the model: bad input raises before anything runs."""

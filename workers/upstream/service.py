@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from fareway.errors import FailedPrecondition, FarewayError, InvalidArgument, NotFound
+from fareway.errors import FailedPrecondition, FarewayError, InvalidArgument, NotFound, shown
 from fareway.grpc_server import RunningServer, ServiceSpec, start_server
 from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.process import stop_task
@@ -188,7 +188,7 @@ class UpstreamWorker:
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
-            raise NotFound(f"model {model!r} is not served here; this worker serves {self.model_name!r}")
+            raise NotFound(f"model {shown(model)} is not served here; this worker serves {self.model_name!r}")
 
     async def count(self, request: pb.GenerateRequest | pb.CountTokensRequest) -> int | None:
         """The prompt's tokens by the model's tokenizer (its chat template for chat); None without one."""
@@ -198,7 +198,10 @@ class UpstreamWorker:
         if request.WhichOneof("input") == "prompt":
             return len(await asyncio.to_thread(self.tokenizer.encode, request.prompt))
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return len(await asyncio.to_thread(self.tokenizer.encode_chat, messages))
+        try:
+            return len(await asyncio.to_thread(self.tokenizer.encode_chat, messages))
+        except ValueError as refused:  # no chat template, or the template refused the conversation
+            raise InvalidArgument(str(refused), field="chat.messages") from None
 
     def _body(self, request: pb.GenerateRequest, prompt_tokens: int | None) -> tuple[str, dict[str, Any]]:
         s = request.sampling
