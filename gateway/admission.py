@@ -36,7 +36,7 @@ from fareway.quota import (
 )
 from fareway.redis import UNREACHABLE
 from gateway.fairness import FairScheduler, Share, estimate_prompt_tokens
-from gateway.idempotency import IdempotencyStore, Outcome
+from gateway.idempotency import IdempotencyStore, Outcome, fingerprint_of
 from gateway.pool import WorkerPool
 from gateway.run import CallContext, Run
 
@@ -102,7 +102,8 @@ class Admission:
             await self._hold(run, context)
             return None
         owner = f"{self._owner_prefix}-{next(self._owner_numbers)}"
-        claiming = self.idempotency.claim_soon(run.tenant, run.request.request_id, owner)
+        claiming = self.idempotency.claim_soon(run.tenant, run.request.request_id, owner,
+                                               fingerprint_of(run.request))
         claim = (self.idempotency.key(run.tenant, run.request.request_id), owner)
         refused: BaseException | None = None
         counted = False

@@ -233,12 +233,35 @@ def test_replaying_a_request_id_returns_the_first_outcome_and_one_record(stack, 
     assert [r.request_id for r in records] == ["order-42"]
 
 
+def test_a_request_id_reused_for_another_request_is_refused(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    request = chat_request(max_tokens=4)
+    request.request_id = "order-43"
+    first = gateway.Generate(request, metadata=auth)
+    for change in ({"sampling": pb.SamplingParams(temperature=0.0, max_tokens=5)}, {"tags": {"feature": "b"}},
+                   {"prompt": "another question"}):
+        other = pb.GenerateRequest()
+        other.CopyFrom(request)
+        for name, value in change.items():
+            if name == "tags":
+                other.tags.update(value)
+            elif name == "sampling":
+                other.sampling.CopyFrom(value)
+            else:
+                setattr(other, name, value)
+        with pytest.raises(grpc.RpcError) as caught:
+            gateway.Generate(other, metadata=auth)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, change
+        assert "already used for a different request" in caught.value.details()
+    assert gateway.Generate(request, metadata=auth) == first  # the request it names still replays
+    assert [r.request_id for r in stack.records(team)] == ["order-43"]
+
+
 def test_a_request_id_still_running_is_aborted(stack, gateway, auth, team) -> None:  # noqa: ANN001
     running = pb.GenerateStreamRequest(model=MODEL, prompt=COUNTING, request_id="job-7",
                                        sampling=pb.SamplingParams(temperature=0.0, max_tokens=2000))
     call = gateway.GenerateStream(running, metadata=auth)
     next(call)
-    duplicate = pb.GenerateRequest(model=MODEL, prompt="hi", request_id="job-7")
+    duplicate = pb.GenerateRequest(model=MODEL, prompt=COUNTING, request_id="job-7", sampling=running.sampling)
     with pytest.raises(grpc.RpcError) as caught:
         gateway.Generate(duplicate, metadata=auth)
     call.cancel()

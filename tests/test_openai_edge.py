@@ -237,6 +237,9 @@ def test_an_idempotency_key_replays_the_first_outcome_and_bills_once(stack, clie
     assert again.choices[0].message.content == first.choices[0].message.content
     streamed = list(client.chat.completions.create(**ask, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == first.choices[0].message.content
+    # The key names that request: another one with it is refused, not answered with the first's answer.
+    with pytest.raises(openai.BadRequestError, match="already used for a different request"):
+        client.chat.completions.create(**{**ask, "max_tokens": 9})
     [record] = stack.records(team)
     assert record.request_id == request_id
 

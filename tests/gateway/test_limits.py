@@ -349,12 +349,14 @@ def test_a_duplicate_of_a_running_request_id_counts_for_nothing(stack, backgroun
             model="tiny-llama", prompt="go on", request_id="job-7",
             sampling=pb.SamplingParams(max_tokens=500, temperature=0)), True)
         next(running)
-        duplicate = _one_token()
-        duplicate.request_id = "job-7"
-        for _ in range(3):
+        duplicate = pb.GenerateRequest(model="tiny-llama", prompt="go on", request_id="job-7",
+                                       sampling=pb.SamplingParams(max_tokens=500, temperature=0))
+        reused = _one_token()  # another request under the same id
+        reused.request_id = "job-7"
+        for request, code in ((duplicate, grpc.StatusCode.ABORTED), (reused, grpc.StatusCode.INVALID_ARGUMENT)) * 2:
             with pytest.raises(grpc.RpcError) as caught:
-                call(address, key, duplicate)
-            assert caught.value.code() is grpc.StatusCode.ABORTED
+                call(address, key, request)
+            assert caught.value.code() is code
         assert _slots(stack.redis_url, team) == 1
         # Two more requests pass: the duplicates took no slot and no place in the minute.
         assert call(address, key, _one_token()).usage.completion_tokens == 1
