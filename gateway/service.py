@@ -40,7 +40,7 @@ from gateway.pool import WorkerPool, served_models
 from gateway.routing import Router
 from gateway.run import Delta, Final, copy_input
 from gateway.shared_homes import SharedHomes
-from gateway.tracing import generate_span
+from gateway.tracing import generate_span, traced_stream
 
 log = logging.getLogger(__name__)
 _INFO_TIMEOUT_S = 5.0
@@ -55,12 +55,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _events(self, request: pb.GenerateStreamRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Delta | Final]:
         tenant = await self.keys.authenticate(context.invocation_metadata())
-        with generate_span(tenant, request) as describe_usage:
-            async with contextlib.aclosing(self.dispatcher.run(tenant, request, context)) as events:
-                async for event in events:
-                    if isinstance(event, Final):
-                        describe_usage(event.response.usage)
-                    yield event
+        events = traced_stream(tenant, request, self.dispatcher.run(tenant, request, context),
+                               lambda event: event.response.usage if isinstance(event, Final) else None)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 import grpc
 from opentelemetry import propagate, trace
@@ -72,10 +73,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise InvalidArgument("call_id is required", field="call_id")
         return pb.AbortResponse(was_running=self.worker.async_engine.abort_call(request.call_id))
 
-    def _span(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: ANN202
-        """The request's span, a child of the gateway's when its trace context came in the metadata."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _span(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Iterator[trace.Span]:
+        """The request's span, a child of the gateway's when its trace context came in the metadata.
+        Never made current: Generate yields inside it, and grpc.aio closes a stream left by a client that
+        cancelled during a send when it is collected, in another Context, where a context attached
+        before the yield could not be detached (gateway/tracing.py)."""
         parent = propagate.extract(dict(context.invocation_metadata() or ()))
-        return _tracer.start_as_current_span("worker.generate", context=parent)
+        span = _tracer.start_span("worker.generate", context=parent)
+        try:
+            yield span
+        except Exception as exc:
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            span.end()
 
     def _describe(self, span: trace.Span, request: pb.GenerateRequest, prepared: PreparedRequest) -> None:
         if span.is_recording():
