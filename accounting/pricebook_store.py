@@ -60,10 +60,11 @@ class PriceBookStore:
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(horizon))}: usage already recorded "
                     f"keeps its prices. Keep every entry of {current.version!r} that takes effect before then, and "
                     f"give new prices an effective_from at least {PRICE_CHANGE_NOTICE_S:.0f} s from now")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.PRICE_BOOK_VERSIONS, book.version, book.to_json())
-            pipe.set(keys.PRICE_BOOK_CURRENT, book.version)
-            await pipe.execute()
+        # The version, then the pointer to it, one after the other (they lie in different Redis Cluster
+        # slots): the current version is always stored, and one a failure left stored but not current is
+        # loaded again by the next try (versions are immutable).
+        await self._redis.hset(keys.PRICE_BOOK_VERSIONS, book.version, book.to_json())
+        await self._redis.set(keys.PRICE_BOOK_CURRENT, book.version)
 
     async def ensure(self, default: PriceBook | None = None) -> PriceBook:
         """The current price book, loading the default one first if none is."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from cli.options import add_channel_arguments, add_server_arguments, channel_tls_from_args, server_tls_from_args
 from fareway.config import DEFAULT_DATA_DIR, RedisConfig, TelemetryConfig
 from fareway.telemetry import setup_telemetry
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, JournalConfig
 from gateway.fairness import FairnessConfig
 from gateway.routing import DEFAULT_POLICY, POLICIES
 from gateway.service import serve
@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fair-sync-interval", type=float, default=0.25, metavar="SECONDS",
                         help="how often the fair-share counters are synced with the other gateway replicas through "
                              "Redis; 0 counts this replica's service alone (default: %(default)s)")
+    parser.add_argument("--journal-ttl", type=float, default=JournalConfig.ttl_s, metavar="SECONDS",
+                        help="a gateway silent this long is gone, and the gateways left settle the runs it journaled "
+                             "(default: %(default)s)")
+    parser.add_argument("--journal-sweep-interval", type=float, default=JournalConfig.sweep_interval_s,
+                        metavar="SECONDS", help="how often this gateway renews its liveness and sweeps the journals "
+                                                "of gateways gone (default: %(default)s)")
 
 
 def _workers(args: argparse.Namespace, registry: bool) -> tuple[str, ...]:
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                                capacity_factor=args.fair_capacity, prompt_token_weight=args.fair_token_weights[0],
                                completion_token_weight=args.fair_token_weights[1],
                                by_project=args.fair_share == "project", sync_interval_s=args.fair_sync_interval)
-                           if args.fairness else None)
+                           if args.fairness else None,
+                           journal=JournalConfig(ttl_s=args.journal_ttl, sweep_interval_s=args.journal_sweep_interval))
     asyncio.run(serve(config, RedisConfig.from_env()))
     return 0

@@ -83,11 +83,12 @@ class KeyStore:
         info = KeyInfo(key_id, validate_name("team", team), validate_name("project", project),
                        role, time.time(), None)
         digest = keys.api_key(key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(digest, mapping={"key_id": key_id, "team": team, "project": project,
-                                       "role": role.value, "created_at": repr(info.created_at)})
-            pipe.hset(keys.API_KEYS, key_id, digest)
-            await pipe.execute()
+        # The key, then its index entry, one after the other (they lie in different Redis Cluster slots):
+        # an index entry always names a key that is there, and a key whose entry a failure left unwritten
+        # was never handed out.
+        await self._redis.hset(digest, mapping={"key_id": key_id, "team": team, "project": project,
+                                                "role": role.value, "created_at": repr(info.created_at)})
+        await self._redis.hset(keys.API_KEYS, key_id, digest)
         return key, info
 
     async def list(self) -> list[KeyInfo]:

@@ -16,13 +16,15 @@ class RedisConfig:
     """Where the shared state lives."""
 
     url: str | None = None
-    """A redis:// or unix:// URL; None starts (or reuses) the embedded server under data_dir."""
+    """A redis://, rediss:// or unix:// URL (one server), or redis+cluster:// or rediss+cluster:// (a Redis
+    Cluster: fareway/redis/__init__.py); None starts (or reuses) the embedded server under data_dir."""
     data_dir: Path = DEFAULT_DATA_DIR
     """Holds the embedded server's socket and its append-only file."""
 
     def __post_init__(self) -> None:
-        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.url!r}")
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if self.url is not None and not self.url.startswith(schemes):
+            raise ValueError(f"REDIS_URL must start with {', '.join(schemes)}, got {self.url!r}")
 
     @property
     def embedded_socket(self) -> Path:

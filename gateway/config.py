@@ -11,6 +11,25 @@ from gateway.routing import DEFAULT_POLICY, POLICIES
 
 
 @dataclass(frozen=True)
+class JournalConfig:
+    """The journal of runs in flight and its sweeper (gateway/journal.py)."""
+
+    ttl_s: float = 15.0
+    """How long a gateway's liveness outlasts its last renewal: a gateway silent that long is gone."""
+    sweep_interval_s: float = 5.0
+    unknown_grace_s: float = 30.0
+    """How old a run must be before "no worker knows it" means it never ran (a request on its way to
+    its worker is not known there yet)."""
+    give_up_s: float = 600.0
+    """How long a run whose workers cannot be asked stays in the journal before it is released."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sweep_interval_s < self.ttl_s:
+            raise ValueError(f"journal sweep_interval_s must be above 0 and below ttl_s ({self.ttl_s}), "
+                             f"got {self.sweep_interval_s}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     workers: tuple[str, ...]
     """Configured worker addresses (host:port); may be empty when the registry is watched."""
@@ -52,6 +71,7 @@ class GatewayConfig:
     limits_cache_ttl_s: float = 5.0
     """How long a team's rate limits are cached before they are read again (a change takes this long to apply)."""
     fairness: FairnessConfig | None = FairnessConfig()
+    journal: JournalConfig = JournalConfig()
     """Past its workers' capacity, hold requests at the gateway and serve them fairly across tenants;
     None: send every request on at once (the workers queue them first come, first served)."""
 

@@ -20,18 +20,21 @@ from gateway.admission import Admission
 from gateway.failover import Failover
 from gateway.finishing import Finisher
 from gateway.idempotency import Outcome, replay
+from gateway.journal import Journal
 from gateway.pool import WorkerPool
 from gateway.routing import Route, route_for
 from gateway.run import CallContext, Delta, Final, Run, worker_request
-from gateway.worker_calls import CallIds, cancelled_status, complete, open_stream, worker_failure
+from gateway.worker_calls import CallIds, cancelled_status, complete, open_stream, stop_stream, worker_failure
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, admission: Admission, finisher: Finisher, max_attempts: int) -> None:
+    def __init__(self, pool: WorkerPool, admission: Admission, finisher: Finisher, max_attempts: int,
+                 journal: Journal) -> None:
         self.pool = pool
         self.admission = admission
         self.finisher = finisher
         self.failover = Failover(pool, max_attempts)
+        self.journal = journal
         self._call_ids = CallIds()
 
     async def run(self, tenant: Tenant, request: pb.GenerateRequest | pb.GenerateStreamRequest,
@@ -39,12 +42,13 @@ class Dispatcher:
         """Deltas as the worker produces them, then the Final response. The run is named by the request's
         request_id, else by `run_id`, else by a new id."""
         validate_generate(request)
-        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex)
+        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex, call_id=self._call_ids.next())
         try:
             route = route_for(request, tenant.team)
             try:
                 outcome = await self._admitted(run, route, context)
                 if outcome is None:
+                    await self.journal.open(run)
                     call = await self.failover.first(request.model, route,
                                                      partial(open_stream, forwarded=worker_request(run), run=run,
                                                              context=context))
@@ -65,14 +69,14 @@ class Dispatcher:
         """The whole response, for a caller that waits for it: the worker answers once
         (WorkerService.Complete), which costs both sides less than streaming it. Named as `run`'s."""
         validate_generate(request)
-        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex)
+        run = Run(tenant, request, request.request_id or run_id or uuid.uuid4().hex, call_id=self._call_ids.next())
         try:
             route = route_for(request, tenant.team)
             try:
                 outcome = await self._admitted(run, route, context)
                 if outcome is None:
                     forwarded = worker_request(run)
-                    forwarded.call_id = self._call_ids.next()
+                    await self.journal.open(run)
                     await self.failover.first(request.model, route,
                                               partial(complete, forwarded=forwarded, run=run, context=context))
             except BaseException as error:
@@ -111,6 +115,7 @@ class Dispatcher:
         """A request no worker took leaves no record: what its admission holds is given back."""
         if run.endpoint is None:
             await asyncio.shield(self.admission.undo(run))
+            self.journal.close_soon(run)
 
     async def _stream(self, run: Run, call: grpc.aio.UnaryStreamCall,
                       context: CallContext) -> AsyncIterator[Delta | Final]:
@@ -121,10 +126,9 @@ class Dispatcher:
                     yield delta
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: cancelled while waiting for the worker, or closed while its edge was
-            # sending what came (GeneratorExit, at the yield). Billed for what ran either way.
-            call.cancel()
-            await asyncio.shield(self.finisher.finish(run, cancelled_status(context), pb.FINISH_REASON_CANCELLED,
-                                                      None))
+            # sending what came (GeneratorExit, at the yield). Billed for what ran either way: what the
+            # worker says it spent once it stopped, not just what had reached the gateway.
+            await asyncio.shield(self._finish_left(run, call, cancelled_status(context)))
             raise
         except grpc.aio.AioRpcError as error:
             failure = worker_failure(run, error)
@@ -134,6 +138,12 @@ class Dispatcher:
         response = run.response()
         await self.finisher.finish_answered(run, response)
         yield Final(response)
+
+    async def _finish_left(self, run: Run, call: grpc.aio.UnaryStreamCall, status: grpc.StatusCode) -> None:
+        """One task (shielded as one: the caller's side may be cancelled again meanwhile): the worker stops,
+        says what the run spent, and the run is finished with that."""
+        await stop_stream(run, call)
+        await self.finisher.finish(run, status, pb.FINISH_REASON_CANCELLED, None)
 
     async def drain(self) -> None:
         """Waits for the usage records still being written behind their answers."""

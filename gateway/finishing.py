@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -33,11 +33,14 @@ log = logging.getLogger(__name__)
 
 class Finisher:
     def __init__(self, recorder: UsageRecorder, admission: Admission, idempotency: IdempotencyStore,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, recorded: Callable[[Run], None] | None = None) -> None:
         self.recorder = recorder
         self.admission = admission
         self.idempotency = idempotency
         self.metrics = metrics
+        self.recorded = recorded
+        """Called with each run once its record is written or spooled (its journal entry goes then:
+        gateway/journal.py)."""
         self._writing: set[asyncio.Task[None]] = set()
         """Usage records being written behind their answers."""
 
@@ -53,6 +56,10 @@ class Finisher:
         else:
             self.metrics.finished(priced)  # as it is queued: the spool keeps it if Redis cannot take it
             recording, metered = self.recorder.write_soon(priced), True
+        if self.recorded is not None:
+            # Out of the journal once the record is written (or spooled), not before: on a Redis Cluster the
+            # two keys live on different nodes, and a batch keeps its order only within a node.
+            recording = _then(recording, self.recorded, run)
         # The outcome of a request_id in the same round trip, after its record.
         completing = (self.idempotency.complete_soon(run.tenant, run.request.request_id,
                                                      Outcome(status, message, response))
@@ -98,3 +105,10 @@ class Finisher:
         """Waits for the usage records still being written behind their answers."""
         while self._writing:
             await asyncio.wait(list(self._writing))
+
+
+async def _then(recording: Awaitable[UsageRecord], recorded: Callable[[Run], None], run: Run) -> UsageRecord:
+    """The record, once written; `recorded` is told only then."""
+    record = await recording
+    recorded(run)
+    return record

@@ -68,6 +68,8 @@ class Run:
     """Its record and settlement are written behind its answer (gateway/finishing.py)."""
     claimed: bool = False
     """It holds the claim of its request_id (gateway/idempotency.py)."""
+    call_id: str = ""
+    """Names its worker call (for Abort, and GetRun: gateway/journal.py)."""
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
@@ -87,6 +89,12 @@ class Run:
         self.text.append(message.text)
         self.token_ids.extend(message.token_ids)
         return Delta(message.text, tuple(message.token_ids))
+
+    def take_usage(self, usage: pb.Usage) -> None:
+        """Takes the worker's last word on what the run spent (its text stays what came)."""
+        self.usage.CopyFrom(usage)
+        if self.slot is not None:
+            self.slot.charge(self.usage.prompt_tokens, self.usage.completion_tokens)
 
     def add_whole(self, message: wpb.GenerateResponse) -> None:
         """Takes a whole response (WorkerService.Complete)."""
@@ -137,6 +145,7 @@ def worker_request(run: Run) -> wpb.GenerateRequest:
     # The team is the prefix cache's privacy boundary: its projects share cached
     # prompts, other teams never see them (unless the worker marks a prefix shared).
     forwarded = wpb.GenerateRequest(request_id=run.request_id, model=run.request.model,
-                                    sampling=run.request.sampling, cache_salt=f"team:{run.tenant.team}")
+                                    sampling=run.request.sampling, cache_salt=f"team:{run.tenant.team}",
+                                    call_id=run.call_id)
     copy_input(run.request, forwarded)
     return forwarded

@@ -35,6 +35,7 @@ from gateway.fairness import FairScheduler
 from gateway.finishing import Finisher
 from gateway.http_edge import HttpEdge, serving_http
 from gateway.idempotency import IdempotencyStore
+from gateway.journal import Journal, Sweeper
 from gateway.metrics import GatewayMetrics
 from gateway.pool import WorkerPool, served_models
 from gateway.routing import Router
@@ -147,13 +148,18 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     keys = KeyStore(redis, config.key_cache_ttl_s)
     admission = Admission(pool, recorder, idempotency, Budgets(redis), LimitStore(redis, config.limits_cache_ttl_s),
                           RateLimiter(redis), config.budget_cost_reserve_usd_per_million_tokens, fairness)
-    dispatcher = Dispatcher(pool, admission, Finisher(recorder, admission, idempotency, metrics), config.max_attempts)
+    journal = Journal(redis, peers.gateway_id, config.journal)
+    finisher = Finisher(recorder, admission, idempotency, metrics, journal.close_soon)
+    dispatcher = Dispatcher(pool, admission, finisher, config.max_attempts, journal)
+    sweeper = Sweeper(journal, pool, admission, finisher, idempotency)
     servicer = InferenceServicer(keys, pool, dispatcher)
     exits = contextlib.AsyncExitStack()
     http_port = None
     if config.http_listen is not None:
         http_port = await exits.enter_async_context(serving_http(
             HttpEdge(keys, pool, dispatcher, config.http_max_body_bytes), config.http_listen, config.tls))
+    with contextlib.suppress(*UNREACHABLE):
+        await journal.renew()  # alive before the first run it journals
     server = await start_server(config.listen, [ServiceSpec(
         pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, s))],
@@ -167,12 +173,13 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
     await pool.start()
     recorder.start_replaying()
     revocations = asyncio.create_task(keys.watch_revocations())
+    sweeping = asyncio.create_task(sweeper.sweep_forever())  # renews this gateway's liveness first
     counting = asyncio.create_task(_count_peers(peers, pool)) if fairness is not None else None
     syncing = asyncio.create_task(shared.sync_forever()) if shared is not None else None
     try:
         yield RunningGateway(server, http_port)
     finally:
-        for task in (revocations, counting, syncing):
+        for task in (revocations, counting, syncing, sweeping):
             if task is not None:
                 await stop_task(task)
         if counting is not None:
@@ -181,6 +188,8 @@ async def running_gateway(config: GatewayConfig, redis: aioredis.Redis,
         await asyncio.gather(server.stop(), exits.aclose())  # both edges finish what they serve
         await dispatcher.drain()
         await recorder.stop()
+        with contextlib.suppress(*UNREACHABLE):
+            await journal.stop()
         await pool.close()
 
 

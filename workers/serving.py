@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from accounting.recorder import CapacityStore, hardware_price
 from fareway.grpc_server import RunningServer
 from fareway.process import wait_for_shutdown_signal
-from fareway.redis import Redis, connect
+from fareway.redis import Client, connect
 from fareway.registry import WorkerRegistry
 from workers.capacity_reporter import CapacityReporter
 from workers.config import WorkerConfig
@@ -75,7 +75,7 @@ async def in_the_fleet(replica: Replica, server: RunningServer, redis_url: str |
             await redis.aclose()
 
 
-async def registry_heartbeat(replica: Replica, redis: Redis, address: str) -> RegistryHeartbeat:
+async def registry_heartbeat(replica: Replica, redis: Client, address: str) -> RegistryHeartbeat:
     """Registers the replica at `address` (what gateways dial), with its hardware's price, and keeps it
     registered."""
     heartbeat = RegistryHeartbeat(replica, WorkerRegistry(redis), address)
@@ -98,7 +98,7 @@ async def _shutdown_signal_or_failure(worker: Worker) -> str | None:
     return failed.result() if failed.done() else None
 
 
-async def capacity_reporter(replica: Replica, redis: Redis) -> CapacityReporter:
+async def capacity_reporter(replica: Replica, redis: Client) -> CapacityReporter:
     """Reports the replica's device time to accounting."""
     reporter = CapacityReporter(replica, CapacityStore(redis))
     await reporter.start()

@@ -19,17 +19,23 @@ the versions it was written for. Two script calls in one round trip cost about 7
 160 us through a redis-py pipeline (pool checkout, a task per batch, a parser call per reply). The
 client's `socket_timeout` bounds each batch's wait; a lost connection fails its waiting callers with
 a ConnectionError, and the next batch opens a new one. Where a connection has no asyncio transport
-to take over, or redis-py is a version the adapter was not written for, batches go through redis-py
-pipelines, one after another. Either way a call reaches Redis
-after every call made before it through the batcher, even while its connection opens (a request_id's
-claim before the admission that counts the request only for the claim's owner).
+to take over, the client is a Redis Cluster client, or redis-py is a version the adapter was not
+written for, batches go through redis-py pipelines, one after another (the batches flushed while one
+is out go together in the next). A cluster pipeline sends each node its share of a batch, every node
+at once, each node's calls in order; the calls whose order matters share a hash slot (a request_id's
+claim and the request's admission are both its team's: keys.py), hence a node. Either way a call
+reaches Redis after every call made before it through the batcher (on a cluster: every call made
+before it to the same slot), even while its connection opens (a request_id's claim before the
+admission that counts the request only for the claim's owner).
 
 `batched_script(redis, source)` is a drop-in for `redis.register_script(source)`: called as
 `await script(keys=[...], args=[...])`, it returns what the script returns and raises what it
 raises. Each connection sends a script's source (SCRIPT LOAD) right ahead of its first call, so calls
-keep their order across batches, however new the Redis. A script Redis forgets while the connection
-stays open (SCRIPT FLUSH) is loaded and run again, after the calls sent behind it (such calls keep their
-order among themselves), and its source goes ahead of its next call again.
+keep their order across batches, however new the Redis (through pipelines: the batcher loads each
+script, on every node of a cluster, before the first batch that calls it). A script Redis forgets while
+the connection stays open (SCRIPT FLUSH, a replica promoted) is loaded and run again, after the calls
+sent behind it (such calls keep their order among themselves), and its source goes ahead of its next
+call again.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
@@ -71,8 +78,11 @@ class Batcher:
         self._link: _Link | None = None
         self._linking: asyncio.Task[_Link | None] | None = None
         self._reloading: collections.deque[_Pending] = collections.deque()
-        self._is_direct = redis_py.is_supported()
-        """False where the client's connections cannot be driven directly: redis-py pipelines then."""
+        self._is_direct = redis_py.is_supported() and not isinstance(redis, aioredis.RedisCluster)
+        """False where the client's connections cannot be driven directly: redis-py pipelines then (a
+        cluster's pipelines route each command to its slot's node, and follow the cluster as it changes)."""
+        self._loaded: set[str] = set()
+        """Scripts loaded (SCRIPT LOAD) ahead of their first batch through pipelines."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsent: list[list[_Pending]] = []
         """Batches flushed while no connection was open (or while earlier ones waited), oldest first."""
@@ -98,6 +108,7 @@ class Batcher:
 
     def close(self) -> None:
         """Closes the batcher's connection (a later call opens another)."""
+        self._loaded.clear()
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -130,7 +141,8 @@ class Batcher:
 
     async def _send_unsent(self) -> None:
         """Sends the waiting batches in order: all at once when a connection opens; through redis-py
-        pipelines one after another where it cannot be driven directly."""
+        pipelines where it cannot be driven directly, the batches waiting together, then those flushed
+        meanwhile."""
         while self._unsent:
             try:
                 link = await self._linked() if self._is_direct else None
@@ -139,8 +151,9 @@ class Batcher:
                     for batch in batches:
                         link.send(batch)
                     return
-                await self._send_pipelined(self._unsent[0])  # taken off once sent: later flushes queue behind it
-                self._unsent.pop(0)
+                num_sending = len(self._unsent)
+                await self._send_pipelined([pending for batch in self._unsent[:num_sending] for pending in batch])
+                del self._unsent[:num_sending]  # taken off once sent: later flushes queue behind them
             except BaseException as exc:  # the connection failed (or the loop is closing): every caller hears it
                 batches, self._unsent = self._unsent, []
                 error = exc if isinstance(exc, Exception) else RedisConnectionError(str(exc))
@@ -191,6 +204,15 @@ class Batcher:
                 _resolve(self._reloading.popleft().future, RedisConnectionError("the Redis batcher stopped"))
 
     async def _send_pipelined(self, batch: list[_Pending]) -> None:
+        # An argument Redis has no encoding for fails its own call here, as on a link: in a pipeline it
+        # would fail the whole batch.
+        batch = [pending for pending in batch if _packed(pending) is not None]
+        scripts = {p.script.sha: p.script for p in batch if p.script is not None and p.script.sha not in self._loaded}
+        for sha, script in scripts.items():  # a cluster loads it on every primary
+            await self._redis.script_load(script.script)
+            self._loaded.add(sha)
+        if not batch:
+            return
         if len(batch) == 1:  # no pipeline's bookkeeping for a lone command
             results = [await _run_one(self._redis, batch[0])]
         else:
@@ -200,6 +222,7 @@ class Batcher:
                 results = await pipe.execute(raise_on_error=False)
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, NoScriptError) and pending.script is not None:
+                self._loaded.discard(pending.script.sha)  # forgotten: loaded again ahead of its next batch
                 result = await _run_one(self._redis, pending)
             _resolve(pending.future, result)
 
@@ -228,10 +251,8 @@ class _Link(asyncio.Protocol):
     def send(self, batch: list[_Pending]) -> None:
         packed = []
         for pending in batch:
-            try:
-                command = hiredis.pack_command(pending.args)
-            except TypeError as exc:  # an argument Redis has no encoding for (None, a bool): its caller's error
-                _resolve(pending.future, DataError(f"cannot send {pending.args[0]!r} to Redis: {exc}"))
+            command = _packed(pending)
+            if command is None:
                 continue
             if pending.script is not None and pending.script.sha not in self._loaded:
                 # A script's first call on a connection goes right behind its source. A call that came back
@@ -312,6 +333,16 @@ async def _run_one(redis: aioredis.Redis, pending: _Pending) -> Any:
         return exc
 
 
+def _packed(pending: _Pending) -> bytes | None:
+    """The command in RESP; None, its caller told, for an argument Redis has no encoding for (None, a
+    bool), which must not fail the calls sent with it."""
+    try:
+        return hiredis.pack_command(pending.args)
+    except TypeError as exc:
+        _resolve(pending.future, DataError(f"cannot send {pending.args[0]!r} to Redis: {exc}"))
+        return None
+
+
 def _resolve(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is None or future.done():  # nobody waits for it (a SCRIPT LOAD), or the caller stopped waiting
         return
@@ -351,10 +382,17 @@ class BatchedScript:
         return self.script.sha
 
     def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = (),
-                 client: aioredis.Redis | None = None) -> Awaitable[Any]:
+                 client: aioredis.Redis | ClusterPipeline | None = None) -> Awaitable[Any]:
+        if isinstance(client, ClusterPipeline):  # which takes EVALSHA only as a raw command: the caller loads it
+            client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return _queued(client)  # not the pipeline itself: awaiting a cluster pipeline empties it
         if client is not None:  # an explicit pipeline: queue it there, as a plain script would
             return self.script(keys=list(keys), args=list(args), client=client)
         return self._batcher.evalsha(self.script, keys, args)
+
+
+async def _queued(pipeline: ClusterPipeline) -> ClusterPipeline:
+    return pipeline
 
 
 def batched_script(redis: aioredis.Redis, source: str) -> BatchedScript:

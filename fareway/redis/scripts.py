@@ -3,7 +3,9 @@
 A script is the concatenation of its files: shared pieces (clock.lua's `now_us`, reservation.lua's
 `release`) come first, then the script's own body. `${NAME}` in a file is replaced by the value
 given for NAME (a missing value is an error, not an empty string). Redis loads each script once per
-connection (fareway/redis/batch.py sends its source ahead of its first call).
+connection (fareway/redis/batch.py sends its source ahead of its first call; on a Redis Cluster it loads
+it on every primary). A script gets every key it touches as KEYS, all of one hash slot (keys.py), so a
+cluster runs it on the node of its first key.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from accounting.records import UsageRecord
 from accounting.reports import usage_report
 from fareway.errors import InvalidArgument
 
+pytestmark = pytest.mark.redis_cluster
+
 DAY = 86400.0
 BASE = 1_790_000_000.0  # 2026-09-21, a fixed day for "day" grouping
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from accounting.capacity import CapacityStore, WorkerInfo
 from accounting.ledger import Ledger
 from accounting.reports import IDLE_TEAM, usage_report
 from fareway.quota import Budgets, month_of
+
+pytestmark = pytest.mark.redis_cluster
 
 HOUR = 3600.0
 BASE = 1_793_491_200.0  # 2026-11-01T00:00:00Z, on the hour

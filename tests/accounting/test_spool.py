@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accounting.exports import Period
 from accounting.ledger import Ledger
@@ -29,6 +28,9 @@ from fareway.inference.v1 import inference_pb2_grpc
 from fareway.net import free_port
 from fareway.redis import connect
 from fareway.redis.embedded import EmbeddedRedis
+from tests.waiting import wait_serving
+
+pytestmark = pytest.mark.redis_cluster
 
 
 def usage(request_id: str) -> UsageRecord:
@@ -40,11 +42,13 @@ def usage(request_id: str) -> UsageRecord:
         finish_reason="stop", started_at=now - 1, ended_at=now)
 
 
-def test_records_spool_while_redis_is_down_and_replay_exactly_once(tmp_path: Path, redis_url: str) -> None:
+def test_records_spool_while_redis_is_down_and_replay_exactly_once(tmp_path: Path, redis_url: str,
+                                                                    redis_backend: str) -> None:
     spool = Spool(tmp_path / "spool")
+    scheme = "redis+cluster" if redis_backend == "cluster" else "redis"
 
     async def body() -> tuple[int, int, list[UsageRecord]]:
-        down = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+        down = connect(f"{scheme}://127.0.0.1:{free_port()}")  # nothing listens there
         recorder = UsageRecorder(Ledger(down), spool)
         for i in range(3):
             assert await recorder.record(usage(f"r{i}"))
@@ -66,20 +70,6 @@ def test_records_spool_while_redis_is_down_and_replay_exactly_once(tmp_path: Pat
     assert sorted(r.request_id for r in stored) == ["r0", "r1", "r2"]
     assert all(r.price_version and r.cost_nusd > 0 for r in stored), "records are priced on replay"
     assert not spool.has_pending
-
-
-def _wait_serving(address: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"gateway at {address} did not become SERVING")
 
 
 def _gateway(address: str, worker: str, redis_url: str, spool_dir: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -117,7 +107,7 @@ def test_a_killed_gateway_and_a_restarted_redis_lose_no_usage(stack, tmp_path: P
             finally:
                 await client.aclose()
         key = asyncio.run(create_key())
-        _wait_serving(address)
+        wait_serving(address)
         # The worker's engine holds after its first two steps until Redis is down, so the request
         # cannot finish (and be recorded) while Redis is still stopping.
         execute, steps, redis_down = stack.worker.runner.execute, [], threading.Event()

@@ -28,6 +28,7 @@ import pytest
 from cli.main import COMMANDS, main
 from cli.options import parse_bytes
 from cli.report import parse_time
+from fareway.errors import shown
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.inference.v1 import inference_pb2_grpc
 from fareway.net import free_port
@@ -230,7 +231,7 @@ def test_keys_create_rejects_bad_team_names(redis_server: str, team: str, capsys
     assert main(["keys", "create", f"--team={team}", "--project", "p"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert "error:" in err and f"team {team!r} must be 1-63 characters" in " ".join(err.split())
+    assert "error:" in err and f"team {shown(team)} must be 1-63 characters" in " ".join(err.split())
 
 
 def test_keys_revoke_unknown_id_fails(redis_server: str, capsys: pytest.CaptureFixture[str],

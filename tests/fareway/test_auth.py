@@ -8,6 +8,8 @@ import redis
 from fareway.auth import KeyStore, Role, bearer_token
 from fareway.errors import InvalidArgument, NotFound, Unauthenticated
 
+pytestmark = pytest.mark.redis_cluster
+
 
 @pytest.fixture()
 def with_store(with_redis):  # noqa: ANN001, ANN201

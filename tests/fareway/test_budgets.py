@@ -15,6 +15,8 @@ from accounting.ledger import Ledger
 from accounting.records import UsageRecord
 from fareway.quota import Budget, BudgetRefused, Budgets, month_of
 
+pytestmark = pytest.mark.redis_cluster
+
 NOW = time.time()
 
 

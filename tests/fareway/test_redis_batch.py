@@ -18,6 +18,7 @@ INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAILS = "return redis.error_reply('refused: ' .. ARGV[1])"
 
 
+@pytest.mark.redis_cluster
 def test_calls_made_together_share_one_round_trip_and_keep_their_own_replies(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         script = batched_script(client, INCR_BY)
@@ -32,6 +33,7 @@ def test_calls_made_together_share_one_round_trip_and_keep_their_own_replies(wit
     with_redis(body)
 
 
+@pytest.mark.redis_cluster
 def test_an_error_reaches_only_its_caller(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         fails, works = batched_script(client, FAILS), batched_script(client, INCR_BY)
@@ -42,6 +44,7 @@ def test_an_error_reaches_only_its_caller(with_redis) -> None:  # noqa: ANN001
     with_redis(body)
 
 
+@pytest.mark.redis_cluster
 def test_a_script_redis_forgot_is_loaded_again(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         script = batched_script(client, INCR_BY)
@@ -53,6 +56,7 @@ def test_a_script_redis_forgot_is_loaded_again(with_redis) -> None:  # noqa: ANN
     with_redis(body)
 
 
+@pytest.mark.redis_cluster
 def test_a_scripts_first_call_is_not_overtaken_by_a_later_call(with_redis) -> None:  # noqa: ANN001
     """On a Redis that does not hold the script yet, its first call still runs before the calls made after
     it (a request's settlement before the same caller's next admission)."""
@@ -71,6 +75,7 @@ def test_a_scripts_first_call_is_not_overtaken_by_a_later_call(with_redis) -> No
     with_redis(body)
 
 
+@pytest.mark.redis_cluster
 def test_calls_keep_their_order_while_the_connection_opens(with_redis) -> None:  # noqa: ANN001
     """A call made while the batcher's connection is still opening, and one made after a pause of about
     the time it takes to open, reach Redis in the order they were made (a request_id's claim, then the
@@ -88,9 +93,12 @@ def test_calls_keep_their_order_while_the_connection_opens(with_redis) -> None: 
     with_redis(body)
 
 
-def test_an_unreachable_redis_fails_every_caller_with_a_connection_error() -> None:
+@pytest.mark.redis_cluster
+def test_an_unreachable_redis_fails_every_caller_with_a_connection_error(redis_backend: str) -> None:
+    scheme = "redis+cluster" if redis_backend == "cluster" else "redis"
+
     async def body() -> None:
-        client = connect(f"redis://127.0.0.1:{free_port()}")
+        client = connect(f"{scheme}://127.0.0.1:{free_port()}")
         script = batched_script(client, INCR_BY)
         try:
             results = await asyncio.gather(script(keys=["n"], args=[1]), script(keys=["n"], args=[2]),
@@ -103,6 +111,7 @@ def test_an_unreachable_redis_fails_every_caller_with_a_connection_error() -> No
     asyncio.run(body())
 
 
+@pytest.mark.redis_cluster
 def test_a_caller_that_stops_waiting_does_not_disturb_the_others(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         script = batched_script(client, INCR_BY)
@@ -175,6 +184,7 @@ def test_a_unix_socket_server_is_reached_the_same_way(tmp_path) -> None:  # noqa
         asyncio.run(body(server.url))
 
 
+@pytest.mark.redis_cluster
 def test_an_argument_redis_cannot_take_fails_only_its_own_call(with_redis) -> None:  # noqa: ANN001
     async def body(client) -> None:  # noqa: ANN001
         batcher = batcher_for(client)

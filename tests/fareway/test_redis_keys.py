@@ -16,13 +16,15 @@ TEAM = {"limits", "rate", "inflight", "budgets", "spend", "reservations", "alert
 MODEL = {"fair_counters", "prefix_homes"}
 WORKER = {"device_time", "device_time_hours", "worker_info"}
 REGISTRY = {"REGISTERED_WORKERS", "registered_worker", "gateways"}
-GLOBAL = {"API_KEYS", "api_key", "TEAMS", "PRICE_BOOK_VERSIONS", "PRICE_BOOK_CURRENT", "DEVICE_TIME_WORKERS"}
+GATEWAY = {"gateway_journal", "gateway_alive", "gateway_sweeping"}
+GLOBAL = {"API_KEYS", "api_key", "TEAMS", "PRICE_BOOK_VERSIONS", "PRICE_BOOK_CURRENT", "DEVICE_TIME_WORKERS",
+          "JOURNALED_GATEWAYS"}
 """Read and written on their own (keys.py's docstring says where not)."""
 NOT_KEYS = {"PREFIX", "LIMITS_PATTERN", "API_KEY_REVOCATIONS", "team_of"}
 
 SAMPLE = {"team": "search", "project": "ranking", "request_id": "r-1", "scope": "project:ranking",
           "month": "2026-11", "level": "h", "bucket": "2026-11-24T09", "model": "llama-3.1-8b",
-          "worker_id": "gpu-7", "hour": "2026-11-24T09", "key": "fw_abc_secret"}
+          "worker_id": "gpu-7", "hour": "2026-11-24T09", "key": "fw_abc_secret", "gateway_id": "gateway-1"}
 
 
 def hash_tag(key: str) -> str | None:
@@ -45,7 +47,7 @@ def test_every_key_family_is_listed_here() -> None:
     public = {name for name, value in vars(keys).items()
               if not name.startswith("_") and (isinstance(value, str) or inspect.isfunction(value))
               and getattr(value, "__module__", keys.__name__) == keys.__name__}
-    assert public == TEAM | MODEL | WORKER | REGISTRY | GLOBAL | NOT_KEYS
+    assert public == TEAM | MODEL | WORKER | REGISTRY | GATEWAY | GLOBAL | NOT_KEYS
 
 
 def test_team_keys_are_tagged_by_their_team() -> None:
@@ -59,6 +61,11 @@ def test_model_keys_are_tagged_by_their_model() -> None:
         for key in built(name):
             assert hash_tag(key) in ("llama-3.1-8b", "routing:llama-3.1-8b"), key
     assert len({hash_tag(key) for key in keys.prefix_homes("m")}) == 1  # one script takes all three
+
+
+def test_a_gateways_journal_keys_share_its_slot() -> None:
+    for name in GATEWAY:
+        assert [hash_tag(key) for key in built(name)] == ["gateway:gateway-1"], name
 
 
 def test_worker_keys_are_tagged_by_their_worker_and_the_registry_shares_one_slot() -> None:

@@ -14,6 +14,8 @@ from gateway.fair_counters import SharedCounterStore
 from gateway.fairness import Counters, FairQueue, Share
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 
+pytestmark = pytest.mark.redis_cluster
+
 A, B = ("flood", ""), ("quiet", "")
 
 

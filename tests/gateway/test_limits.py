@@ -24,6 +24,8 @@ from workers.config import RunnerConfig, WorkerConfig
 from workers.server import create_worker_server
 from workers.worker import Worker
 
+pytestmark = pytest.mark.redis_cluster
+
 S = 1_000_000  # microseconds per second
 T0 = 1_793_491_200 * S
 

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import grpc
+import pytest
 
 from fareway.inference.v1 import inference_pb2 as pb
 from fareway.redis import connect, keys
@@ -16,6 +17,8 @@ from fareway.registry import WorkerLoad, WorkerRegistration, WorkerRegistry
 from fareway.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.gateway.fleet import Client, create_key, gateway, tiny_workers
 from workers.serving import in_the_fleet
+
+pytestmark = pytest.mark.redis_cluster
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> float:  # noqa: ANN001
@@ -137,10 +140,9 @@ def test_gateway_replicas_count_each_other_to_share_the_fleet(with_redis) -> Non
     with_redis(body)
 
 
-def test_running_gateways_register_as_peers_of_their_model(background_loop, redis_url, tiny_checkpoint) -> None:  # noqa: ANN001
-    import redis as sync_redis
-
-    client = sync_redis.Redis.from_url(redis_url)
+def test_running_gateways_register_as_peers_of_their_model(background_loop, redis_url, redis_client,  # noqa: ANN001
+                                                           tiny_checkpoint) -> None:  # noqa: ANN001
+    client = redis_client
     peers = keys.gateways("tiny-llama")
     with tiny_workers(background_loop, tiny_checkpoint, 1) as workers:
         address = (workers[0].address,)
@@ -150,7 +152,6 @@ def test_running_gateways_register_as_peers_of_their_model(background_loop, redi
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert client.zcard(peers) == 0   # both left as they stopped
-    client.close()
 
 
 def test_the_worker_refreshes_outlive_a_failed_round_and_a_channel_closed_under_them(

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _FINISH = {"stop": ipb.FINISH_REASON_STOP, "length": ipb.FINISH_REASON_LENGTH, "abort": ipb.FINISH_REASON_CANCELLED}
 _ABORTS_REMEMBERED_S = 60.0
+# Finished calls whose account is remembered (GetRun), as the native worker's (workers/async_engine.py).
+_MAX_FINISHED_CALLS = 16384
 _METRICS_INTERVAL_S = 1.0
 _PROMETHEUS_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 
@@ -119,6 +122,8 @@ class UpstreamWorker:
         self.num_generated_tokens = 0
         self._calls: dict[str, asyncio.Task[Any]] = {}
         self._aborted: dict[str, float] = {}
+        self._running: set[str] = set()
+        self._finished: OrderedDict[str, pb.GenerateResponse] = OrderedDict()
         self._engine_load: dict[str, float] = {}
         self._metrics_task: asyncio.Task[None] | None = None
 
@@ -267,6 +272,31 @@ class UpstreamWorker:
         yield pb.GenerateResponse(usage=generation.usage(final=True), finish_reason=generation.finish_reason,
                                   stop_sequence=generation.stop_sequence)
 
+    @contextlib.contextmanager
+    def accounted(self, call_id: str, generation: Generation) -> Iterator[None]:
+        """While the block runs the call is running; after it, however it ended, its account (usage,
+        finish reason) is kept for GetRun."""
+        if not call_id:
+            yield
+            return
+        self._running.add(call_id)
+        try:
+            yield
+        finally:
+            self._running.discard(call_id)
+            reason = generation.finish_reason or ipb.FINISH_REASON_CANCELLED
+            self._finished[call_id] = pb.GenerateResponse(usage=generation.usage(final=True), finish_reason=reason,
+                                                          stop_sequence=generation.stop_sequence)
+            if len(self._finished) > _MAX_FINISHED_CALLS:
+                self._finished.popitem(last=False)
+
+    def run_state(self, call_id: str) -> pb.GetRunResponse:
+        if call_id in self._running:
+            return pb.GetRunResponse(state=pb.GetRunResponse.STATE_RUNNING)
+        if (finished := self._finished.get(call_id)) is not None:
+            return pb.GetRunResponse(state=pb.GetRunResponse.STATE_FINISHED, response=finished)
+        return pb.GetRunResponse(state=pb.GetRunResponse.STATE_UNKNOWN)
+
     def take_early_abort(self, call_id: str) -> bool:
         """Whether an Abort for this call id arrived before the call itself (forgotten once taken)."""
         return bool(call_id) and self._aborted.pop(call_id, None) is not None
@@ -322,9 +352,10 @@ class UpstreamServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         generation = await self.worker.generation(request)
-        async with contextlib.aclosing(self.worker.run(generation, context.time_remaining())) as messages:
-            async for message in messages:
-                yield message
+        with self.worker.accounted(request.call_id, generation):
+            async with contextlib.aclosing(self.worker.run(generation, context.time_remaining())) as messages:
+                async for message in messages:
+                    yield message
 
     async def Complete(self, request: pb.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -333,7 +364,7 @@ class UpstreamServicer(worker_pb2_grpc.WorkerServiceServicer):
             generation.finish_reason = ipb.FINISH_REASON_CANCELLED
             return pb.GenerateResponse(usage=generation.usage(final=True), finish_reason=generation.finish_reason)
         task = asyncio.ensure_future(self._drain(generation, context.time_remaining()))
-        with self.worker.abortable(request.call_id, task):
+        with self.worker.accounted(request.call_id, generation), self.worker.abortable(request.call_id, task):
             try:
                 await task
             except asyncio.CancelledError:
@@ -353,6 +384,11 @@ class UpstreamServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not request.call_id:
             raise InvalidArgument("call_id is required", field="call_id")
         return pb.AbortResponse(was_running=self.worker.abort(request.call_id))
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:  # noqa: N802
+        if not request.call_id:
+            raise InvalidArgument("call_id is required", field="call_id")
+        return self.worker.run_state(request.call_id)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:

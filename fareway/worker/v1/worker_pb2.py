@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fareway.inference.v1 import inference_pb2 as fareway_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x61reway/worker/v1/worker.proto\x12\x11\x66\x61reway.worker.v1\x1a$fareway/inference/v1/inference.proto\"\xe0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x04 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x05 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\tB\x07\n\x05input\"\x1f\n\x0c\x41\x62ortRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"$\n\rAbortResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\xb1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\".\n\x13GetModelInfoRequest\x12\x17\n\x0fsequence_length\x18\x01 \x01(\r\"\x86\x04\n\x14GetModelInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x04\x12\x15\n\rcompute_dtype\x18\x07 \x01(\t\x12\x16\n\x0ehardware_class\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\t \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\n \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x0b \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\r \x01(\x04\x12\x15\n\rkv_block_size\x18\x0e \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0f \x01(\x04\x12\x1f\n\x17max_sequences_at_length\x18\x10 \x01(\r\x12\x16\n\x0eprefix_caching\x18\x11 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x12 \x01(\r\x12\x14\n\x0cweight_dtype\x18\x13 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x14 \x01(\t\x12\x15\n\rlinear_kernel\x18\x15 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xab\x02\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x1a\n\x12kv_tokens_capacity\x18\x04 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x01\x12\x1e\n\x16\x61ttributed_gpu_seconds\x18\x06 \x01(\x01\x12\x18\n\x10idle_gpu_seconds\x18\x07 \x01(\x01\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\"r\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x42\x07\n\x05input\"D\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r2\x98\x04\n\rWorkerService\x12U\n\x08Generate\x12\".fareway.worker.v1.GenerateRequest\x1a#.fareway.worker.v1.GenerateResponse0\x01\x12S\n\x08\x43omplete\x12\".fareway.worker.v1.GenerateRequest\x1a#.fareway.worker.v1.GenerateResponse\x12J\n\x05\x41\x62ort\x12\x1f.fareway.worker.v1.AbortRequest\x1a .fareway.worker.v1.AbortResponse\x12_\n\x0cGetModelInfo\x12&.fareway.worker.v1.GetModelInfoRequest\x1a\'.fareway.worker.v1.GetModelInfoResponse\x12P\n\x07GetLoad\x12!.fareway.worker.v1.GetLoadRequest\x1a\".fareway.worker.v1.GetLoadResponse\x12\\\n\x0b\x43ountTokens\x12%.fareway.worker.v1.CountTokensRequest\x1a&.fareway.worker.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x61reway/worker/v1/worker.proto\x12\x11\x66\x61reway.worker.v1\x1a$fareway/inference/v1/inference.proto\"\xe0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x04 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x05 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\tB\x07\n\x05input\"\x1f\n\x0c\x41\x62ortRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"$\n\rAbortResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\" \n\rGetRunRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"\xd9\x01\n\x0eGetRunResponse\x12\x36\n\x05state\x18\x01 \x01(\x0e\x32\'.fareway.worker.v1.GetRunResponse.State\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32#.fareway.worker.v1.GenerateResponse\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_UNKNOWN\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x12\n\x0eSTATE_FINISHED\x10\x03\"\xb1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\".\n\x13GetModelInfoRequest\x12\x17\n\x0fsequence_length\x18\x01 \x01(\r\"\x86\x04\n\x14GetModelInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x06 \x01(\x04\x12\x15\n\rcompute_dtype\x18\x07 \x01(\t\x12\x16\n\x0ehardware_class\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\t \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\n \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x0b \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\r \x01(\x04\x12\x15\n\rkv_block_size\x18\x0e \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0f \x01(\x04\x12\x1f\n\x17max_sequences_at_length\x18\x10 \x01(\r\x12\x16\n\x0eprefix_caching\x18\x11 \x01(\x08\x12\x14\n\x0cmax_num_seqs\x18\x12 \x01(\r\x12\x14\n\x0cweight_dtype\x18\x13 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x14 \x01(\t\x12\x15\n\rlinear_kernel\x18\x15 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xab\x02\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x1a\n\x12kv_tokens_capacity\x18\x04 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x01\x12\x1e\n\x16\x61ttributed_gpu_seconds\x18\x06 \x01(\x01\x12\x18\n\x10idle_gpu_seconds\x18\x07 \x01(\x01\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\"r\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x42\x07\n\x05input\"D\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r2\xe7\x04\n\rWorkerService\x12U\n\x08Generate\x12\".fareway.worker.v1.GenerateRequest\x1a#.fareway.worker.v1.GenerateResponse0\x01\x12S\n\x08\x43omplete\x12\".fareway.worker.v1.GenerateRequest\x1a#.fareway.worker.v1.GenerateResponse\x12J\n\x05\x41\x62ort\x12\x1f.fareway.worker.v1.AbortRequest\x1a .fareway.worker.v1.AbortResponse\x12M\n\x06GetRun\x12 .fareway.worker.v1.GetRunRequest\x1a!.fareway.worker.v1.GetRunResponse\x12_\n\x0cGetModelInfo\x12&.fareway.worker.v1.GetModelInfoRequest\x1a\'.fareway.worker.v1.GetModelInfoResponse\x12P\n\x07GetLoad\x12!.fareway.worker.v1.GetLoadRequest\x1a\".fareway.worker.v1.GetLoadResponse\x12\\\n\x0b\x43ountTokens\x12%.fareway.worker.v1.CountTokensRequest\x1a&.fareway.worker.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTREQUEST']._serialized_end=349
   _globals['_ABORTRESPONSE']._serialized_start=351
   _globals['_ABORTRESPONSE']._serialized_end=387
-  _globals['_GENERATERESPONSE']._serialized_start=390
-  _globals['_GENERATERESPONSE']._serialized_end=567
-  _globals['_GETMODELINFOREQUEST']._serialized_start=569
-  _globals['_GETMODELINFOREQUEST']._serialized_end=615
-  _globals['_GETMODELINFORESPONSE']._serialized_start=618
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1136
-  _globals['_GETLOADREQUEST']._serialized_start=1138
-  _globals['_GETLOADREQUEST']._serialized_end=1154
-  _globals['_GETLOADRESPONSE']._serialized_start=1157
-  _globals['_GETLOADRESPONSE']._serialized_end=1456
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1458
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1572
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1574
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1642
-  _globals['_WORKERSERVICE']._serialized_start=1645
-  _globals['_WORKERSERVICE']._serialized_end=2181
+  _globals['_GETRUNREQUEST']._serialized_start=389
+  _globals['_GETRUNREQUEST']._serialized_end=421
+  _globals['_GETRUNRESPONSE']._serialized_start=424
+  _globals['_GETRUNRESPONSE']._serialized_end=641
+  _globals['_GETRUNRESPONSE_STATE']._serialized_start=553
+  _globals['_GETRUNRESPONSE_STATE']._serialized_end=641
+  _globals['_GENERATERESPONSE']._serialized_start=644
+  _globals['_GENERATERESPONSE']._serialized_end=821
+  _globals['_GETMODELINFOREQUEST']._serialized_start=823
+  _globals['_GETMODELINFOREQUEST']._serialized_end=869
+  _globals['_GETMODELINFORESPONSE']._serialized_start=872
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1390
+  _globals['_GETLOADREQUEST']._serialized_start=1392
+  _globals['_GETLOADREQUEST']._serialized_end=1408
+  _globals['_GETLOADRESPONSE']._serialized_start=1411
+  _globals['_GETLOADRESPONSE']._serialized_end=1710
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1712
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1826
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1828
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1896
+  _globals['_WORKERSERVICE']._serialized_start=1899
+  _globals['_WORKERSERVICE']._serialized_end=2514
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from fareway.inference.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -36,6 +37,30 @@ class AbortResponse(_message.Message):
     WAS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     was_running: bool
     def __init__(self, was_running: _Optional[bool] = ...) -> None: ...
+
+class GetRunRequest(_message.Message):
+    __slots__ = ("call_id",)
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    def __init__(self, call_id: _Optional[str] = ...) -> None: ...
+
+class GetRunResponse(_message.Message):
+    __slots__ = ("state", "response")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[GetRunResponse.State]
+        STATE_UNKNOWN: _ClassVar[GetRunResponse.State]
+        STATE_RUNNING: _ClassVar[GetRunResponse.State]
+        STATE_FINISHED: _ClassVar[GetRunResponse.State]
+    STATE_UNSPECIFIED: GetRunResponse.State
+    STATE_UNKNOWN: GetRunResponse.State
+    STATE_RUNNING: GetRunResponse.State
+    STATE_FINISHED: GetRunResponse.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    state: GetRunResponse.State
+    response: GenerateResponse
+    def __init__(self, state: _Optional[_Union[GetRunResponse.State, str]] = ..., response: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "usage", "finish_reason", "stop_sequence")

@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/fareway.worker.v1.WorkerService/GetRun',
+                request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/fareway.worker.v1.WorkerService/GetModelInfo',
                 request_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
@@ -104,6 +109,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRun(self, request, context):
+        """What the run with this call_id spent, as far as this worker remembers
+        (its recent runs): the account a gateway's journal sweeper settles a run
+        by when the gateway that sent it stopped before recording it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """The model and hardware this worker serves.
         """
@@ -141,6 +155,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunRequest.FromString,
+                    response_serializer=fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -241,6 +260,33 @@ class WorkerService:
             '/fareway.worker.v1.WorkerService/Abort',
             fareway_dot_worker_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             fareway_dot_worker_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fareway.worker.v1.WorkerService/GetRun',
+            fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunRequest.SerializeToString,
+            fareway_dot_worker_dot_v1_dot_worker__pb2.GetRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
