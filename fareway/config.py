@@ -24,7 +24,9 @@ class RedisConfig:
     def __post_init__(self) -> None:
         schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
         if self.url is not None and not self.url.startswith(schemes):
-            raise ValueError(f"REDIS_URL must start with {', '.join(schemes)}, got {self.url!r}")
+            # Never the URL itself: it may hold a password.
+            raise ValueError(f"REDIS_URL must start with {', '.join(schemes)}, not "
+                             f"{self.url.partition('://')[0][:20]!r}://...")
 
     @property
     def embedded_socket(self) -> Path:

@@ -103,17 +103,17 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     scheme, rest = url.split("://", 1)
     if scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"a Redis Cluster URL starts with {' or '.join(f'{s}://' for s in CLUSTER_SCHEMES)}, "
-                         f"got {url!r}")
+                         f"got {redacted_url(url)!r}")
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     netloc, tail = rest[:end], rest[end:]
     user, _, hosts = netloc.rpartition("@")
     if tail.split("?", 1)[0].strip("/"):
-        raise ValueError(f"a Redis Cluster has only database 0: leave the path out of {url!r}")
+        raise ValueError(f"a Redis Cluster has only database 0: leave the path out of {redacted_url(url)!r}")
     nodes = []
     for host_port in hosts.split(","):
         host, _, port = host_port.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"each node of a Redis Cluster URL is host:port, got {host_port!r} in {url!r}")
+            raise ValueError(f"each node of a Redis Cluster URL is host:port, got {host_port!r} in {redacted_url(url)!r}")
         nodes.append((host.strip("[]"), int(port)))
     first = f"{CLUSTER_SCHEMES[scheme]}://{user + '@' if user else ''}{hosts.split(',')[0]}{tail}"
     options: dict[str, Any] = dict(parse_url(first))
@@ -122,6 +122,13 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
     return nodes, options
+
+
+def redacted_url(url: str) -> str:
+    """The URL as an error may quote it: its password (and user) left out."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.partition("@")
+    return f"{scheme}{sep}***@{hosts}" if at and "/" not in userinfo else url
 
 
 def connect(url: str) -> Client:
