@@ -1,11 +1,13 @@
 # Two commands on a fresh machine with Python 3.11:
 #   make run   - build .venv, start the whole stack on embedded defaults, send a demo request
 #   make test  - build .venv with the test extras, run the whole suite
+#   make fuzz  - the property-based fuzzing of every RPC and the HTTP edge (tests/test_fuzz.py), thousands of cases
+#   make soak  - the fault-injection soak (tests/test_soak.py) for 5 minutes of load instead of 45 s
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench protos clean
+.PHONY: run test fuzz soak bench protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,16 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# The normal suite runs a few hundred fuzz cases; this runs FUZZ_EXAMPLES per test (same seed: a failure reproduces).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(VENV)/.installed-test
+	FAREWAY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+
+# The normal suite soaks for 45 s; this for SOAK_SECONDS, and prints the counts.
+SOAK_SECONDS ?= 300
+soak: $(VENV)/.installed-test
+	FAREWAY_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest -q -s tests/test_soak.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.worker_decode

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from accounting.pricebook import PriceBook
 from accounting.pricebook_store import PriceBookError, PriceBookStore
-from fareway.auth import KeyInfo, KeyStore, Role
+from fareway.auth import KeyInfo, KeyStore, Role, validate_name
 from fareway.errors import InvalidArgument
 from fareway.quota import LIMIT_FIELDS, Budget, Budgets, Limits, LimitStore, month_of, reserved_field, spend_field
 
@@ -61,6 +61,7 @@ class Admin:
         cleared by None; the others stay as they were. Returns the limits now in force."""
         if not team:
             raise InvalidArgument("name the team whose limits to set", field="limits.team")
+        _check_names(team, project)
         if not changes:
             raise InvalidArgument(f"nothing to change: give at least one of {', '.join(LIMIT_FIELDS)}", field="limits")
         try:
@@ -83,6 +84,8 @@ class Admin:
     async def set_budget(self, team: str, project: str, hard_usd: float | None, soft_usd: float | None,
                          basis: str = "list") -> BudgetStatus:
         """Sets the scope's monthly budget, replacing its earlier one."""
+        if team:
+            _check_names(team, project)
         try:
             budget = Budget(team, project, hard_usd, soft_usd, basis or "list")
         except ValueError as error:
@@ -130,3 +133,10 @@ class Admin:
         """The price book in force (the default one, loaded first, if none is)."""
         return await self.prices.ensure()
 
+
+
+def _check_names(team: str, project: str) -> None:
+    """The names a limit or budget is stored under are the names keys are created for."""
+    validate_name("team", team)
+    if project:
+        validate_name("project", project)

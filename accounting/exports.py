@@ -68,6 +68,8 @@ class Period:
             first = dt.datetime.strptime(text, "%Y-%m").replace(tzinfo=dt.UTC)
         except ValueError:
             raise InvalidArgument(f"period must be a month like 2026-11, got {shown(text)}", field="period") from None
+        if not 1970 <= first.year <= 9998:
+            raise InvalidArgument(f"period must be a month from 1970-01 to 9998-12, got {shown(text)}", field="period")
         following = (first + dt.timedelta(days=32)).replace(day=1)
         return cls(text, first.timestamp(), following.timestamp())
 

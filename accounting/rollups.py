@@ -191,9 +191,11 @@ async def read_rollups(redis, team: str, since: float | None, until: float | Non
                                       f"({until}" if until is not None else "+inf", withscores=True)
     if not hours:
         return []
-    # Open ends widen to whole months around the data, so the month buckets can tile them.
-    lo = bucket_start(bucket("m", hours[0][1])) if since is None else since
-    hi = bucket_end("m", bucket_start(bucket("m", hours[-1][1]))) if until is None else until
+    # The range narrows to the whole months around the data (open ends widen to them), so the month
+    # buckets can tile it and a range of centuries costs no more than the data's months.
+    first, last = bucket_start(bucket("m", hours[0][1])), bucket_end("m", bucket_start(bucket("m", hours[-1][1])))
+    lo = first if since is None else max(since, first)
+    hi = last if until is None else min(until, last)
     wanted = tiles(lo, hi, coarsest)
     existing = {name for name, _ in hours}
     names = [(level, bucket(level, start)) for level, start, _ in wanted

@@ -10,6 +10,7 @@ import logging
 
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
 
 from accounting.admin import Admin, BudgetStatus
 from accounting.exports import Period, charge_rows, render
@@ -58,8 +59,8 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
     async def GetUsageReport(self, request: pb.GetUsageReportRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> pb.GetUsageReportResponse:
         _, teams = await self._teams(context, request.team)
-        since = request.since.ToMicroseconds() / 1e6 if request.HasField("since") else None
-        until = request.until.ToMicroseconds() / 1e6 if request.HasField("until") else None
+        since = _instant(request.since, "since") if request.HasField("since") else None
+        until = _instant(request.until, "until") if request.HasField("until") else None
         report = await usage_report(self.ledger, list(request.group_by), since=since, until=until, teams=teams,
                                     idle=request.idle or "none")
         return pb.GetUsageReportResponse(
@@ -120,6 +121,8 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.CreateApiKeyResponse:
         await self._admin(context, "creating keys")
+        if request.role not in (pb.KEY_ROLE_UNSPECIFIED, pb.KEY_ROLE_TENANT, pb.KEY_ROLE_ADMIN):
+            raise InvalidArgument(f"role must be KEY_ROLE_TENANT or KEY_ROLE_ADMIN, got {request.role}", field="role")
         role = Role.ADMIN if request.role == pb.KEY_ROLE_ADMIN else Role.TENANT
         key, info = await self.admin.create_key(request.team, request.project, role)
         log.info("created %s key %s for %s/%s", role.value, info.key_id, info.team, info.project)
@@ -206,3 +209,14 @@ async def serve(listen: str, redis_config: RedisConfig, reservation_max_age_s: f
             await stop_task(sweeper)
             await server.stop()
             await redis.aclose()
+
+
+EARLIEST_S, LATEST_S = 0, 253_370_764_800
+"""The instants a report's range may name: 1970-01-01 to 9999-01-01 (UTC)."""
+
+
+def _instant(timestamp: timestamp_pb2.Timestamp, name: str) -> float:
+    if not (EARLIEST_S <= timestamp.seconds < LATEST_S and 0 <= timestamp.nanos < 1_000_000_000):
+        raise InvalidArgument(f"{name} must be a time from 1970-01-01 to 9999-01-01 (UTC), with nanos in "
+                              f"[0, 1e9), got seconds={timestamp.seconds} nanos={timestamp.nanos}", field=name)
+    return timestamp.seconds + timestamp.nanos / 1e9

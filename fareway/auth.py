@@ -59,7 +59,7 @@ class KeyInfo:
 
 def validate_name(kind: str, value: str) -> str:
     """Team and project names end up in Redis keys and reports: keep them plain."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise InvalidArgument(
             f"{kind} {shown(value)} must be 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
             field=kind)

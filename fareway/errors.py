@@ -192,10 +192,38 @@ def caller_error(exc: Exception) -> FarewayError:
     return _internal(exc)
 
 
+class _Undecodable:
+    """A request whose bytes do not parse as its message (the handler answers INVALID_ARGUMENT)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The request deserializer, failing into an _Undecodable instead of raising: grpc would answer a
+    deserializer's exception with UNKNOWN, which says nothing to the caller."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or invalid UTF-8 in a string field
+            return _Undecodable(exc)
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("the request is not a valid message of this method's type (malformed protobuf, or "
+                              "a string field that is not UTF-8)")
+    return request
+
+
 def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await handler(request, context)
+            return await handler(_decoded(request), context)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, unexpected ones as INTERNAL
             await abort(context, caller_error(exc))
     return wrapper
@@ -204,7 +232,7 @@ def _wrap_unary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
 def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in handler(request, context):
+            async for response in handler(_decoded(request), context):
                 yield response
         except Exception as exc:  # noqa: BLE001
             await abort(context, caller_error(exc))
@@ -219,12 +247,12 @@ def mapping_errors(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
             _wrap_stream(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
         _wrap_unary(handler.unary_unary),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 

@@ -79,6 +79,12 @@ LIMIT_FIELDS = (*RATE_LIMITS, "weight", "priority")
 _SHORT = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "max_concurrent_requests": "concurrent"}
 
 
+MAX_BUDGET_USD = 1e12
+"""The largest budget: its nano-dollars must fit Redis's 64-bit integers (9.2e18)."""
+MAX_WEIGHT = 1e6
+"""The largest fair-share weight (a finite one: service divides by it)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     team: str
@@ -103,8 +109,8 @@ class Limits:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.weight is not None and not self.weight > 0:
-            raise ValueError(f"weight must be positive, got {self.weight}")
+        if self.weight is not None and not 0 < self.weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be above 0 and at most {MAX_WEIGHT:g}, got {self.weight:g}")
 
     @property
     def has_rate_limits(self) -> bool:
@@ -158,8 +164,8 @@ class Budget:
             raise ValueError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         for name in ("hard_usd", "soft_usd"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if value is not None and not 0 <= value <= MAX_BUDGET_USD:
+                raise ValueError(f"{name} must be from 0 to {MAX_BUDGET_USD:g} USD, got {value:g}")
         if self.hard_usd is None and self.soft_usd is None:
             raise ValueError("a budget needs a hard limit, a soft threshold or both")
 

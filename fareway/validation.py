@@ -17,9 +17,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TAGS = 32
 MAX_TAG_VALUE_CHARS = 256
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Matched whole (fullmatch): with `$`, a trailing newline would pass.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """request_id and session_id: printable, bounded, safe inside a Redis key and a log line."""
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class HasInput(Protocol):
@@ -59,7 +60,7 @@ def validate_sampling(sampling: pb.SamplingParams) -> None:
         raise InvalidArgument(f"max_tokens must be at least 1, got {sampling.max_tokens}",
                               field="sampling.max_tokens")
     if sampling.HasField("temperature") and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-        raise InvalidArgument(f"temperature must be 0 (greedy) or more, got {sampling.temperature}",
+        raise InvalidArgument(f"temperature must be 0 (greedy) or more, got {sampling.temperature:g}",
                               field="sampling.temperature")
     if sampling.HasField("top_p") and not (0 < sampling.top_p <= 1):
         raise InvalidArgument(f"top_p must be in (0, 1], got {sampling.top_p}", field="sampling.top_p")
@@ -80,10 +81,10 @@ def validate_generate(request: pb.GenerateRequest | pb.GenerateStreamRequest) ->
         raise InvalidArgument("model is empty; ListModels names the models served", field="model")
     validate_input(request)
     validate_sampling(request.sampling)
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidArgument("request_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
                               field="request_id")
-    if request.session_id and not _REQUEST_ID.match(request.session_id):
+    if request.session_id and not _REQUEST_ID.fullmatch(request.session_id):
         raise InvalidArgument("session_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'",
                               field="session_id")
     validate_tags(request.tags)
@@ -93,7 +94,7 @@ def validate_tags(tags: dict[str, str]) -> None:
     if len(tags) > MAX_TAGS:
         raise InvalidArgument(f"at most {MAX_TAGS} tags, got {len(tags)}", field="tags")
     for key, value in tags.items():
-        if not _TAG_KEY.match(key):
+        if not _TAG_KEY.fullmatch(key):
             raise InvalidArgument(f"tag name {shown(key)} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
                                   field="tags")
         if len(value) > MAX_TAG_VALUE_CHARS:

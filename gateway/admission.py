@@ -97,7 +97,22 @@ class Admission:
         (RESOURCE_EXHAUSTED past either). One with a request_id claims the id in the same round trip, the
         claim queued first, and the admission scripts count the request only if its run got the claim:
         an id that already ran is replayed (its Outcome is returned), even to a tenant at its limits, and
-        neither counted nor charged again; one still running gets ABORTED and counts for nothing either."""
+        neither counted nor charged again; one still running gets ABORTED and counts for nothing either.
+
+        A caller that goes away (or whose deadline passes) while the scripts are on their way still has
+        `run` learn what they took, before the cancellation goes on, so that the caller's undo and
+        release give it all back (else its concurrency slot and reservation would stay held until their
+        leases lapse)."""
+        admitting = asyncio.ensure_future(self._admit(run, context))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            await asyncio.wait([admitting])  # one round trip
+            if not admitting.cancelled():
+                admitting.exception()  # retrieved: the cancellation is what the caller sees
+            raise
+
+    async def _admit(self, run: Run, context: CallContext) -> Outcome | None:
         if not run.request.request_id:
             await self._hold(run, context)
             return None

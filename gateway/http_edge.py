@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,7 @@ from fareway.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    Unauthenticated,
     Unavailable,
     caller_error,
     shown,
@@ -122,7 +124,7 @@ class HttpEdge:
             tenant = await self.keys.authenticate(_metadata(request))
             parsed = parse(await _json_body(request))
             message = parsed.message
-            if (key := request.headers.get("Idempotency-Key")) is not None:
+            if (key := _idempotency_key(request)) is not None:
                 message.request_id = key
             context = HttpCall(_timeout(request))
             run_id = message.request_id or uuid.uuid4().hex
@@ -228,7 +230,27 @@ def _passed(deadline: asyncio.Timeout) -> Exception:
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
     value = request.headers.get("Authorization")
+    if value is not None and not _is_utf8(value):
+        raise Unauthenticated("the Authorization header is not UTF-8 text; send 'Bearer <API key>'")
     return [] if value is None else [("authorization", value)]
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    value = request.headers.get("Idempotency-Key")
+    if value is not None and not _is_utf8(value):
+        raise InvalidArgument("the Idempotency-Key header is not UTF-8 text; use 1-128 characters of A-Z, a-z, 0-9, "
+                              "'.', '_', ':', '-'", field="Idempotency-Key")
+    return value
+
+
+def _is_utf8(value: str) -> bool:
+    """Whether a header's bytes were UTF-8: aiohttp keeps other bytes as lone surrogates, which no key, id or
+    protobuf string can hold."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -238,9 +260,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise InvalidArgument(f"the request body is not valid JSON{where}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise InvalidArgument("the request body is not valid JSON: it is not UTF-8 (or UTF-16, UTF-32) text") from None
+    except ValueError:  # what json.loads raises on an integer of thousands of digits
+        raise InvalidArgument(f"the request body has a number longer than {sys.get_int_max_str_digits()} digits") \
+            from None
+    except RecursionError:
+        raise InvalidArgument("the request body nests arrays or objects too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     return body

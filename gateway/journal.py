@@ -27,7 +27,6 @@ its model has said so; the journal keeps it while one cannot be asked, and gives
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -77,13 +76,17 @@ class Entry:
 
     @classmethod
     def of(cls, run: Run) -> Entry:
+        # Not dataclasses.asdict (it deep-copies): this is on every request's path.
+        hold, reservation = run.hold, run.reservation
         return cls(run.tenant.team, run.tenant.project, run.tenant.key_id, run.request_id, run.request.request_id,
                    run.request.model, dict(run.request.tags), run.started_at,
-                   dataclasses.asdict(run.hold) if run.hold is not None else None,
-                   dataclasses.asdict(run.reservation) if run.reservation is not None else None, run.claimed)
+                   None if hold is None else {"team": hold.team, "request_id": hold.request_id, "tokens": hold.tokens,
+                                              "slots": hold.slots, "settled": hold.settled},
+                   None if reservation is None else {"month": reservation.month, "field": reservation.field},
+                   run.claimed)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Entry:
@@ -123,13 +126,10 @@ class Journal:
             await pipe.execute()
 
     async def open(self, run: Run) -> None:
-        """Writes the run before it goes to a worker (one round trip)."""
+        """Writes the run before it goes to a worker (one round trip). If this fails or is cancelled, the
+        entry may still be written: the caller's undo closes it (`close_soon`) all the same."""
         self.open_calls.add(run.call_id)
-        try:
-            await batcher_for(self.redis).command("HSET", self.key, run.call_id, Entry.of(run).to_json())
-        except BaseException:
-            self.open_calls.discard(run.call_id)
-            raise
+        await batcher_for(self.redis).command("HSET", self.key, run.call_id, Entry.of(run).to_json())
 
     def close_soon(self, run: Run) -> None:
         """Queues the run's removal behind what is queued already (its record); nothing waits for it. Lost

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from fareway.inference.v1 import inference_pb2 as pb
 MAX_MODEL_CHARS = 256
 _INT32_MAX = 2**31 - 1
 _UINT64_MAX = 2**64 - 1
+_FLOAT_MAX = int(sys.float_info.max)
 
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_STOP_SEQUENCE: "stop",
                    pb.FINISH_REASON_LENGTH: "length"}
@@ -116,7 +118,7 @@ def completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
     if not isinstance(prompt, str):
         raise InvalidArgument("prompt must be a string (one prompt per request; token ids are not taken yet)",
                               field="prompt")
-    message.prompt = prompt
+    message.prompt = _text(prompt, "prompt")
     _fill(message, body, "max_tokens")
     return OpenAIRequest("text", message, stream, include_usage)
 
@@ -127,7 +129,7 @@ def _check_parameters(body: Mapping[str, Any], known: frozenset[str]) -> tuple[b
         if name in known or value is None:
             continue
         if name not in _AT_DEFAULT:
-            raise InvalidArgument(f"unknown parameter {shown(name)}", field=name[:SHOWN_CHARS])
+            raise InvalidArgument(f"unknown parameter {shown(name)}", field=_param(name))
         if not _AT_DEFAULT[name](value):
             raise InvalidArgument(f"{name} is not supported by Fareway yet; leave it out or at its default",
                                   field=name)
@@ -152,8 +154,8 @@ def _messages(value: Any) -> list[pb.ChatMessage]:
             raise InvalidArgument(f"{where} must be an object with role and content", field=where)
         for name in item:
             if name not in ("role", "content"):
-                raise InvalidArgument(f"{where}.{name[:SHOWN_CHARS]} is not supported by Fareway yet",
-                                      field=f"{where}.{name[:SHOWN_CHARS]}")
+                raise InvalidArgument(f"{where}.{_param(name)} is not supported by Fareway yet",
+                                      field=f"{where}.{_param(name)}")
         role = item.get("role")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant", "tool"):
@@ -166,14 +168,14 @@ def _messages(value: Any) -> list[pb.ChatMessage]:
 def _content(value: Any, where: str) -> str:
     """A message's text: a string, or a list of text parts (joined with newlines)."""
     if isinstance(value, str):
-        return value
+        return _text(value, f"{where}.content")
     if isinstance(value, list):
         texts = []
         for j, part in enumerate(value):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise InvalidArgument(f"{where}.content[{j}] must be a text part, {{\"type\": \"text\", \"text\": ...}}; "
                                       "Fareway serves text models", field=f"{where}.content[{j}]")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content[{j}].text"))
         return "\n".join(texts)
     raise InvalidArgument(f"{where}.content must be a string or a list of text parts", field=f"{where}.content")
 
@@ -185,7 +187,7 @@ def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[
         raise InvalidArgument("model must be a model's name; GET /v1/models lists them", field="model")
     if len(model) > MAX_MODEL_CHARS:
         raise InvalidArgument(f"model is longer than {MAX_MODEL_CHARS} characters", field="model")
-    message.model = model
+    message.model = _text(model, "model")
     sampling = message.sampling
     if (max_tokens := _integer(body, max_tokens_name, 1, _INT32_MAX)) is not None:
         sampling.max_tokens = max_tokens
@@ -203,16 +205,32 @@ def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[
     if stop is not None:
         if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise InvalidArgument("stop must be a string or a list of strings", field="stop")
-        sampling.stop.extend(stop)
+        sampling.stop.extend(_text(s, "stop") for s in stop)
     metadata = _typed(body, "metadata", dict) or {}
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise InvalidArgument(f"metadata values must be strings; {shown(key)} is not", field="metadata")
-        message.tags[key] = value
+        message.tags[_text(key, "metadata")] = _text(value, "metadata")
     if (user := _typed(body, "user", str)) is not None:
-        message.tags["user"] = user
+        message.tags["user"] = _text(user, "user")
     if (session_id := _typed(body, "session_id", str)) is not None:
-        message.session_id = session_id
+        message.session_id = _text(session_id, "session_id")
+
+
+def _text(value: str, name: str) -> str:
+    """A string of the body as a protobuf string can hold it. JSON's escapes can spell lone surrogates
+    ("\\ud800"), which are no Unicode text: refused, naming the parameter."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{name} is not Unicode text: it holds a lone surrogate ({shown(value)})",
+                              field=name) from None
+    return value
+
+
+def _param(name: str) -> str:
+    """A parameter's name from the body as an error may name it: cut short, lone surrogates escaped."""
+    return name[:SHOWN_CHARS].encode("utf-8", "backslashreplace").decode()
 
 
 def _typed(body: Mapping[str, Any], name: str, kind: type, shown_as: str | None = None) -> Any:
@@ -240,9 +258,11 @@ def _number(body: Mapping[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidArgument(f"{name} must be a number", field=name)
-    return float(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value) if abs(value) <= _FLOAT_MAX else math.inf  # float(10**400) would raise
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number", field=name)
+    return value
 
 
 # Responses.
@@ -359,8 +379,10 @@ def http_error(error: FarewayError) -> HttpError:
 
 
 def _openai_param(field: str) -> str:
-    """A Fareway field name as the OpenAI parameter it came from: sampling.max_tokens -> max_tokens."""
-    for prefix, replacement in (("sampling.", ""), ("chat.messages", "messages"), ("tags", "metadata")):
+    """A Fareway field name as the OpenAI parameter it came from: sampling.max_tokens -> max_tokens (and the
+    request_id, the Idempotency-Key header)."""
+    for prefix, replacement in (("sampling.", ""), ("chat.messages", "messages"), ("tags", "metadata"),
+                                ("request_id", "Idempotency-Key")):
         if field.startswith(prefix):
             return replacement + field[len(prefix):]
     return field

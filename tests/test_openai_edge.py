@@ -368,6 +368,41 @@ def test_keys_paths_methods_and_sizes_are_refused_in_openais_shape(stack, key) -
     assert (status, body["error"]["param"]) == (400, "X-Request-Timeout")
 
 
+def _raw_post(stack, body: bytes, headers: dict[str, bytes]) -> tuple[int, Any]:  # noqa: ANN001
+    """A POST whose header values are bytes as they are (urllib would encode them)."""
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(stack.http_url).netloc, timeout=60)
+    try:
+        connection.putrequest("POST", "/v1/chat/completions")
+        for name, value in {"Content-Type": b"application/json", "Content-Length": str(len(body)).encode(),
+                            **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_bodies_and_headers_that_are_no_text_get_their_status_not_500(stack, key, team) -> None:  # noqa: ANN001
+    """Each was a 500 (internal error) before: found by tests/test_fuzz.py."""
+    bearer = f"Bearer {key}".encode()
+    chat = json.dumps(CHAT).encode()
+    for body, headers, status, param, words in [
+        (b"[" * 100_000 + b"]" * 100_000, {"Authorization": bearer}, 400, None, "nests arrays or objects too deeply"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", {"Authorization": bearer}, 400, None, "longer than 4300 digits"),
+        (json.dumps({**CHAT, "messages": [{"role": "user", "content": "\ud800"}]}).encode(),
+         {"Authorization": bearer}, 400, "messages[0].content", "lone surrogate"),
+        (json.dumps({**CHAT, "temperature": 10**400}).encode(), {"Authorization": bearer}, 400, "temperature",
+         "finite number"),
+        (chat, {"Authorization": b"Bearer cl\xe9"}, 401, None, "not UTF-8"),
+        (chat, {"Authorization": bearer, "Idempotency-Key": b"\xff\xfe"}, 400, "Idempotency-Key", "not UTF-8"),
+    ]:
+        got, reply = _raw_post(stack, body, headers)
+        assert (got, reply["error"]["param"]) == (status, param), reply
+        assert words in reply["error"]["message"]
+    assert stack.records(team) == []
+
+
 def test_health_says_serving_without_a_key(stack) -> None:  # noqa: ANN001
     with urllib.request.urlopen(stack.http_url.removesuffix("/v1") + "/health", timeout=10) as response:
         assert (response.status, json.loads(response.read())) == (200, {"status": "serving"})

@@ -104,7 +104,7 @@ def test_budgets_are_validated() -> None:
         Budget("search", hard_usd=1, basis="vibes")
     with pytest.raises(ValueError, match="hard limit, a soft threshold or both"):
         Budget("search")
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="from 0 to"):
         Budget("search", hard_usd=-1)
     assert Budget.decode("t", "project:p", Budget("t", "p", 2.5, None, "cost").encode()) == \
         dataclasses.replace(Budget("t", "p", 2.5, None, "cost"))

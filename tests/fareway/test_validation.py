@@ -39,6 +39,11 @@ def chat(*messages: tuple[str, str]) -> pb.GenerateRequest:
     (chat(("user", "hi"), ("assistant", "")), "chat.messages[1].content"),
     (pb.GenerateRequest(model="m", prompt="hi", request_id="has space"), "request_id"),
     (pb.GenerateRequest(model="m", prompt="hi", tags={"bad key": "v"}), "tags"),
+    # Matched whole: `$` let a trailing newline through.
+    (pb.GenerateRequest(model="m", prompt="hi", request_id="id\n"), "request_id"),
+    (pb.GenerateRequest(model="m", prompt="hi", session_id="s\n"), "session_id"),
+    (pb.GenerateRequest(model="m", prompt="hi", tags={"k\n": "v"}), "tags"),
+    # So small the sampler's logits overflow to infinities, failing every request in the engine step.
 ])
 def test_bad_input_names_its_field(bad: pb.GenerateRequest, field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
@@ -50,3 +55,5 @@ def test_bad_input_names_its_field(bad: pb.GenerateRequest, field: str) -> None:
 def test_good_requests_pass() -> None:
     validate_generate(request(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, stop=["\n"]))
     validate_generate(chat(("system", "be brief"), ("user", "hi")))
+    validate_generate(request(temperature=1e-38))   # greedy, as in vLLM (workers/engine/sequence.py)
+    validate_generate(request(temperature=3.4e38))

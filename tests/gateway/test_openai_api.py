@@ -63,6 +63,37 @@ def test_what_fareway_does_not_take_is_refused_by_name(body: dict, field: str) -
     assert refused.value.field == field
 
 
+@pytest.mark.parametrize("body, field", [
+    ({**CHAT, "messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages[0].content[0].text"),
+    ({**CHAT, "model": "m\ud800"}, "model"),
+    ({**CHAT, "stop": ["\ud800"]}, "stop"),
+    ({**CHAT, "metadata": {"\ud800": "v"}}, "metadata"),
+    ({**CHAT, "metadata": {"k": "\ud800"}}, "metadata"),
+    ({**CHAT, "user": "\ud800"}, "user"),
+    ({**CHAT, "session_id": "\ud800"}, "session_id"),
+    ({**CHAT, "\ud800": 1}, "\\ud800"),
+    ({**CHAT, "messages": [{"role": "user", "content": "hi", "\ud800": 1}]}, "messages[0].\\ud800"),
+])
+def test_lone_surrogates_are_refused_by_name_in_an_error_that_can_be_sent(body: dict, field: str) -> None:
+    """JSON's \\ud800 escapes spell lone surrogates, which no protobuf string holds: refused naming the parameter,
+    in an error that encodes (they were a 500)."""
+    with pytest.raises(InvalidArgument) as refused:
+        openai_api.chat_request(body)
+    assert refused.value.field == field
+    error = openai_api.http_error(refused.value)
+    assert error.status == 400 and json.dumps(error.body, ensure_ascii=False).encode()
+    assert openai_api.http_error(refused.value).body["error"]["param"] == field
+
+
+def test_a_number_too_large_for_a_float_is_refused_by_name() -> None:
+    for name in ("temperature", "top_p"):
+        with pytest.raises(InvalidArgument) as refused:   # an OverflowError (a 500) before
+            openai_api.completion_request({"model": "m", "prompt": "hi", name: 10**400})
+        assert refused.value.field == name
+
+
 def test_errors_take_openais_shape_status_and_retry_after() -> None:
     limited = openai_api.http_error(ResourceExhausted("slow down", subject="team:a", retry_after_s=2.2))
     assert (limited.status, limited.headers) == (429, {"Retry-After": "3"})
@@ -72,6 +103,7 @@ def test_errors_take_openais_shape_status_and_retry_after() -> None:
     assert budget.body["error"]["code"] == "insufficient_quota"
     bad = openai_api.http_error(InvalidArgument("no", field="sampling.max_tokens"))
     assert (bad.status, bad.body["error"]["param"]) == (400, "max_tokens")
+    assert openai_api.http_error(InvalidArgument("no", field="request_id")).body["error"]["param"] == "Idempotency-Key"
     assert openai_api.http_error(Unavailable("later")).headers == {"Retry-After": "1"}
     assert isinstance(ResourceExhausted("x", retry_after_s=1).details[1], error_details_pb2.RetryInfo)
     for code, status in ((grpc.StatusCode.UNAUTHENTICATED, 401), (grpc.StatusCode.PERMISSION_DENIED, 403),

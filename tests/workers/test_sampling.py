@@ -39,3 +39,12 @@ def test_the_same_seed_draws_the_same_tokens() -> None:
     flat = torch.zeros(1000)
     assert draws(flat, SamplingOptions(1), 20, seed=1) == draws(flat, SamplingOptions(1), 20, seed=1)
     assert draws(flat, SamplingOptions(1), 20, seed=1) != draws(flat, SamplingOptions(1), 20, seed=2)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_spares_its_batch() -> None:
+    """As in vLLM, below 1e-5 a temperature is greedy: dividing the logits by 1e-38 would overflow them to
+    infinities, and the engine step of every request batched with it would fail."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3)) * 10
+    tiny, warm = SamplingOptions(4, temperature=1e-38), SamplingOptions(4, temperature=0.8, seed=1)
+    tokens = sample(logits, [tiny, warm], [None, torch.Generator().manual_seed(1)])
+    assert tokens[0] == int(logits[0].argmax()) and 0 <= tokens[1] < 50

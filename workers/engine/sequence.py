@@ -23,6 +23,9 @@ class FinishReason(enum.Enum):
     ERROR = "error"
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """Resolved sampling parameters: defaults applied, validated."""
@@ -49,7 +52,9 @@ class SamplingOptions:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Greedy at temperature 0, below GREEDY_BELOW_TEMPERATURE too (as vLLM: dividing the logits by
+        less would overflow them to infinities), or with top_k 1."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 class Sequence:
