@@ -155,9 +155,12 @@ def test_the_books_stay_whole_through_killed_workers_gateways_and_a_redis_restar
         keys_by_team = asyncio.run(tenants())
         for process in (*workers, *gateways):
             process.start()
-        for address in addresses:
-            wait_serving(address, timeout_s=120)
-        assert wait_until(lambda: _workers_registered(redis_url) == 2, timeout=60)
+        try:
+            for address in addresses:
+                wait_serving(address, timeout_s=120)
+        except TimeoutError:
+            raise AssertionError(_tails(gateways + workers)) from None
+        assert wait_until(lambda: _workers_registered(redis_url) == 2, timeout=60), _tails(workers)
 
         stop = threading.Event()
         clients = [threading.Thread(target=client, args=(addresses, keys_by_team, stop, log, seed))
@@ -188,7 +191,7 @@ def test_the_books_stay_whole_through_killed_workers_gateways_and_a_redis_restar
         stop.set()
         for thread in clients:
             thread.join(timeout=60)
-        assert not any(thread.is_alive() for thread in clients)
+        assert not any(thread.is_alive() for thread in clients), "a client hangs"
 
         # Settled: spools replayed, journals swept, every run's holds released.
         plain = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -235,6 +238,10 @@ def test_the_books_stay_whole_through_killed_workers_gateways_and_a_redis_restar
     attributed = sum(c.attributed_ns for c in cells if c.worker.worker_id == "soak-w0")
     billed = sum(r.gpu_nanoseconds for r in records if r.worker_id == "soak-w0")
     assert billed == pytest.approx(attributed, rel=0.02), (attributed, billed)
+
+
+def _tails(processes: list[Process]) -> str:
+    return "\n".join(f"--- {p.name}:\n{p.log.read_text()[-1500:]}" for p in processes if p.log.exists())
 
 
 def _workers_registered(redis_url: str) -> int:
