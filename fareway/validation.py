@@ -15,6 +15,8 @@ from fareway.inference.v1 import inference_pb2 as pb
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300
+"""Tokens one request may bias (OpenAI's limit)."""
 MAX_TAGS = 32
 MAX_TAG_VALUE_CHARS = 256
 # Matched whole (fullmatch): with `$`, a trailing newline would pass.
@@ -69,10 +71,29 @@ def validate_sampling(sampling: pb.SamplingParams) -> None:
     if len(sampling.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(sampling.stop)}",
                               field="sampling.stop")
+    _check_range(sampling, "min_p", 0.0, 1.0)
+    _check_range(sampling, "presence_penalty", -2.0, 2.0)
+    _check_range(sampling, "frequency_penalty", -2.0, 2.0)
+    if sampling.HasField("repetition_penalty") and not 0 < sampling.repetition_penalty <= 2:
+        raise InvalidArgument(f"repetition_penalty must be in (0, 2] (1 is off), got {sampling.repetition_penalty:g}",
+                              field="sampling.repetition_penalty")
+    if len(sampling.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens, got {len(sampling.logit_bias)}",
+                              field="sampling.logit_bias")
+    for token, bias in sampling.logit_bias.items():
+        if not -100 <= bias <= 100:
+            raise InvalidArgument(f"logit_bias values must be in [-100, 100], got {bias:g} for token {token}",
+                                  field="sampling.logit_bias")
     for stop in sampling.stop:
         if not stop or len(stop) > MAX_STOP_CHARS:
             raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_CHARS} characters, got {shown(stop)}",
                                   field="sampling.stop")
+
+
+def _check_range(sampling: pb.SamplingParams, name: str, least: float, most: float) -> None:
+    if sampling.HasField(name) and not least <= getattr(sampling, name) <= most:
+        raise InvalidArgument(f"{name} must be in [{least:g}, {most:g}], got {getattr(sampling, name):g}",
+                              field=f"sampling.{name}")
 
 
 def validate_generate(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> None:

@@ -71,14 +71,10 @@ class OpenAIRequest:
 _AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v == 1,
     "best_of": lambda v: v == 1,
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "repetition_penalty": lambda v: v == 1,
     "logprobs": lambda v: v is False,
     "top_logprobs": lambda v: v == 0,
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
-    "logit_bias": lambda v: v == {},
     "response_format": lambda v: v == {"type": "text"},
     "tools": lambda v: v == [],
     "functions": lambda v: v == [],
@@ -93,7 +89,8 @@ _AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "web_search_options": lambda v: False,
 }
 _COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                     "stop", "user", "metadata", "session_id"})
+                     "stop", "user", "metadata", "session_id", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "logit_bias"})
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 _TEXT = _COMMON | {"prompt"}
 
@@ -199,6 +196,17 @@ def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[
         sampling.top_k = max(top_k, 0)   # vLLM's -1 is off, as Fareway's 0
     if (seed := _integer(body, "seed", 0, _UINT64_MAX)) is not None:
         sampling.seed = seed
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if (value := _number(body, name)) is not None:
+            setattr(sampling, name, value)
+    if (bias := _typed(body, "logit_bias", dict)) is not None:
+        for token, value in bias.items():
+            if not (isinstance(token, str) and token.isdigit() and int(token) <= _INT32_MAX):
+                raise InvalidArgument(f"logit_bias keys must be token ids (\"50256\"), got {shown(token)}",
+                                      field="logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidArgument(f"logit_bias values must be numbers, got {shown(value)}", field="logit_bias")
+            sampling.logit_bias[int(token)] = value
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

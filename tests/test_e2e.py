@@ -351,3 +351,18 @@ def test_servers_answer_health_checks_and_reflection(stack) -> None:  # noqa: AN
             answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
             names = {s.name for s in answer.list_services_response.service}
             assert {service, "grpc.health.v1.Health"} <= names
+
+
+def test_logit_bias_and_penalties_steer_what_the_model_writes(stack, gateway, auth) -> None:  # noqa: ANN001
+    [yes] = stack.worker.tokenizer.encode(" yes")[-1:]
+    biased = gateway.Generate(chat_request(max_tokens=4, logit_bias={yes: 100.0}), metadata=auth)
+    assert list(biased.token_ids) == [yes] * 4
+    counting = pb.GenerateRequest(model=MODEL, prompt=COUNTING, sampling=pb.SamplingParams(temperature=0.0, max_tokens=24))
+    plain = gateway.Generate(counting, metadata=auth)
+    counting.sampling.frequency_penalty = 2.0
+    penalized = gateway.Generate(counting, metadata=auth)
+    # Counting repeats ", " and the digits; a frequency penalty of 2 makes each repeat costlier.
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Generate(chat_request(max_tokens=1, logit_bias={10**6: 1.0}), metadata=auth)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in caught.value.details()

@@ -114,6 +114,17 @@ def test_the_sdk_gets_the_workers_greedy_chat_answer_with_usage_and_one_record(s
     assert record.gpu_seconds == pytest.approx(fareway["gpu_seconds"])
 
 
+def test_logit_bias_and_penalties_from_the_sdk_reach_the_model(stack, client) -> None:  # noqa: ANN001
+    [yes] = stack.worker.tokenizer.encode(" yes")[-1:]
+    biased = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=3, temperature=0, logit_bias={str(yes): 100},
+                                            presence_penalty=0.5, frequency_penalty=0.5)
+    assert biased.choices[0].message.content.split() == ["yes"] * 3
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=1,
+                                       presence_penalty=3)
+
+
 def test_a_streamed_chat_equals_the_whole_one_and_ends_with_its_usage(stack, client, team) -> None:  # noqa: ANN001
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
@@ -308,7 +319,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
     ("/chat/completions", [1, 2], 400, None, "must be a JSON object"),
     ("/chat/completions", {**CHAT, "n": 2}, 400, "n", "n is not supported by Fareway yet"),
     ("/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "logprobs is not supported"),
-    ("/chat/completions", {**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ("/chat/completions", {**CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty", "must be in [-2, 2]"),
     ("/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/chat/completions", {**CHAT, "temprature": 0.5}, 400, "temprature", "unknown parameter 'temprature'"),
     ("/chat/completions", {**CHAT, "x" * 5000: 1}, 400, "x" * 40, "(5002 characters)"),

@@ -184,7 +184,8 @@ class ModelRunner:
         rows = torch.tensor(batch.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [B, vocab]
         seqs = [plan.scheduled[i].seq for i in batch.sample_index]
-        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs])
+        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs],
+                         [(s.token_ids, s.num_prompt_tokens) for s in seqs])
         for index, token in zip(batch.sample_index, sampled):
             tokens[index] = token
         return tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -167,4 +167,16 @@ class Worker:
             top_p=params.top_p if params.HasField("top_p") else 1.0,
             top_k=params.top_k,
             seed=params.seed if params.HasField("seed") else None,
-            stop=tuple(params.stop))
+            stop=tuple(params.stop),
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
+            logit_bias=self._logit_bias(params.logit_bias))
+
+    def _logit_bias(self, bias: Mapping[int, float]) -> tuple[tuple[int, float], ...]:
+        vocab = self.tokenizer.vocab_size
+        if (outside := next((token for token in bias if token >= vocab), None)) is not None:
+            raise InvalidArgument(f"logit_bias names token {outside}; this model's vocabulary has {vocab} tokens",
+                                  field="sampling.logit_bias")
+        return tuple(sorted(bias.items()))

@@ -35,6 +35,14 @@ def test_chat_parameters_map_to_fareways() -> None:
     assert dict(message.tags) == {"feature": "faq", "user": "u1"} and message.session_id == "s1"
 
 
+def test_penalties_min_p_and_logit_bias_map_to_fareways() -> None:
+    s = openai_api.chat_request({**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+                                 "min_p": 0.05, "logit_bias": {"50256": -100, "13": 2.5}}).message.sampling
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, -1.0)
+    assert (s.repetition_penalty, s.min_p) == (pytest.approx(1.2), pytest.approx(0.05))
+    assert dict(s.logit_bias) == {50256: -100.0, 13: 2.5}
+
+
 def test_unset_parameters_stay_unset_for_fareways_defaults() -> None:
     parsed = openai_api.completion_request({"model": "m", "prompt": ["once"], "temperature": None})
     message = parsed.message
@@ -44,7 +52,9 @@ def test_unset_parameters_stay_unset_for_fareways_defaults() -> None:
 
 @pytest.mark.parametrize("body, field", [
     ({**CHAT, "best_of": 2}, "best_of"),
-    ({**CHAT, "logit_bias": {"1": 5}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"a": 5}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"1": "5"}}, "logit_bias"),
+    ({**CHAT, "presence_penalty": float("nan")}, "presence_penalty"),
     ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ({**CHAT, "audio": {}}, "audio"),
     ({**CHAT, "messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),

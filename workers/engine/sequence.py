@@ -39,6 +39,16 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     """Keep generating past end-of-sequence, up to max_tokens (benchmarks; not exposed in the API)."""
+    min_p: float = 0.0
+    """Keep only tokens at least this fraction as likely as the likeliest (0 is off)."""
+    presence_penalty: float = 0.0
+    """Taken off the logit of every token already in the output (OpenAI's, -2 to 2)."""
+    frequency_penalty: float = 0.0
+    """Taken off the logit of a token once per time it is in the output (OpenAI's, -2 to 2)."""
+    repetition_penalty: float = 1.0
+    """Divides a positive logit of a token in the prompt or the output, multiplies a negative one (1 is off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit) pairs."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -49,6 +59,17 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def is_greedy(self) -> bool:

@@ -232,6 +232,12 @@ class UpstreamWorker:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
+        # OpenAI's penalties and logit_bias (string token ids), and vLLM's, SGLang's min_p and repetition_penalty.
+        for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if s.HasField(name):
+                body[name] = getattr(s, name)
+        if s.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in sorted(s.logit_bias.items())}
         if self.config.forward_cache_salt and request.cache_salt:
             body["cache_salt"] = request.cache_salt
         if request.WhichOneof("input") == "prompt":
