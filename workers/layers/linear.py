@@ -26,6 +26,7 @@ fast as `nn.Linear`'s layout at batch 1. GPUs' GEMMs take nn.Linear as it is.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,10 +169,17 @@ def choose_linear_kernel(weights: str, in_features: int, out_features: int, devi
     if not timings:
         raise RuntimeError(f"no linear kernel for {weights} weights runs correctly on {device}")
     best = _fastest(timings)
+    if (pinned := os.environ.get(PIN_KERNEL_ENV)) in timings:
+        best = pinned  # every process of a tensor-parallel group, and every run, on one kernel
     log.info("linear kernel for %s weights on %s: %s (probe %s)", weights, device.type, best,
              ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in sorted(timings.items(), key=lambda kv: kv[1])))
     return candidates[best], KernelChoice(best, timings)
 
+
+PIN_KERNEL_ENV = "FAREWAY_LINEAR_KERNEL"
+"""Names the linear kernel to take when it is a correct candidate (e.g. dequant-int8), instead of the
+fastest measured: runs that must compute alike (a reference and a tensor-parallel split) then do,
+however the machine's load sways the probe."""
 
 # A later candidate must beat an earlier one by this factor to be taken: candidates are listed in
 # the order they usually rank, and on a machine busy with other work every kernel's probe slows to
