@@ -56,10 +56,6 @@ class Finisher:
         else:
             self.metrics.finished(priced)  # as it is queued: the spool keeps it if Redis cannot take it
             recording, metered = self.recorder.write_soon(priced), True
-        if self.recorded is not None:
-            # Out of the journal once the record is written (or spooled), not before: on a Redis Cluster the
-            # two keys live on different nodes, and a batch keeps its order only within a node.
-            recording = _then(recording, self.recorded, run)
         # The outcome of a request_id in the same round trip, after its record.
         completing = (self.idempotency.complete_soon(run.tenant, run.request.request_id,
                                                      Outcome(status, message, response))
@@ -70,6 +66,10 @@ class Finisher:
                          metrics: GatewayMetrics | None, completing: Awaitable[Any] | None) -> None:
         try:
             priced = await recording
+            if self.recorded is not None:
+                # Out of the journal once the record is written (or spooled), not before: on a Redis Cluster
+                # the two keys live on different nodes, and a batch keeps its order only within a node.
+                self.recorded(run)
         finally:
             if settling is not None:
                 await settling
@@ -106,9 +106,3 @@ class Finisher:
         while self._writing:
             await asyncio.wait(list(self._writing))
 
-
-async def _then(recording: Awaitable[UsageRecord], recorded: Callable[[Run], None], run: Run) -> UsageRecord:
-    """The record, once written; `recorded` is told only then."""
-    record = await recording
-    recorded(run)
-    return record
