@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fareway/inference/v1/inference.proto\x12\x14\x66\x61reway.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x0c\x43hatMessages\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.fareway.inference.v1.ChatMessage\"\xf4\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12G\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x33.fareway.inference.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\x83\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x16\n\x0ehardware_class\x18\t \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\n \x01(\r\x12\x10\n\x08metering\x18\x0b \x01(\t\x12\x14\n\x0ctoken_source\x18\x0c \x01(\t\"\xbb\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12=\n\x04tags\x18\x06 \x03(\x0b\x32/.fareway.inference.v1.GenerateRequest.TagsEntry\x12\x12\n\nsession_id\x18\x07 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xd4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12*\n\x05usage\x18\x07 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\"\xc7\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x43\n\x04tags\x18\x06 \x03(\x0b\x32\x35.fareway.inference.v1.GenerateStreamRequest.TagsEntry\x12\x12\n\nsession_id\x18\x07 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xcb\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\"\x13\n\x11ListModelsRequest\"Z\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x18\n\x10hardware_classes\x18\x03 \x03(\t\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.fareway.inference.v1.Model\"r\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x42\x07\n\x05input\"S\n\x13\x43ountTokensResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xa1\x03\n\x10InferenceService\x12Y\n\x08Generate\x12%.fareway.inference.v1.GenerateRequest\x1a&.fareway.inference.v1.GenerateResponse\x12m\n\x0eGenerateStream\x12+.fareway.inference.v1.GenerateStreamRequest\x1a,.fareway.inference.v1.GenerateStreamResponse0\x01\x12_\n\nListModels\x12\'.fareway.inference.v1.ListModelsRequest\x1a(.fareway.inference.v1.ListModelsResponse\x12\x62\n\x0b\x43ountTokens\x12(.fareway.inference.v1.CountTokensRequest\x1a).fareway.inference.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fareway/inference/v1/inference.proto\x12\x14\x66\x61reway.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x0c\x43hatMessages\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.fareway.inference.v1.ChatMessage\"\xcd\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12G\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x33.fareway.inference.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x0e\n\x01n\x18\x0f \x01(\rH\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0c\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x14 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x15 \x01(\tH\x00\x12/\n\x06\x63hoice\x18\x16 \x01(\x0b\x32\x1d.fareway.inference.v1.ChoicesH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x14\n\x12structured_outputsB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\x0c\"\x93\x01\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\x12-\n\x03top\x18\x06 \x03(\x0b\x32 .fareway.inference.v1.TopLogprob\"\xc1\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x35\n\x08logprobs\x18\x06 \x03(\x0b\x32#.fareway.inference.v1.TokenLogprobs\"\x83\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x16\n\x0ehardware_class\x18\t \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\n \x01(\r\x12\x10\n\x08metering\x18\x0b \x01(\t\x12\x14\n\x0ctoken_source\x18\x0c \x01(\t\"\xbb\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12=\n\x04tags\x18\x06 \x03(\x0b\x32/.fareway.inference.v1.GenerateRequest.TagsEntry\x12\x12\n\nsession_id\x18\x07 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xf8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12*\n\x05usage\x18\x07 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\x12\x35\n\x08logprobs\x18\x08 \x03(\x0b\x32#.fareway.inference.v1.TokenLogprobs\x12<\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32#.fareway.inference.v1.TokenLogprobs\x12-\n\x07\x63hoices\x18\n \x03(\x0b\x32\x1c.fareway.inference.v1.Choice\"\xc7\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.fareway.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x43\n\x04tags\x18\x06 \x03(\x0b\x32\x35.fareway.inference.v1.GenerateStreamRequest.TagsEntry\x12\x12\n\nsession_id\x18\x07 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\xcf\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".fareway.inference.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12*\n\x05usage\x18\x06 \x01(\x0b\x32\x1b.fareway.inference.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x35\n\x08logprobs\x18\x08 \x03(\x0b\x32#.fareway.inference.v1.TokenLogprobs\x12<\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32#.fareway.inference.v1.TokenLogprobs\"\x13\n\x11ListModelsRequest\"Z\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x18\n\x10hardware_classes\x18\x03 \x03(\t\x12\x13\n\x0bnum_workers\x18\x04 \x01(\r\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.fareway.inference.v1.Model\"r\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x04\x63hat\x18\x03 \x01(\x0b\x32\".fareway.inference.v1.ChatMessagesH\x00\x42\x07\n\x05input\"S\n\x13\x43ountTokensResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xa1\x03\n\x10InferenceService\x12Y\n\x08Generate\x12%.fareway.inference.v1.GenerateRequest\x1a&.fareway.inference.v1.GenerateResponse\x12m\n\x0eGenerateStream\x12+.fareway.inference.v1.GenerateStreamRequest\x1a,.fareway.inference.v1.GenerateStreamResponse0\x01\x12_\n\nListModels\x12\'.fareway.inference.v1.ListModelsRequest\x1a(.fareway.inference.v1.ListModelsResponse\x12\x62\n\x0b\x43ountTokens\x12(.fareway.inference.v1.CountTokensRequest\x1a).fareway.inference.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +37,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2393
-  _globals['_FINISHREASON']._serialized_end=2575
+  _globals['_FINISHREASON']._serialized_start=3493
+  _globals['_FINISHREASON']._serialized_end=3675
   _globals['_CHATMESSAGE']._serialized_start=62
   _globals['_CHATMESSAGE']._serialized_end=106
   _globals['_CHATMESSAGES']._serialized_start=108
   _globals['_CHATMESSAGES']._serialized_end=175
   _globals['_SAMPLINGPARAMS']._serialized_start=178
-  _globals['_SAMPLINGPARAMS']._serialized_end=678
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=504
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=552
-  _globals['_USAGE']._serialized_start=681
-  _globals['_USAGE']._serialized_end=940
-  _globals['_GENERATEREQUEST']._serialized_start=943
-  _globals['_GENERATEREQUEST']._serialized_end=1258
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=1206
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=1249
-  _globals['_GENERATERESPONSE']._serialized_start=1261
-  _globals['_GENERATERESPONSE']._serialized_end=1473
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1476
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1803
-  _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._serialized_start=1206
-  _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._serialized_end=1249
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1806
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2009
-  _globals['_LISTMODELSREQUEST']._serialized_start=2011
-  _globals['_LISTMODELSREQUEST']._serialized_end=2030
-  _globals['_MODEL']._serialized_start=2032
-  _globals['_MODEL']._serialized_end=2122
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2124
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2189
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=2191
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=2305
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2307
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2390
-  _globals['_INFERENCESERVICE']._serialized_start=2578
-  _globals['_INFERENCESERVICE']._serialized_end=2995
+  _globals['_SAMPLINGPARAMS']._serialized_end=1023
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=773
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=821
+  _globals['_CHOICES']._serialized_start=1025
+  _globals['_CHOICES']._serialized_end=1051
+  _globals['_TOPLOGPROB']._serialized_start=1053
+  _globals['_TOPLOGPROB']._serialized_end=1136
+  _globals['_TOKENLOGPROBS']._serialized_start=1139
+  _globals['_TOKENLOGPROBS']._serialized_end=1286
+  _globals['_CHOICE']._serialized_start=1289
+  _globals['_CHOICE']._serialized_end=1482
+  _globals['_USAGE']._serialized_start=1485
+  _globals['_USAGE']._serialized_end=1744
+  _globals['_GENERATEREQUEST']._serialized_start=1747
+  _globals['_GENERATEREQUEST']._serialized_end=2062
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=2010
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=2053
+  _globals['_GENERATERESPONSE']._serialized_start=2065
+  _globals['_GENERATERESPONSE']._serialized_end=2441
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=2444
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=2771
+  _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._serialized_start=2010
+  _globals['_GENERATESTREAMREQUEST_TAGSENTRY']._serialized_end=2053
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2774
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=3109
+  _globals['_LISTMODELSREQUEST']._serialized_start=3111
+  _globals['_LISTMODELSREQUEST']._serialized_end=3130
+  _globals['_MODEL']._serialized_start=3132
+  _globals['_MODEL']._serialized_end=3222
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3224
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3289
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=3291
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=3405
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=3407
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=3490
+  _globals['_INFERENCESERVICE']._serialized_start=3678
+  _globals['_INFERENCESERVICE']._serialized_end=4095
 # @@protoc_insertion_point(module_scope)
