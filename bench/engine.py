@@ -7,6 +7,9 @@
    rate (measured in the run) over the model's FLOPs per token.
 3. Time to first token of a request whose 1,024-token prefix is in the prefix
    cache vs the same request cold.
+4. What structured outputs (a JSON schema) and logprobs (top 5) cost: 16 streams
+   with each vs the same 16 streams without, alternating (tokens/s, prefill
+   included on both sides; a structured stream ends when its JSON does).
 
 Decode throughput excludes the prefill, the same way for both sides: N
 streams x (T - 1) tokens over time(N streams, T tokens) - time(N streams, 1
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import statistics
 import time
 import uuid
@@ -94,6 +99,56 @@ def decode_throughputs(worker: Worker, model, num_streams: int, num_tokens: int,
     return decoded / statistics.median(ours), decoded / statistics.median(theirs)
 
 
+# What a service asks for: a record with a list of items, open-ended enough to run to max_tokens.
+BENCH_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "items": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"id": {"type": "integer"}, "label": {"type": "string"},
+                           "kind": {"enum": ["alpha", "beta", "gamma"]}},
+            "required": ["id", "label", "kind"]}},
+    },
+    "required": ["title", "items"],
+})
+
+
+async def _tokens_per_s(worker: Worker, prompts: list[list[int]], options: SamplingOptions) -> tuple[float, int]:
+    """Generated tokens per second of the streams together (prefill included), and the tokens."""
+    async def one(ids: list[int]) -> int:
+        count = 0
+        async for output in worker.async_engine.generate(ids, options, cache_salt=uuid.uuid4().hex):
+            count += len(output.token_ids)
+        return count
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(ids) for ids in prompts))
+    return sum(counts) / (time.perf_counter() - start), sum(counts)
+
+
+def option_costs(worker: Worker, num_streams: int, num_tokens: int, repeats: int) -> dict[str, tuple[float, float, int]]:
+    """{option: (its tokens/s, plain tokens/s, its tokens)} for 16 streams with a JSON schema and with
+    logprobs (top 5), each alternating with the same streams unconstrained and without logprobs."""
+    prompts = [worker.tokenizer.encode_chat([{"role": "user", "content": f"List {n + 3} things in a kitchen as JSON."}])
+               for n in range(num_streams)]
+    plain = SamplingOptions(num_tokens, temperature=0, ignore_eos=True)
+    variants = {
+        "structured": dataclasses.replace(plain, grammar=worker._compile("json_schema", BENCH_SCHEMA)),
+        "logprobs": dataclasses.replace(plain, logprobs=5),
+    }
+    results = {}
+    for name, options in variants.items():
+        asyncio.run(_tokens_per_s(worker, prompts, options))  # warm-up (and the grammar's first compile)
+        ours, baseline, counts = [], [], []
+        for _ in range(repeats):
+            rate, count = asyncio.run(_tokens_per_s(worker, prompts, options))
+            ours.append(rate)
+            counts.append(count)
+            baseline.append(asyncio.run(_tokens_per_s(worker, prompts, plain))[0])
+        results[name] = (statistics.median(ours), statistics.median(baseline), min(counts))
+    return results
+
+
 async def _ttft_ms(worker: Worker, ids: list[int], salt: str) -> tuple[float, int]:
     async for output in worker.async_engine.generate(ids, SamplingOptions(1, temperature=0), cache_salt=salt):
         if output.finished:
@@ -134,6 +189,7 @@ def main() -> None:
     for n in stream_counts:
         throughput[n] = decode_throughputs(worker, reference, n, num_tokens, repeats)
     cold_ms, warm_ms, cached_tokens = prefix_ttft(worker, 3 if args.quick else 5)
+    costs = option_costs(worker, 16, num_tokens if args.quick else 48, 1 if args.quick else 3)
     worker.stop()
 
     config = worker.runner.model_config
@@ -163,6 +219,12 @@ def main() -> None:
         "prefix_hit_ttft_ms": round(warm_ms, 1),
         "prefix_hit_ttft_speedup": round(cold_ms / warm_ms, 2),
     }
+    for name, key in (("structured", "structured_vs_unconstrained_streams16"), ("logprobs", "logprobs_vs_plain_streams16")):
+        ours, plain, tokens = costs[name]
+        figures[key] = round(ours / plain, 3)
+        figures[f"{name}_streams16_tokens_per_s"] = round(ours, 1)
+        rows.append((f"16 streams, {'a JSON schema' if name == 'structured' else 'logprobs (top 5)'}",
+                     f"{ours:.1f} tokens/s vs {plain:.1f} without: {ours / plain:.2f}x ({tokens} tokens)"))
     rows += [
         ("machine limit", f"{limit:.0f} tokens/s = {matmul_rate:.0f} GFLOP/s fp32 matmul / "
                           f"{flops_per_token / 1e9:.3f} GFLOP per token"),

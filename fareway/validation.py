@@ -5,6 +5,7 @@ check needs the tokenizer and happens on the worker.)"""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Protocol
@@ -16,6 +17,12 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 64
+MAX_SAMPLES = 16
+"""SamplingParams.n at most."""
+MAX_LOGPROBS = 20
+MAX_CONSTRAINT_BYTES = 64 * 1024
+MAX_CHOICES = 256
 """Tokens one request may bias (OpenAI's limit)."""
 MAX_TAGS = 32
 MAX_TAG_VALUE_CHARS = 256
@@ -88,6 +95,52 @@ def validate_sampling(sampling: pb.SamplingParams) -> None:
         if not stop or len(stop) > MAX_STOP_CHARS:
             raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_CHARS} characters, got {shown(stop)}",
                                   field="sampling.stop")
+    if sampling.HasField("min_tokens") and sampling.HasField("max_tokens") and sampling.min_tokens > sampling.max_tokens:
+        raise InvalidArgument(f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({sampling.max_tokens})",
+                              field="sampling.min_tokens")
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(sampling.stop_token_ids)}",
+                              field="sampling.stop_token_ids")
+    if sampling.HasField("n") and not 1 <= sampling.n <= MAX_SAMPLES:
+        raise InvalidArgument(f"n must be in [1, {MAX_SAMPLES}], got {sampling.n}", field="sampling.n")
+    for name in ("logprobs", "prompt_logprobs"):
+        if sampling.HasField(name) and getattr(sampling, name) > MAX_LOGPROBS:
+            raise InvalidArgument(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(sampling, name)}",
+                                  field=f"sampling.{name}")
+    _validate_constraint(sampling)
+
+
+def _validate_constraint(sampling: pb.SamplingParams) -> None:
+    """The structured-output constraint's shape (whether it compiles is the worker's to say)."""
+    kind = sampling.WhichOneof("structured_outputs")
+    field = f"sampling.{kind}"
+    if kind is None:
+        return
+    if kind == "json_object":
+        if not sampling.json_object:
+            raise InvalidArgument("json_object must be true when set (leave it unset for free text)", field=field)
+        return
+    if kind == "choice":
+        choices = sampling.choice.choices
+        if not 1 <= len(choices) <= MAX_CHOICES:
+            raise InvalidArgument(f"choice needs 1-{MAX_CHOICES} strings, got {len(choices)}", field=field)
+        if any(not choice for choice in choices):
+            raise InvalidArgument("choice strings must not be empty", field=field)
+        size = sum(len(choice.encode()) for choice in choices)
+    else:
+        spec = getattr(sampling, kind)
+        if not spec.strip():
+            raise InvalidArgument(f"{kind} must not be empty", field=field)
+        size = len(spec.encode())
+    if size > MAX_CONSTRAINT_BYTES:
+        raise InvalidArgument(f"{kind} is {size} bytes; a constraint takes at most {MAX_CONSTRAINT_BYTES}", field=field)
+    if kind == "json_schema":
+        try:
+            schema = json.loads(sampling.json_schema)
+        except ValueError as error:
+            raise InvalidArgument(f"json_schema is not JSON: {shown(str(error))}", field=field) from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgument("json_schema must be a JSON Schema: an object (or true/false)", field=field)
 
 
 def _check_range(sampling: pb.SamplingParams, name: str, least: float, most: float) -> None:

@@ -69,9 +69,14 @@ def max_prompt_tokens(request: GenerateRequest) -> int:
 
 
 def max_completion_tokens(request: GenerateRequest, context_length: int) -> int:
-    """max_tokens, or what the context holds when it is unset (0: context length unknown)."""
+    """max_tokens, or what the context holds when it is unset (0: context length unknown), for each of
+    the request's samples."""
     completion = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else context_length
-    return max(0, min(completion, context_length) if context_length else completion)
+    return max(0, min(completion, context_length) if context_length else completion) * num_samples(request)
+
+
+def num_samples(request: GenerateRequest) -> int:
+    return request.sampling.n if request.sampling.HasField("n") else 1
 
 
 class Admission:
@@ -173,7 +178,7 @@ class Admission:
         unless the request_id's claim is this run's."""
         tenant, request = run.tenant, run.request
         prompt = max_prompt_tokens(request)
-        completion = min(max_completion_tokens(request, context_length), context_length)  # 0 with no worker known
+        completion = max_completion_tokens(request, context_length) if context_length else 0  # 0: no worker known
         now = time.time()
         max_list = await self.recorder.max_list_price_nusd(request.model, prompt, completion, now)
         max_cost = round((prompt + completion) * self.cost_reserve_usd_per_million_tokens * NANO_USD_PER_USD / 1e6)
@@ -188,12 +193,13 @@ class Admission:
         share = await fair_share(self.limits, run.tenant, self.fairness.config.by_project)
         queue = self.fairness.queue(run.request.model)
         prompt_tokens = estimate_prompt_tokens(max_prompt_tokens(run.request))
-        if (slot := queue.try_acquire(share, prompt_tokens)) is not None:
+        width = num_samples(run.request)
+        if (slot := queue.try_acquire(share, prompt_tokens, width)) is not None:
             run.slot = slot  # room, and nobody waiting
             return
         try:
             async with asyncio.timeout(context.time_remaining()):
-                run.slot = await queue.acquire(share, prompt_tokens)
+                run.slot = await queue.acquire(share, prompt_tokens, width)
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it waited for a worker") from None
 

@@ -104,9 +104,11 @@ class Counters:
 class Slot:
     """A running request's place in its model's capacity; charges its tenant as it is served."""
 
-    def __init__(self, queue: FairQueue, share: Share) -> None:
+    def __init__(self, queue: FairQueue, share: Share, width: int = 1) -> None:
         self._queue = queue
         self.share = share
+        self.width = width
+        """Sequences it runs at once (SamplingParams.n)."""
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.is_released = False
@@ -122,7 +124,7 @@ class Slot:
         """Frees the slot for the next queued request (once)."""
         if not self.is_released:
             self.is_released = True
-            self._queue.release()
+            self._queue.release(self.width)
 
 
 @dataclass(eq=False)
@@ -130,6 +132,7 @@ class _Waiter:
     share: Share
     prompt_tokens_estimate: int
     granted: asyncio.Future[Slot]
+    width: int = 1
 
 
 class FairQueue:
@@ -145,14 +148,16 @@ class FairQueue:
         """Only tenants with requests waiting."""
         self._last_left: Tenant | None = None
         self.num_running = 0
+        """Sequences running (a request of n samples runs n)."""
 
     def depth(self) -> dict[Tenant, int]:
         """Requests waiting, per tenant seen (0 when none are)."""
         return {tenant: len(self._backlog.get(tenant, ())) for tenant in self.counters.tenants()}
 
-    async def acquire(self, share: Share, prompt_tokens_estimate: int = 1) -> Slot:
-        """Waits for the request's turn; cancelling the wait leaves the queue as if it never came."""
-        waiter = _Waiter(share, prompt_tokens_estimate, asyncio.get_running_loop().create_future())
+    async def acquire(self, share: Share, prompt_tokens_estimate: int = 1, width: int = 1) -> Slot:
+        """Waits for the request's turn; cancelling the wait leaves the queue as if it never came. `width`:
+        the sequences it runs (its samples), which take that many of the capacity's places."""
+        waiter = _Waiter(share, prompt_tokens_estimate, asyncio.get_running_loop().create_future(), width)
         self._enqueue(waiter)
         self.dispatch()
         try:
@@ -164,17 +169,17 @@ class FairQueue:
                 self._remove(waiter)
             raise
 
-    def try_acquire(self, share: Share, prompt_tokens_estimate: int = 1) -> Slot | None:
+    def try_acquire(self, share: Share, prompt_tokens_estimate: int = 1, width: int = 1) -> Slot | None:
         """A slot at once when there is room and nobody waits (as `acquire` would grant it, without
         queueing); None otherwise."""
         if self._backlog or not self._has_room():
             return None
         self.counters.lift(share.tenant, self._lift_to())
         self._last_left = share.tenant
-        return self._start(share, prompt_tokens_estimate)
+        return self._start(share, prompt_tokens_estimate, width)
 
-    def release(self) -> None:
-        self.num_running -= 1
+    def release(self, width: int = 1) -> None:
+        self.num_running -= width
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -214,11 +219,11 @@ class FairQueue:
             del self._backlog[tenant]
 
     def _grant(self, waiter: _Waiter) -> None:
-        waiter.granted.set_result(self._start(waiter.share, waiter.prompt_tokens_estimate))
+        waiter.granted.set_result(self._start(waiter.share, waiter.prompt_tokens_estimate, waiter.width))
 
-    def _start(self, share: Share, prompt_tokens_estimate: int) -> Slot:
-        self.num_running += 1
-        slot = Slot(self, share)
+    def _start(self, share: Share, prompt_tokens_estimate: int, width: int = 1) -> Slot:
+        self.num_running += width
+        slot = Slot(self, share, width)
         slot.charge(prompt_tokens_estimate, 0)
         return slot
 

@@ -31,10 +31,19 @@ class CallContext(Protocol):
 
 @dataclass(frozen=True)
 class Delta:
-    """New text from the worker."""
+    """New text from the worker, of sample `index` (SamplingParams.n)."""
 
     text: str
     token_ids: tuple[int, ...]
+    index: int = 0
+    logprobs: tuple[pb.TokenLogprobs, ...] = ()
+    """One per token of token_ids, when the request asked for logprobs."""
+    finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+    """Set when sample `index` has finished and the request has more than one sample (n > 1); a
+    single sample's finish reason is on the Final response."""
+    stop_sequence: str = ""
+    prompt_logprobs: tuple[pb.TokenLogprobs, ...] = ()
+    """On the first delta, when the request asked for prompt_logprobs."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,15 @@ class Final:
 
     response: pb.GenerateResponse
     replayed: bool = False
+
+
+@dataclass
+class _Sample:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
+    finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+    stop_sequence: str = ""
 
 
 @dataclass
@@ -55,9 +73,11 @@ class Run:
     endpoint: WorkerEndpoint | None = None
     """The worker that took the request; None while none has (a run without one never ran)."""
     usage: pb.Usage = field(default_factory=pb.Usage)
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
+    samples: dict[int, _Sample] = field(default_factory=dict)
+    """What came of each sample (SamplingParams.n), by index."""
+    prompt_logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+    """Sample 0's (the record's)."""
     stop_sequence: str = ""
     ttft_ms: float = 0.0
     reservation: Reservation | None = None
@@ -74,21 +94,39 @@ class Run:
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started_monotonic) * 1000.0
 
+    @property
+    def num_samples(self) -> int:
+        return self.request.sampling.n if self.request.sampling.HasField("n") else 1
+
+    def _sample(self, index: int) -> _Sample:
+        if (sample := self.samples.get(index)) is None:
+            sample = self.samples[index] = _Sample()
+        return sample
+
     def add(self, message: wpb.GenerateResponse) -> Delta | None:
-        """Takes one message of the worker's stream; the new text, if it brought any."""
+        """Takes one message of the worker's stream; the new text, if it brought any (with n > 1, a
+        sample's finish too)."""
         self.usage.CopyFrom(message.usage)
         if self.slot is not None:
             self.slot.charge(self.usage.prompt_tokens, self.usage.completion_tokens)
+        self.prompt_logprobs.extend(message.prompt_logprobs)
+        sample = self._sample(message.index)
+        finished = False
         if message.finish_reason:
-            self.finish_reason = message.finish_reason
-            self.stop_sequence = message.stop_sequence
-        if not (message.text or message.token_ids):
+            sample.finish_reason, sample.stop_sequence = message.finish_reason, message.stop_sequence
+            if message.index == 0:
+                self.finish_reason, self.stop_sequence = message.finish_reason, message.stop_sequence
+            finished = self.num_samples > 1
+        if not (message.text or message.token_ids or finished or message.prompt_logprobs):
             return None
-        if not self.ttft_ms:
+        if not self.ttft_ms and (message.text or message.token_ids):
             self.ttft_ms = self.elapsed_ms()
-        self.text.append(message.text)
-        self.token_ids.extend(message.token_ids)
-        return Delta(message.text, tuple(message.token_ids))
+        sample.text.append(message.text)
+        sample.token_ids.extend(message.token_ids)
+        sample.logprobs.extend(message.logprobs)
+        return Delta(message.text, tuple(message.token_ids), message.index, tuple(message.logprobs),
+                     message.finish_reason if finished else pb.FINISH_REASON_UNSPECIFIED,
+                     message.stop_sequence if finished else "", tuple(message.prompt_logprobs))
 
     def take_usage(self, usage: pb.Usage) -> None:
         """Takes the worker's last word on what the run spent (its text stays what came)."""
@@ -102,8 +140,13 @@ class Run:
         if self.slot is not None:
             self.slot.charge(self.usage.prompt_tokens, self.usage.completion_tokens)
         self.finish_reason, self.stop_sequence = message.finish_reason, message.stop_sequence
-        self.text, self.token_ids = [message.text], list(message.token_ids)
-        if self.token_ids or message.text:
+        self.samples = {0: _Sample([message.text], list(message.token_ids), list(message.logprobs),
+                                   message.finish_reason, message.stop_sequence)}
+        for choice in message.choices:
+            self.samples[choice.index] = _Sample([choice.text], list(choice.token_ids), list(choice.logprobs),
+                                                 choice.finish_reason, choice.stop_sequence)
+        self.prompt_logprobs = list(message.prompt_logprobs)
+        if message.token_ids or message.text:
             # The first token reached the gateway inside the answer: it was ready as long before the answer
             # as the worker spent after it.
             self.ttft_ms = max(0.0, self.elapsed_ms() - (self.usage.total_ms - self.usage.ttft_ms))
@@ -112,10 +155,18 @@ class Run:
         usage = pb.Usage()
         usage.CopyFrom(self.usage)
         usage.ttft_ms, usage.total_ms = self.ttft_ms, self.elapsed_ms()
-        return pb.GenerateResponse(
-            request_id=self.request_id, model=self.request.model, text="".join(self.text),
-            token_ids=self.token_ids, finish_reason=self.finish_reason, stop_sequence=self.stop_sequence,
-            usage=usage)
+        first = self.samples.get(0) or _Sample()
+        response = pb.GenerateResponse(
+            request_id=self.request_id, model=self.request.model, text="".join(first.text),
+            token_ids=first.token_ids, finish_reason=self.finish_reason, stop_sequence=self.stop_sequence,
+            usage=usage, logprobs=first.logprobs, prompt_logprobs=self.prompt_logprobs)
+        if self.num_samples > 1:
+            response.choices.extend(
+                pb.Choice(index=index, text="".join(sample.text), token_ids=sample.token_ids,
+                          finish_reason=sample.finish_reason, stop_sequence=sample.stop_sequence,
+                          logprobs=sample.logprobs)
+                for index, sample in sorted(self.samples.items()))
+        return response
 
     def record(self, status: grpc.StatusCode, finish_reason: int) -> UsageRecord:
         u = self.response().usage

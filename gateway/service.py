@@ -75,14 +75,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async with contextlib.aclosing(self._events(request, context)) as events:
             async for event in events:
                 if isinstance(event, Delta):
-                    yield pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+                    yield pb.GenerateStreamResponse(
+                        text=event.text, token_ids=event.token_ids, index=event.index, logprobs=event.logprobs,
+                        finish_reason=event.finish_reason, stop_sequence=event.stop_sequence,
+                        prompt_logprobs=event.prompt_logprobs)
                     continue
                 r = event.response
-                # A replay streams the stored text in one message; a live run has sent it already.
+                if event.replayed and r.choices:  # each stored sample in a message, then the usage
+                    for i, c in enumerate(r.choices):
+                        yield pb.GenerateStreamResponse(
+                            text=c.text, token_ids=c.token_ids, index=c.index, logprobs=c.logprobs,
+                            finish_reason=c.finish_reason, stop_sequence=c.stop_sequence,
+                            prompt_logprobs=r.prompt_logprobs if i == 0 else ())
+                    yield pb.GenerateStreamResponse(request_id=r.request_id, usage=r.usage)
+                    continue
+                # A replay streams the stored text in one message; a live run has sent it already (and with
+                # n > 1, each sample's finish reason).
                 yield pb.GenerateStreamResponse(
                     request_id=r.request_id, text=r.text if event.replayed else "",
-                    token_ids=r.token_ids if event.replayed else [], finish_reason=r.finish_reason,
-                    stop_sequence=r.stop_sequence, usage=r.usage)
+                    token_ids=r.token_ids if event.replayed else [],
+                    finish_reason=r.finish_reason if not r.choices else pb.FINISH_REASON_UNSPECIFIED,
+                    stop_sequence=r.stop_sequence if not r.choices else "", usage=r.usage,
+                    logprobs=r.logprobs if event.replayed else (),
+                    prompt_logprobs=r.prompt_logprobs if event.replayed else ())
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -193,6 +193,26 @@ BAD_REQUESTS = {
     "1 MB tag name": (pb.GenerateRequest(model=MODEL, prompt="hi", tags={"t" * HUGE: "v"}),
                       grpc.StatusCode.INVALID_ARGUMENT, "tags"),
     "1 MB model": (pb.GenerateRequest(model="m" * HUGE, prompt="hi"), grpc.StatusCode.NOT_FOUND, None),
+    "n 17": (chat_request(n=17), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n"),
+    "n 0": (chat_request(n=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n"),
+    "logprobs 21": (chat_request(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "sampling.logprobs"),
+    "prompt_logprobs 21": (chat_request(prompt_logprobs=21), grpc.StatusCode.INVALID_ARGUMENT,
+                           "sampling.prompt_logprobs"),
+    "min_tokens over max_tokens": (chat_request(max_tokens=4, min_tokens=5), grpc.StatusCode.INVALID_ARGUMENT,
+                                   "sampling.min_tokens"),
+    "stop token past the vocabulary": (chat_request(stop_token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT,
+                                       "sampling.stop_token_ids"),
+    "schema not JSON": (chat_request(json_schema="{nope"), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema"),
+    "schema that does not compile": (chat_request(json_schema='{"type": "no-such-type"}'),
+                                     grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema"),
+    "1 MB schema": (chat_request(json_schema='{"description": "' + "x" * HUGE + '"}'),
+                    grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema"),
+    "bad regex": (chat_request(regex="(unclosed"), grpc.StatusCode.INVALID_ARGUMENT, "sampling.regex"),
+    "bad grammar": (chat_request(grammar="root ::= undefined_rule"), grpc.StatusCode.INVALID_ARGUMENT,
+                    "sampling.grammar"),
+    "json_object false": (chat_request(json_object=False), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_object"),
+    "empty choice": (chat_request(choice=pb.Choices(choices=["yes", ""])), grpc.StatusCode.INVALID_ARGUMENT,
+                     "sampling.choice"),
 }
 
 
@@ -366,3 +386,61 @@ def test_logit_bias_and_penalties_steer_what_the_model_writes(stack, gateway, au
     with pytest.raises(grpc.RpcError) as caught:
         gateway.Generate(chat_request(max_tokens=1, logit_bias={10**6: 1.0}), metadata=auth)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in caught.value.details()
+
+
+def test_n_samples_come_back_together_and_are_billed_in_one_record(stack, gateway, auth, team) -> None:  # noqa: ANN001
+    request = chat_request(max_tokens=12, temperature=1.0, seed=11, n=3, messages=[("user", "Name a color.")])
+    response = gateway.Generate(request, metadata=auth)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert len({c.text for c in response.choices}) > 1
+    assert (response.text, list(response.token_ids)) == (response.choices[0].text, list(response.choices[0].token_ids))
+    assert response.usage.completion_tokens == sum(len(c.token_ids) for c in response.choices)
+    assert all(c.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH) for c in response.choices)
+    # Streamed: each sample's text under its index, each with its own finish; the usage once, at the end.
+    streamed: dict[int, list[str]] = {}
+    finished: list[int] = []
+    messages = list(gateway.GenerateStream(chat_request(pb.GenerateStreamRequest, max_tokens=12, temperature=1.0,
+                                                        seed=11, n=3, messages=[("user", "Name a color.")]),
+                                           metadata=auth))
+    for message in messages:
+        streamed.setdefault(message.index, []).append(message.text)
+        if message.finish_reason:
+            finished.append(message.index)
+    assert sorted(finished) == [0, 1, 2]
+    assert {i: "".join(t) for i, t in streamed.items()} == {c.index: c.text for c in response.choices}
+    assert messages[-1].usage.completion_tokens == response.usage.completion_tokens
+    records = stack.records(team)
+    assert [r.completion_tokens for r in records] == [response.usage.completion_tokens] * 2
+
+
+def test_logprobs_and_prompt_logprobs_come_with_the_tokens(stack, gateway, auth) -> None:  # noqa: ANN001
+    request = pb.GenerateRequest(model=MODEL, prompt="The capital of France is",
+                                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, prompt_logprobs=1))
+    response = gateway.Generate(request, metadata=auth)
+    assert [p.token_id for p in response.logprobs] == list(response.token_ids)
+    assert "".join(p.token for p in response.logprobs) == response.text
+    for position in response.logprobs:
+        assert position.rank == 1 and len(position.top) == 3  # greedy: the likeliest token
+        assert position.top[0].token_id == position.token_id
+        assert position.top[0].logprob == pytest.approx(position.logprob)
+        assert [t.logprob for t in position.top] == sorted((t.logprob for t in position.top), reverse=True)
+    prompt_ids = stack.worker.tokenizer.encode("The capital of France is")
+    assert [p.token_id for p in response.prompt_logprobs] == prompt_ids[1:]
+    streamed = list(gateway.GenerateStream(pb.GenerateStreamRequest(
+        model=MODEL, prompt="The capital of France is", sampling=request.sampling), metadata=auth))
+    assert [p.token_id for m in streamed for p in m.logprobs] == list(response.token_ids)
+    assert [p.token_id for m in streamed for p in m.prompt_logprobs] == prompt_ids[1:]
+
+
+def test_min_tokens_stop_token_ids_and_ignore_eos(stack, gateway, auth) -> None:  # noqa: ANN001
+    free = gateway.Generate(chat_request(max_tokens=10), metadata=auth)
+    stop = free.token_ids[2]
+    stopped = gateway.Generate(chat_request(max_tokens=10, stop_token_ids=[stop]), metadata=auth)
+    first = list(free.token_ids).index(stop)
+    assert list(stopped.token_ids) == list(free.token_ids[:first + 1])
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP
+    eos = stack.worker.tokenizer.eos_token_id
+    held = gateway.Generate(chat_request(max_tokens=6, min_tokens=6, logit_bias={eos: 100.0}), metadata=auth)
+    assert eos not in held.token_ids and len(held.token_ids) == 6
+    kept = gateway.Generate(chat_request(max_tokens=3, ignore_eos=True, logit_bias={eos: 100.0}), metadata=auth)
+    assert list(kept.token_ids) == [eos] * 3 and kept.finish_reason == pb.FINISH_REASON_LENGTH

@@ -56,7 +56,7 @@ class AsyncEngine:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def deliver(output: RequestOutput) -> None:
-            if output.finished and call_id and self._running_calls.get(call_id) == engine_id:
+            if output.done and call_id and self._running_calls.get(call_id) == engine_id:
                 # Its account, kept after its caller left too (the engine's last word on an aborted run).
                 del self._running_calls[call_id]
                 self._finished_calls[call_id] = output
@@ -83,7 +83,7 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await outputs.get()
-                finished = output.finished
+                finished = output.done
                 yield output
         finally:
             if not finished:

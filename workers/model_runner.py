@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from workers import structured
 from workers.config import COMPUTE_DTYPES, RunnerConfig
 from workers.engine.scheduler import ScheduledSequence, StepPlan
+from workers.engine.sequence import Logprobs, Sampled, SamplingOptions, Sequence, sample_id
 from workers.hardware import Hardware, default_dtype, detect, rank_device
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
 from workers.layers.kv_cache import RecordingKVCache, kv_bytes_per_token_per_layer, make_kv_cache
@@ -21,13 +24,15 @@ from workers.models.llama import build_model
 from workers.parallel.group import RankGroup
 from workers.parallel.sharding import num_kv_heads_per_rank, shard_model
 from workers.parallel.step import StepInputs
-from workers.sampling import sample
+from workers.sampling import logprobs_of, sample
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[dtype] for name, dtype in COMPUTE_DTYPES.items()}
 _CPU_KV_CACHE_BYTES = 1 << 30
+# Sample i of a seeded request draws from seed + i * this (mod 2**64): every sample reproducible, each its own.
+_SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,18 @@ class _Batch:
     metadata: AttentionMetadata
     sample_rows: list[int]      # rows of the step's tokens whose logits are sampled
     sample_index: list[int]     # which scheduled sequence each of those rows belongs to
+    row_starts: dict[int, int]  # each scheduled sequence's first row
+
+
+@dataclass(frozen=True)
+class _SampleRow:
+    """One token to sample: sample `index` of a scheduled sequence, from the logits of its last row."""
+
+    seq: Sequence
+    scheduled_index: int
+    logits_row: int
+    index: int
+    sample_id: str
 
 
 class ModelRunner:
@@ -76,6 +93,10 @@ class ModelRunner:
         self.max_model_len = min(context, self.num_kv_blocks * self.block_size)
         self._allocate_kv_cache()
         self._generators: dict[str, torch.Generator] = {}
+        self.eos_token_ids = checkpoint.tokenizer.eos_token_ids
+        # Structured outputs' token masks are filled here while the device thread runs the forward pass
+        # (the grammar engine's native code releases the GIL).
+        self._grammar_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fareway-grammar")
         if config.kv_cache_dtype == "fp8_e4m3":
             self._calibrate_kv_scales(checkpoint.tokenizer.encode(_CALIBRATION_TEXT))
         log.info("model on %s (%s, %s): %s weights (%s), %.1f MiB; %d KV blocks of %d tokens, %s",
@@ -174,46 +195,121 @@ class ModelRunner:
         return torch.cat(logprobs)[:-1].gather(1, targets[:, None])[:, 0]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int | None]:
+    def execute(self, plan: StepPlan) -> list[Sampled | None]:
         batch = self._prepare(plan)
-        self.group.send_step(StepInputs(batch.input_ids, batch.positions, batch.metadata))
-        hidden = self.model(batch.input_ids, batch.positions, batch.metadata)  # [N, hidden]
-        tokens: list[int | None] = [None] * len(plan.scheduled)
-        if not batch.sample_rows:
-            return tokens
-        rows = torch.tensor(batch.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [B, vocab]
-        seqs = [plan.scheduled[i].seq for i in batch.sample_index]
-        sampled = sample(logits, [s.sampling for s in seqs], [self._generator(s) for s in seqs],
-                         [(s.token_ids, s.num_prompt_tokens) for s in seqs])
-        for index, token in zip(batch.sample_index, sampled):
-            tokens[index] = token
-        return tokens
+        step = StepInputs(batch.input_ids, batch.positions, batch.metadata, plan.block_copies)
+        self.group.send_step(step)
+        rows = self._sample_rows(plan, batch)
+        masks = self._start_masks(rows)  # on the grammar thread, while the forward pass runs
+        hidden = self._forward(step)  # [N, hidden]
+        self._record_prompt_logprobs(plan, batch, hidden)
+        results: list[Sampled | None] = [None] * len(plan.scheduled)
+        if not rows:
+            return results
+        # One logits row per sequence that samples, then repeated for the samples of a sequence forking.
+        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(batch.sample_rows, device=self.device)))
+        if len(rows) > len(batch.sample_rows):
+            logits = logits.index_select(0, torch.tensor([r.logits_row for r in rows], device=self.device))
+        options = [r.seq.sampling for r in rows]
+        constrain = None
+        if masks is not None:
+            def constrain(processed: torch.Tensor) -> None:
+                structured.apply(processed, masks.result())
+        tokens = sample(logits, options, [self._generator(r.sample_id, r.seq.sampling, r.index) for r in rows],
+                        [(r.seq.token_ids, r.seq.num_prompt_tokens) for r in rows], self.eos_token_ids, constrain)
+        logprobs = self._logprobs(logits, rows, tokens)
+        by_sequence: dict[int, list[int]] = {}
+        for row, token in zip(rows, tokens):
+            by_sequence.setdefault(row.scheduled_index, []).append(token)
+        for index, sampled in by_sequence.items():
+            wanted = plan.scheduled[index].seq.sampling.logprobs is not None
+            results[index] = Sampled(tuple(sampled), tuple(logprobs.pop(0) for _ in sampled) if wanted else ())
+        return results
+
+    def _sample_rows(self, plan: StepPlan, batch: _Batch) -> list[_SampleRow]:
+        rows = []
+        for logits_row, index in enumerate(batch.sample_index):
+            seq = plan.scheduled[index].seq
+            if seq.forked:
+                rows.append(_SampleRow(seq, index, logits_row, seq.index, seq.request_id))
+            else:  # its first token: sampled once per sample, each with its own generator
+                rows += [_SampleRow(seq, index, logits_row, i, sample_id(seq.request_id, i))
+                         for i in range(seq.sampling.n)]
+        return rows
+
+    def _start_masks(self, rows: list[_SampleRow]) -> Future[torch.Tensor] | None:
+        """The step's token masks, one bitmask row per sampled row (a row without a constraint allows
+        every token), filled on the grammar thread from each sequence's matcher."""
+        constrained = [(i, row.seq.matcher) for i, row in enumerate(rows) if row.seq.matcher is not None]
+        if not constrained:
+            return None
+
+        def fill() -> torch.Tensor:
+            bitmask = structured.new_bitmask(len(rows), self.model_config.vocab_size)
+            for i, matcher in constrained:
+                matcher.fill(bitmask, i)
+            return bitmask
+        return self._grammar_thread.submit(fill)
+
+    def _logprobs(self, logits: torch.Tensor, rows: list[_SampleRow], tokens: list[int]) -> list[Logprobs]:
+        wanted = [i for i, row in enumerate(rows) if row.seq.sampling.logprobs is not None]
+        if not wanted:
+            return []
+        index = torch.tensor(wanted, device=self.device)
+        return logprobs_of(logits.index_select(0, index), torch.tensor([tokens[i] for i in wanted], device=self.device),
+                           [rows[i].seq.sampling.logprobs for i in wanted])
+
+    def _record_prompt_logprobs(self, plan: StepPlan, batch: _Batch, hidden: torch.Tensor) -> None:
+        """For sequences that asked for prompt_logprobs: each prompt token's, from the step's prefill rows
+        (positions already recorded, before a preemption, are not recorded again)."""
+        for index, scheduled in enumerate(plan.scheduled):
+            seq = scheduled.seq
+            if seq.sampling.prompt_logprobs is None:
+                continue
+            first = len(seq.prompt_logprobs)  # the next position to record: its target is token first + 1
+            start, end = scheduled.context_start, min(scheduled.context_start + scheduled.num_tokens,
+                                                      seq.num_prompt_tokens - 1)
+            if not start <= first < end:
+                continue
+            row = batch.row_starts[index] + first - start
+            logits = self.model.compute_logits(hidden[row:row + end - first])
+            targets = torch.tensor(seq.token_ids[first + 1:end + 1], device=self.device)
+            seq.prompt_logprobs += logprobs_of(logits, targets, [seq.sampling.prompt_logprobs] * (end - first))
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        if step.block_copies:
+            sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*step.block_copies))
+            for layer in self.model.model.layers:
+                layer.self_attn.kv_cache.copy_blocks(sources, destinations)
+        return self.model(step.input_ids, step.positions, step.metadata)
 
     @torch.inference_mode()
     def follow(self) -> None:
         """Ranks other than 0: run the forward pass of each step rank 0 sends, until it stops the group."""
         while (step := self.group.receive_step()) is not None:
-            self.model(step.input_ids, step.positions, step.metadata)
+            self._forward(step)
 
     def close(self) -> None:
         """Stops the other ranks (rank 0) and leaves the process group."""
+        self._grammar_thread.shutdown(wait=False)
         self.group.close()
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def _generator(self, seq) -> torch.Generator | None:  # noqa: ANN001 - a Sequence
-        if seq.sampling.is_greedy:
+    def _generator(self, key: str, sampling: SamplingOptions, index: int) -> torch.Generator | None:
+        """The generator of sample `key`: seeded from the request's seed (sample i's seed derived from it,
+        so every sample is reproducible and each differs), else at random."""
+        if sampling.is_greedy:
             return None
-        generator = self._generators.get(seq.request_id)
+        generator = self._generators.get(key)
         if generator is None:
             generator = torch.Generator(self.device)
-            if seq.sampling.seed is None:
+            if sampling.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(seq.sampling.seed)
-            self._generators[seq.request_id] = generator
+                generator.manual_seed((sampling.seed + index * _SAMPLE_SEED_STRIDE) % 2**64)
+            self._generators[key] = generator
         return generator
 
     def _prepare(self, plan: StepPlan) -> _Batch:
@@ -227,10 +323,11 @@ class ModelRunner:
         prefills: list[PrefillSlice] = []
         sample_rows: list[int] = []
         sample_index: list[int] = []
+        row_starts: dict[int, int] = {}
         for index in order:
             scheduled = plan.scheduled[index]
             seq, start, n = scheduled.seq, scheduled.context_start, scheduled.num_tokens
-            row = len(input_ids)
+            row = row_starts[index] = len(input_ids)
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             slot_mapping.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
@@ -243,7 +340,7 @@ class ModelRunner:
         metadata = AttentionMetadata(torch.tensor(slot_mapping, device=self.device),
                                      self._decode_batch(decodes), tuple(prefills))
         return _Batch(torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
-                      metadata, sample_rows, sample_index)
+                      metadata, sample_rows, sample_index, row_starts)
 
     def _decode_batch(self, decodes: list[ScheduledSequence]) -> DecodeBatch | None:
         if not decodes:

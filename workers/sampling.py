@@ -1,9 +1,10 @@
 """Choosing the next token from logits, batched over the step's sequences.
 
-In vLLM's order: logit_bias is added; repetition, frequency and presence penalties are applied (the
-repetition penalty over the prompt and the output, the other two over the output, as OpenAI's);
-greedy rows then take the most likely token; the others divide by their temperature, keep their
-top_k, top_p and min_p tokens and draw one. Each stage runs on the whole step's rows at once, and
+In vLLM's order: end-of-sequence and stop tokens are barred from rows short of their min_tokens;
+logit_bias is added; repetition, frequency and presence penalties are applied (the repetition penalty
+over the prompt and the output, the other two over the output, as OpenAI's); a structured output's
+token mask bars what its grammar does not allow next; greedy rows then take the most likely token;
+the others divide by their temperature, keep their top_k, top_p and min_p tokens and draw one. Each stage runs on the whole step's rows at once, and
 only when some row asks for it: a step of greedy rows with no penalties is one argmax.
 
 A sampled row draws from its own generator (seeded from the request, or at random), by the
@@ -14,21 +15,40 @@ So a seeded request gives the same text whatever else is in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from workers.engine.sequence import SamplingOptions
+from workers.engine.sequence import Logprobs, SamplingOptions
 
 History = tuple[Sequence[int], int]
 """A row's token ids so far (prompt, then output) and how many of them are the prompt."""
 
 
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, top: Sequence[int]) -> list[Logprobs]:
+    """logits: [R, vocab] raw; token_ids: [R], the token at each row's position; top: how many of the
+    most likely tokens each row lists -> each token's log-probability and rank and the row's most
+    likely tokens, computed for every row at once."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    k = max(top, default=0)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], token_ids[:, None][:, :0])
+    return [Logprobs(token, value, rank, tuple(zip(ids[:count], values[:count])))
+            for token, value, rank, ids, values, count in zip(
+                token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), top)]
+
+
 def sample(logits: torch.Tensor, options: list[SamplingOptions], generators: list[torch.Generator | None],
-           histories: list[History] | None = None) -> list[int]:
+           histories: list[History] | None = None, eos_token_ids: Collection[int] = (),
+           constrain: Callable[[torch.Tensor], None] | None = None) -> list[int]:
     """logits: [B, vocab] fp32, one row per sequence -> one token id per row. `histories` is needed
-    only when a row has penalties."""
-    logits = process(logits, options, histories)
+    when a row has penalties or min_tokens; `eos_token_ids` when a row has min_tokens; `constrain`
+    masks the rows of structured outputs in place (after the penalties, before temperature)."""
+    raw = logits
+    logits = process(logits, options, histories, eos_token_ids)
+    if constrain is not None:
+        constrain(logits if logits is not raw else (logits := logits.clone()))  # the caller's logits stay raw
     tokens = logits.argmax(dim=-1)
     sampled = [row for row, opts in enumerate(options) if not opts.is_greedy]
     if not sampled:
@@ -43,8 +63,19 @@ def sample(logits: torch.Tensor, options: list[SamplingOptions], generators: lis
     return tokens.tolist()
 
 
-def process(logits: torch.Tensor, options: list[SamplingOptions], histories: list[History] | None) -> torch.Tensor:
-    """logit_bias and the penalties, for every row at once (a new tensor where any applies)."""
+def process(logits: torch.Tensor, options: list[SamplingOptions], histories: list[History] | None,
+            eos_token_ids: Collection[int] = ()) -> torch.Tensor:
+    """logit_bias, the penalties and min_tokens, for every row at once (a new tensor where any applies)."""
+    if histories is not None and any(opts.min_tokens for opts in options):
+        rows, ids = [], []
+        for row, (opts, (tokens, num_prompt)) in enumerate(zip(options, histories)):
+            if len(tokens) - num_prompt < opts.min_tokens:
+                banned = {*opts.stop_token_ids, *(() if opts.ignore_eos else eos_token_ids)}
+                rows += [row] * len(banned)
+                ids += sorted(banned)
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
     if any(opts.logit_bias for opts in options):
         logits = logits.clone()
         rows = [row for row, opts in enumerate(options) for _ in opts.logit_bias]

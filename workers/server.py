@@ -18,7 +18,7 @@ from fareway.inference.v1 import inference_pb2 as ipb
 from fareway.worker.v1 import worker_pb2 as pb
 from fareway.worker.v1 import worker_pb2_grpc
 from workers.engine.llm_engine import RequestOutput, UsageSnapshot
-from workers.engine.sequence import FinishReason
+from workers.engine.sequence import FinishReason, Logprobs
 from workers.worker import PreparedRequest, Worker
 
 _tracer = trace.get_tracer(__name__)
@@ -54,18 +54,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         with self._span(request, context) as span:
             prepared = await self.worker.prepare(request)
             self._describe(span, request, prepared)
-            text: list[str] = []
-            token_ids: list[int] = []
+            samples: dict[int, pb.GenerateResponse] = {}
+            prompt_logprobs = []
             async with contextlib.aclosing(self.worker.async_engine.generate(
                     prepared.prompt_token_ids, prepared.sampling, request.cache_salt, request.call_id)) as outputs:
                 async for output in outputs:
-                    text.append(output.text)
-                    token_ids.extend(output.token_ids)
+                    sample = samples.setdefault(output.index, pb.GenerateResponse())
+                    sample.text += output.text
+                    sample.token_ids.extend(output.token_ids)
+                    sample.logprobs.extend(self._logprobs(output.logprobs))
+                    prompt_logprobs += self._logprobs(output.prompt_logprobs)
+                    if output.finish_reason is not None:
+                        sample.finish_reason = FINISH_REASONS[output.finish_reason]
+                        sample.stop_sequence = output.stop_sequence
             if output.error:
                 raise self._failed(output)
-            return pb.GenerateResponse(
-                text="".join(text), token_ids=token_ids, usage=self._usage(output.usage),
-                finish_reason=FINISH_REASONS[output.finish_reason], stop_sequence=output.stop_sequence)
+            first = samples.get(0) or pb.GenerateResponse()
+            response = pb.GenerateResponse(
+                text=first.text, token_ids=first.token_ids, usage=self._usage(output.usage),
+                finish_reason=first.finish_reason or FINISH_REASONS[output.finish_reason],
+                stop_sequence=first.stop_sequence, logprobs=first.logprobs, prompt_logprobs=prompt_logprobs)
+            if prepared.sampling.n > 1:
+                response.choices.extend(
+                    ipb.Choice(index=index, text=sample.text, token_ids=sample.token_ids,
+                               finish_reason=sample.finish_reason or FINISH_REASONS[output.finish_reason],
+                               stop_sequence=sample.stop_sequence, logprobs=sample.logprobs)
+                    for index, sample in sorted(samples.items()))
+            return response
 
     async def Abort(self, request: pb.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -151,7 +166,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _to_pb(self, output: RequestOutput) -> pb.GenerateResponse:
         return pb.GenerateResponse(
             text=output.text, token_ids=output.token_ids, usage=self._usage(output.usage),
-            finish_reason=FINISH_REASONS[output.finish_reason], stop_sequence=output.stop_sequence)
+            finish_reason=FINISH_REASONS[output.finish_reason], stop_sequence=output.stop_sequence,
+            index=output.index, logprobs=self._logprobs(output.logprobs),
+            prompt_logprobs=self._logprobs(output.prompt_logprobs))
+
+    def _logprobs(self, positions: tuple[Logprobs, ...]) -> list[ipb.TokenLogprobs]:
+        tokenizer = self.worker.tokenizer
+        return [ipb.TokenLogprobs(
+            token_id=p.token_id, token=tokenizer.token_text(p.token_id), logprob=p.logprob, rank=p.rank,
+            token_bytes=tokenizer.token_bytes(p.token_id),
+            top=[ipb.TopLogprob(token_id=token, token=tokenizer.token_text(token), logprob=value,
+                                token_bytes=tokenizer.token_bytes(token)) for token, value in p.top])
+            for p in positions]
 
     def _usage(self, usage: UsageSnapshot) -> ipb.Usage:
         hardware = self.worker.runner.hardware

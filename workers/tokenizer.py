@@ -39,6 +39,22 @@ _QWEN2_SPLIT = (
 )
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character each byte is written as in a vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
 def _gpt2_split() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
@@ -109,6 +125,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = None if chat_template is None else _compile_chat_template(chat_template)
         self._text_only: tokenizers.Tokenizer | None = None
+        self._added_token_ids = frozenset(backend.get_added_tokens_decoder())
 
     def __getstate__(self) -> dict[str, Any]:
         # Compiled templates do not pickle; the template text is enough to rebuild one.
@@ -123,6 +140,23 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         """The underlying Hugging Face tokenizer (e.g. to `save` it as a tokenizer.json)."""
         return self._backend
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level BPE token may be part of a UTF-8 character);
+        an added token's own text; b"" for an id past the vocabulary (the model's padding)."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_token_ids:
+            return piece.encode()
+        try:
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        except KeyError:  # not a byte-level vocabulary
+            return piece.encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text on its own (U+FFFD where it holds part of a character)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     @property
     def bos_token(self) -> str | None:

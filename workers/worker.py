@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fareway.errors import InvalidArgument, NotFound, shown
 from fareway.validation import validate_input, validate_sampling
 from fareway.worker.v1 import worker_pb2
+from workers import structured
 from workers.async_engine import AsyncEngine
 from workers.config import WorkerConfig
 from workers.engine.llm_engine import EngineConfig, LLMEngine, LoadSnapshot
@@ -59,6 +63,9 @@ class Worker:
                                 self.tokenizer.incremental_decoder)
         self.shared_prefixes = self._shared_prefixes()
         self.async_engine = AsyncEngine(self.engine, self.shared_prefixes)
+        self._grammars: structured.Grammars | None = None
+        """Structured outputs' compiler, built with the first constraint (it indexes the vocabulary)."""
+        self._grammars_lock = threading.Lock()
         log.info("worker %s serves %s (loaded in %.1f s)", config.worker_id, self.model_name,
                  time.monotonic() - started)
 
@@ -144,7 +151,23 @@ class Worker:
         self.check_model(request.model)
         validate_sampling(request.sampling)
         prompt = await self.tokenize(request)
-        return PreparedRequest(prompt, self._sampling(request.sampling, len(prompt)))
+        sampling = self._sampling(request.sampling, len(prompt))
+        if (kind := request.sampling.WhichOneof("structured_outputs")) is not None:
+            sampling = dataclasses.replace(sampling, grammar=await asyncio.to_thread(
+                self._compile, kind, _constraint_spec(request.sampling, kind)))
+        return PreparedRequest(prompt, sampling)
+
+    def _compile(self, kind: str, spec: str) -> structured.CompiledGrammar:
+        """The constraint compiled for this model's vocabulary (cached by content), on a thread of its own:
+        a large schema takes a while."""
+        if self._grammars is None:
+            with self._grammars_lock:
+                if self._grammars is None:
+                    self._grammars = structured.Grammars(self.tokenizer, self.runner.model_config.vocab_size)
+        try:
+            return self._grammars.compile(structured.Constraint(kind, spec))
+        except structured.GrammarError as error:
+            raise InvalidArgument(f"{kind} does not compile: {error}", field=f"sampling.{kind}") from None
 
     def _sampling(self, params, num_prompt_tokens: int) -> SamplingOptions:  # noqa: ANN001 - pb SamplingParams
         room = self.context_length - num_prompt_tokens
@@ -172,7 +195,20 @@ class Worker:
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
-            logit_bias=self._logit_bias(params.logit_bias))
+            logit_bias=self._logit_bias(params.logit_bias),
+            min_tokens=min(params.min_tokens, max_tokens),
+            stop_token_ids=self._stop_token_ids(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            n=params.n if params.HasField("n") else 1,
+            logprobs=params.logprobs if params.HasField("logprobs") else None,
+            prompt_logprobs=params.prompt_logprobs if params.HasField("prompt_logprobs") else None)
+
+    def _stop_token_ids(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        vocab = self.runner.model_config.vocab_size
+        if (outside := next((token for token in token_ids if token >= vocab), None)) is not None:
+            raise InvalidArgument(f"stop_token_ids names token {outside}; this model's vocabulary has {vocab} tokens",
+                                  field="sampling.stop_token_ids")
+        return tuple(dict.fromkeys(token_ids))
 
     def _logit_bias(self, bias: Mapping[int, float]) -> tuple[tuple[int, float], ...]:
         vocab = self.tokenizer.vocab_size
@@ -180,3 +216,12 @@ class Worker:
             raise InvalidArgument(f"logit_bias names token {outside}; this model's vocabulary has {vocab} tokens",
                                   field="sampling.logit_bias")
         return tuple(sorted(bias.items()))
+
+
+def _constraint_spec(params, kind: str) -> str:  # noqa: ANN001 - pb SamplingParams
+    """The constraint's text as the grammar engine takes it (choice: a JSON list of the strings)."""
+    if kind == "choice":
+        return json.dumps(list(params.choice.choices))
+    if kind == "json_object":
+        return ""
+    return getattr(params, kind)

@@ -92,6 +92,33 @@ def test_greedy_decoding_gives_transformers_tokens(fp32_worker: Worker, smollm2:
     assert asyncio.run(ours()) == expected
 
 
+def test_logprobs_and_prompt_logprobs_equal_transformers_log_softmax(fp32_worker: Worker, smollm2: Checkpoint,  # noqa: ANN001
+                                                                    hf_reference) -> None:
+    """Each reported log-probability, the sampled token's and its top-k alternatives', equals log_softmax
+    of transformers' logits at that position within 1e-3."""
+    ids = smollm2.tokenizer.encode(PROMPTS[0])
+
+    async def ours() -> list:  # noqa: ANN401
+        return [o async for o in fp32_worker.async_engine.generate(
+            ids, SamplingOptions(max_tokens=12, temperature=0.8, seed=5, logprobs=5, prompt_logprobs=5))]
+    outputs = asyncio.run(ours())
+    generated = [t for o in outputs for t in o.token_ids]
+    with torch.inference_mode():
+        reference = torch.log_softmax(hf_reference.model(torch.tensor([ids + generated])).logits[0].float(), dim=-1)
+    positions = [(len(ids) - 1 + i, p) for i, p in enumerate(p for o in outputs for p in o.logprobs)]
+    positions += [(i, p) for i, p in enumerate(p for o in outputs for p in o.prompt_logprobs)]
+    assert len(positions) == len(generated) + len(ids) - 1
+    for row, p in positions:
+        expected = reference[row]
+        assert p.logprob == pytest.approx(expected[p.token_id].item(), abs=ATOL)
+        assert p.rank == int((expected > expected[p.token_id] + ATOL).sum()) + 1 or abs(
+            sorted(expected.tolist(), reverse=True)[p.rank - 1] - p.logprob) < ATOL
+        for token, value in p.top:
+            assert value == pytest.approx(expected[token].item(), abs=ATOL)
+        assert [t for t, _ in p.top][:1] == [int(expected.argmax())] or p.top[0][1] == pytest.approx(
+            expected.max().item(), abs=ATOL)
+
+
 def test_the_runner_counts_parameters_and_the_bytes_its_kernels_hold(smollm2: Checkpoint) -> None:
     runner = ModelRunner(smollm2, RunnerConfig(device="cpu", kv_cache_memory_bytes=1 << 20, weights="fp32"))
     tied = smollm2.config.tie_word_embeddings

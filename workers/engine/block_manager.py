@@ -102,7 +102,7 @@ class BlockManager:
         At least the last token is always left to compute: the step that
         computes it produces the logits of the next token.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or _wants_prompt_logprobs(seq):
             return []
         hits: list[tuple[int, bytes]] = []
         parent: bytes | None = None
@@ -178,6 +178,30 @@ class BlockManager:
             block.hash = parent
             self._cached[parent] = block.block_id
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None | bool:
+        """Gives `child` (a sample of the same prompt, with the same tokens so far) the parent's KV: its
+        full blocks shared (reference-counted), and its last block, when partial, copied into a free
+        block, since both will write their next tokens there. Returns the copy (source, destination)
+        for the runner to make before the next forward pass, None when every block is shared, or False
+        when no block is free for the copy (the child then gets nothing and is recomputed: its prefix
+        from the cache)."""
+        num_full = parent.num_computed_tokens // self.block_size
+        partial = len(parent.block_table) > num_full
+        if partial and not self._free:
+            return False
+        for block_id in parent.block_table[:num_full]:
+            self._take(block_id)
+        child.block_table = parent.block_table[:num_full]
+        child.block_hashes = parent.block_hashes[:num_full]
+        child.num_computed_tokens = parent.num_computed_tokens
+        if not partial:
+            return None
+        block_id = next(iter(self._free))
+        self._evict(block_id)
+        self._take(block_id)
+        child.block_table.append(block_id)
+        return parent.block_table[num_full], block_id
+
     def free(self, seq: Sequence) -> None:
         """Releases the sequence's blocks. Cached blocks keep their KV for reuse; the
         sequence's last blocks go first in line for eviction, its first blocks (the
@@ -192,3 +216,8 @@ class BlockManager:
                 self._free.move_to_end(block_id, last=False)  # holds nothing reusable: use it first
         seq.block_table = []
         seq.block_hashes = []
+
+
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    """Its prompt's logprobs are still to compute: the cache cannot serve it, since it has no logits."""
+    return seq.sampling.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1

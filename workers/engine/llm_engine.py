@@ -7,6 +7,7 @@ queue, so the scheduler and the sequences are touched by the loop alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -19,7 +20,7 @@ from typing import Protocol
 from workers.engine.block_manager import BlockManager
 from workers.engine.meter import Meter, WorkModel
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from workers.engine.sequence import FinishReason, SamplingOptions, Sequence
+from workers.engine.sequence import FinishReason, Logprobs, Sampled, SamplingOptions, Sequence, sample_id
 from workers.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ class Runner(Protocol):
 
     num_devices: int
 
-    def execute(self, plan: StepPlan) -> list[int | None]:
-        """Runs one step; returns the sampled token for each scheduled sequence that samples, else None."""
+    def execute(self, plan: StepPlan) -> list[Sampled | None]:
+        """Runs one step (the plan's block copies first); returns what it sampled for each scheduled
+        sequence that samples, else None."""
 
     def release(self, request_id: str) -> None:
         """Forgets per-request state (e.g. its random generator)."""
@@ -76,11 +78,21 @@ class RequestOutput:
     """New tokens since the previous output (an end-of-sequence token included)."""
     usage: UsageSnapshot
     finish_reason: FinishReason | None = None
+    """Set when sample `index` has finished."""
     stop_sequence: str = ""
     error: str = ""
+    index: int = 0
+    """Which of the request's samples (SamplingOptions.n) text, token_ids, logprobs and finish_reason are of."""
+    logprobs: tuple[Logprobs, ...] = ()
+    """One per token of token_ids, when the request asked for logprobs."""
+    prompt_logprobs: tuple[Logprobs, ...] = ()
+    """On the request's first output after its prompt is computed, when it asked for them."""
+    done: bool = False
+    """The request's last output: every sample has finished (its usage is final)."""
 
     @property
     def finished(self) -> bool:
+        """Sample `index` has finished."""
         return self.finish_reason is not None
 
 
@@ -130,9 +142,26 @@ class LoadSnapshot:
 
 
 @dataclass
-class _Tracked:
-    seq: Sequence
+class _Request:
+    """A request and its samples (one sequence, or n once it forks after its prompt)."""
+
+    request_id: str
     sink: Sink
+    samples: list[Sequence]
+    num_finished: int = 0
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.num_finished == len(self.samples)
+
+
+@dataclass
+class _Tracked:
+    """One running sample."""
+
+    seq: Sequence
+    request: _Request
     detokenizer: Detokenizer
     stop: StopStringMatcher
 
@@ -151,6 +180,10 @@ class LLMEngine:
         self._clock = clock
         self._inbox: queue.SimpleQueue[EngineRequest | str | None] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
+        """Running samples, by their engine id (sample_id)."""
+        self._requests: dict[str, _Request] = {}
+        self._block_copies: list[tuple[int, int]] = []
+        """Copies the next step makes first: forked samples' own copies of their prompt's last block."""
         self._thread: threading.Thread | None = None
         self._running: Future[None] | None = None
         self._stopping = threading.Event()
@@ -209,6 +242,9 @@ class LLMEngine:
             if not self.scheduler.has_work:
                 continue
             plan = self.scheduler.schedule()
+            if self._block_copies:
+                plan = dataclasses.replace(plan, block_copies=tuple(self._block_copies))
+                self._block_copies.clear()
             work = self.meter.step_work(plan)
             tokens = self._execute(plan)
             now = self._clock()
@@ -237,25 +273,36 @@ class LLMEngine:
     def _admit(self, request: EngineRequest) -> None:
         seq = Sequence(request.request_id, request.prompt_token_ids, request.sampling,
                        self._clock(), request.cache_salt, request.num_shared_prefix_tokens)
-        tracked = _Tracked(seq, request.sink, self._new_detokenizer(), StopStringMatcher(request.sampling.stop))
+        if request.sampling.grammar is not None:
+            seq.matcher = request.sampling.grammar.matcher()
+        tracked = self._track(seq, _Request(request.request_id, request.sink, [seq]))
         try:
             self.scheduler.add(seq)
         except ValueError as exc:
             seq.finish(FinishReason.ERROR)
-            self._emit(tracked, "", (), seq.arrival_time, error=str(exc))
+            self._emit(tracked, "", (), seq.arrival_time, error=str(exc), done=True)
             return
         self._tracked[seq.request_id] = tracked
+        self._requests[request.request_id] = tracked.request
+
+    def _track(self, seq: Sequence, request: _Request) -> _Tracked:
+        return _Tracked(seq, request, self._new_detokenizer(), StopStringMatcher(seq.sampling.stop))
 
     def _abort(self, request_id: str) -> None:
-        seq = self.scheduler.abort(request_id)
-        tracked = self._tracked.pop(request_id, None)
-        if seq is None or tracked is None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
             return
-        seq.finish(FinishReason.CANCELLED)
-        self.runner.release(request_id)
-        self._emit(tracked, "", (), self._clock())
+        running = [seq for seq in request.samples if seq.finish_reason is None]
+        for seq in running:
+            self.scheduler.abort(seq.request_id)
+            seq.finish(FinishReason.CANCELLED)
+            self.runner.release(seq.request_id)
+            last = self._tracked.pop(seq.request_id)
+        request.num_finished = len(request.samples)
+        if running:
+            self._emit(last, "", (), self._clock(), done=True)
 
-    def _execute(self, plan: StepPlan) -> list[int | None] | None:
+    def _execute(self, plan: StepPlan) -> list[Sampled | None] | None:
         now = self._clock()
         for scheduled in plan.scheduled:
             if scheduled.seq.first_scheduled_time is None:
@@ -265,62 +312,122 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the worker
             log.exception("engine step failed; failing its %d requests", len(plan.scheduled))
             for scheduled in plan.scheduled:
-                self._finish(self._tracked[scheduled.seq.request_id], FinishReason.ERROR, "", (),
-                             self._clock(), error=f"engine step failed: {exc}")
+                if (tracked := self._tracked.get(scheduled.seq.request_id)) is not None:
+                    self._fail(tracked.request, f"engine step failed: {exc}")
             return None
 
-    def _postprocess(self, plan: StepPlan, tokens: list[int | None], now: float) -> None:
-        for scheduled, token in zip(plan.scheduled, tokens):
+    def _fail(self, request: _Request, error: str) -> None:
+        """Ends every sample of the request; one output says why."""
+        self._requests.pop(request.request_id, None)
+        running = [seq for seq in request.samples if seq.finish_reason is None]
+        for seq in running:
+            seq.finish(FinishReason.ERROR)
+            self.scheduler.finish(seq)
+            self.runner.release(seq.request_id)
+            last = self._tracked.pop(seq.request_id)
+        request.num_finished = len(request.samples)
+        if running:
+            self._emit(last, "", (), self._clock(), error=error, done=True)
+
+    def _postprocess(self, plan: StepPlan, results: list[Sampled | None], now: float) -> None:
+        for scheduled, result in zip(plan.scheduled, results):
             seq = scheduled.seq
             seq.num_computed_tokens = scheduled.context_start + scheduled.num_tokens
             self.block_manager.commit(seq)  # before a finish frees them: full blocks stay cached
-            if token is not None:
-                self._on_token(self._tracked[seq.request_id], token, now)
+            if result is None:
+                continue
+            tracked = self._tracked[seq.request_id]
+            samples = [tracked] if seq.forked else self._fork(tracked, len(result.tokens))
+            for i, (sample, token) in enumerate(zip(samples, result.tokens)):
+                self._on_token(sample, token, result.logprobs[i:i + 1], now)
 
-    def _on_token(self, tracked: _Tracked, token: int, now: float) -> None:
-        seq = tracked.seq
+    def _fork(self, tracked: _Tracked, n: int) -> list[_Tracked]:
+        """A request of n samples has its first tokens: its sequence becomes sample 0 and n - 1 more
+        share its prompt's KV (gateways and budgets see all of them in its usage)."""
+        parent, request = tracked.seq, tracked.request
+        parent.forked = True
+        samples = [tracked]
+        for index in range(1, n):
+            child = Sequence(sample_id(parent.request_id, index), parent.token_ids, parent.sampling,
+                             parent.arrival_time, parent.cache_salt, parent.num_shared_prefix_tokens, index=index)
+            child.forked = True
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.prompt_logprobs = parent.prompt_logprobs
+            if parent.matcher is not None:
+                child.matcher = parent.matcher.copy()
+            if (copy := self.scheduler.fork(parent, child)) is not None:
+                self._block_copies.append(copy)
+            request.samples.append(child)
+            samples.append(self._tracked.setdefault(child.request_id, self._track(child, request)))
+        return samples
+
+    def _on_token(self, tracked: _Tracked, token: int, logprobs: tuple[Logprobs, ...], now: float) -> None:
+        seq, sampling = tracked.seq, tracked.seq.sampling
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.append_token(token)
         self.num_generated_tokens += 1
-        if token in self.config.eos_token_ids and not seq.sampling.ignore_eos:
-            self._finish(tracked, FinishReason.STOP, "", (token,), now)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            self._finish(tracked, FinishReason.ERROR, "", (token,), now, logprobs,
+                         error=f"the structured output's grammar refused token {token}")
             return
-        text, matched = tracked.stop.feed(tracked.detokenizer.push(token))
+        may_stop = seq.num_completion_tokens >= sampling.min_tokens
+        if may_stop and ((token in self.config.eos_token_ids and not sampling.ignore_eos)
+                         or token in sampling.stop_token_ids):
+            self._finish(tracked, FinishReason.STOP, "", (token,), now, logprobs)
+            return
+        text = tracked.detokenizer.push(token)
+        matched = None
+        if may_stop:
+            text, matched = tracked.stop.feed(text)
         if matched is not None:
-            self._finish(tracked, FinishReason.STOP_SEQUENCE, text, (token,), now, stop_sequence=matched)
-        elif (seq.num_completion_tokens >= seq.sampling.max_tokens
+            self._finish(tracked, FinishReason.STOP_SEQUENCE, text, (token,), now, logprobs, stop_sequence=matched)
+        elif seq.matcher is not None and seq.matcher.is_terminated():
+            self._finish(tracked, FinishReason.STOP, text, (token,), now, logprobs)  # the structure is complete
+        elif (seq.num_completion_tokens >= sampling.max_tokens
               or seq.num_tokens >= self.config.max_model_len):
-            self._finish(tracked, FinishReason.LENGTH, text, (token,), now)
+            self._finish(tracked, FinishReason.LENGTH, text, (token,), now, logprobs)
         else:
-            self._emit(tracked, text, (token,), now)
+            self._emit(tracked, text, (token,), now, logprobs)
 
     def _finish(self, tracked: _Tracked, reason: FinishReason, text: str, token_ids: tuple[int, ...],
-                now: float, *, stop_sequence: str = "", error: str = "") -> None:
+                now: float, logprobs: tuple[Logprobs, ...] = (), *, stop_sequence: str = "", error: str = "") -> None:
         if reason is not FinishReason.STOP_SEQUENCE:
             tail, matched = tracked.stop.feed(tracked.detokenizer.flush())
             text += tail if matched is not None else tail + tracked.stop.flush()
             if matched is not None and reason is not FinishReason.ERROR:
                 reason, stop_sequence = FinishReason.STOP_SEQUENCE, matched
-        tracked.seq.finish(reason, stop_sequence)
-        self.scheduler.finish(tracked.seq)
-        self.runner.release(tracked.seq.request_id)
-        del self._tracked[tracked.seq.request_id]
-        self._emit(tracked, text, token_ids, now, error=error)
+        seq, request = tracked.seq, tracked.request
+        seq.finish(reason, stop_sequence)
+        self.scheduler.finish(seq)
+        self.runner.release(seq.request_id)
+        del self._tracked[seq.request_id]
+        request.num_finished += 1
+        if request.done:
+            del self._requests[request.request_id]
+        self._emit(tracked, text, token_ids, now, logprobs, error=error, done=request.done)
 
     def _emit(self, tracked: _Tracked, text: str, token_ids: tuple[int, ...], now: float,
-              *, error: str = "") -> None:
-        seq = tracked.seq
-        tracked.sink(RequestOutput(seq.request_id, text, token_ids, _usage(seq, now),
-                                   seq.finish_reason, seq.stop_sequence, error))
+              logprobs: tuple[Logprobs, ...] = (), *, error: str = "", done: bool = False) -> None:
+        seq, request = tracked.seq, tracked.request
+        prompt_logprobs: tuple[Logprobs, ...] = ()
+        if seq.sampling.prompt_logprobs is not None and not request.prompt_logprobs_sent and (token_ids or done):
+            prompt_logprobs, request.prompt_logprobs_sent = tuple(request.samples[0].prompt_logprobs), True
+        request.sink(RequestOutput(request.request_id, text, token_ids, _usage(request.samples, now),
+                                   seq.finish_reason, seq.stop_sequence, error, seq.index, logprobs,
+                                   prompt_logprobs, done))
 
 
-def _usage(seq: Sequence, now: float) -> UsageSnapshot:
+def _usage(samples: list[Sequence], now: float) -> UsageSnapshot:
+    """A request's usage so far: its prompt once, the completion tokens and device time of every sample."""
+    seq = samples[0]
+
     def ms_since_arrival(t: float | None) -> float:
         return 0.0 if t is None else (t - seq.arrival_time) * 1000.0
 
     return UsageSnapshot(
         prompt_tokens=seq.num_prompt_tokens, cached_tokens=seq.num_cached_tokens,
-        completion_tokens=seq.num_completion_tokens, gpu_seconds=seq.gpu_seconds,
+        completion_tokens=sum(s.num_completion_tokens for s in samples),
+        gpu_seconds=sum(s.gpu_seconds for s in samples),
         queue_ms=ms_since_arrival(seq.first_scheduled_time), ttft_ms=ms_since_arrival(seq.first_token_time),
         total_ms=ms_since_arrival(now))

@@ -59,6 +59,8 @@ class StepPlan:
     scheduled: tuple[ScheduledSequence, ...]
     preempted: tuple[Sequence, ...] = ()
     """Sequences sent back to the queue to make room in this step."""
+    block_copies: tuple[tuple[int, int], ...] = ()
+    """(source, destination) KV blocks copied before the step's forward pass (forked samples)."""
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +103,23 @@ class Scheduler:
         if self.block_manager.blocks_for(seq.max_total_tokens) > self.block_manager.num_blocks:
             raise ValueError(f"{seq.request_id} needs {seq.max_total_tokens} tokens of KV cache; "
                              f"the pool holds {self.block_manager.num_blocks * self.block_manager.block_size}")
+        if seq.sampling.n > self.config.max_num_seqs:
+            raise ValueError(f"n={seq.sampling.n} samples exceed this worker's {self.config.max_num_seqs} "
+                             "sequences per step (max_num_seqs)")
         self.waiting.append(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Adds a sample of a running parent that has just taken its first token: running with the
+        parent's KV (the block copy to make, if any, returned), or, with no block free for its copy,
+        first in the queue, to be recomputed from the prefix cache."""
+        copy = self.block_manager.fork(parent, child)
+        if copy is False:
+            child.num_preemptions = parent.num_preemptions + 1  # its prompt is counted in the stats already
+            self.waiting.appendleft(child)
+            return None
+        child.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, child, key=_arrival)
+        return copy
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
@@ -153,6 +171,8 @@ class Scheduler:
         """Admits waiting sequences in arrival order while they fit; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.forked and len(self.running) + seq.sampling.n > self.config.max_num_seqs:
+                break  # its samples will need a place each
             if not self._can_admit(seq):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()

@@ -26,6 +26,33 @@ class FinishReason(enum.Enum):
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+def sample_id(request_id: str, index: int) -> str:
+    """The engine's name for sample `index` of a request (sample 0 is the request's own sequence)."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """One position's log-probabilities under the model's distribution (raw: before the sampling
+    parameters or a constraint change it, as vLLM's default)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1 is the most likely token."""
+    top: tuple[tuple[int, float], ...]
+    """(token id, log-probability) of the most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What a step sampled for one sequence: one token, or one per sample where the sequence forks."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[Logprobs, ...] = ()
+    """One per token, when the sequence asked for logprobs."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """Resolved sampling parameters: defaults applied, validated."""
@@ -49,6 +76,18 @@ class SamplingOptions:
     """Divides a positive logit of a token in the prompt or the output, multiplies a negative one (1 is off)."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias added to its logit) pairs."""
+    min_tokens: int = 0
+    """End-of-sequence, stop_token_ids and stop strings cannot end generation before this many tokens."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation also ends at these tokens (kept in the token ids, not in the text)."""
+    n: int = 1
+    """Samples of the prompt: the first step's logits are sampled n times and the sequence forked."""
+    logprobs: int | None = None
+    """Each generated token's log-probability and rank, and this many most likely tokens; None: none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first; None: none."""
+    grammar: object | None = None
+    """A compiled structured-output constraint (workers/structured.py); None: free text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -66,6 +105,13 @@ class SamplingOptions:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 2:
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (value := getattr(self, name)) is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     @property
     def has_penalties(self) -> bool:
@@ -86,10 +132,19 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingOptions,
-                 arrival_time: float, cache_salt: str = "", num_shared_prefix_tokens: int = 0) -> None:
+                 arrival_time: float, cache_salt: str = "", num_shared_prefix_tokens: int = 0,
+                 index: int = 0) -> None:
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.request_id = request_id
+        self.index = index
+        """Which of its request's n samples it is (0 until the request forks)."""
+        self.forked = sampling.n == 1
+        """Whether its request's samples exist (a request of n > 1 forks when its first token is sampled)."""
+        self.matcher = None
+        """Its structured-output matcher (workers/structured.py), advanced by every token it takes."""
+        self.prompt_logprobs: list = []
+        """With sampling.prompt_logprobs: one entry per prompt token after the first, as its prefill computes them."""
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling

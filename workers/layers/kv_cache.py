@@ -57,6 +57,16 @@ class KVCache:
         v = self.v.index_select(0, block_ids).flatten(0, 1)
         return k.to(self.dtype), v.to(self.dtype)
 
+    def copy_blocks(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        """Copies whole blocks (their K, V and any scales): a forked sample's own copy of a shared block."""
+        for cache in self._block_tensors():
+            if cache.dtype.itemsize == 1 and cache.is_floating_point():
+                cache = cache.view(torch.uint8)  # no fp8 index kernels on CPU: the bytes are copied
+            cache.index_copy_(0, destinations, cache.index_select(0, sources))
+
+    def _block_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.k.dtype)
 
@@ -153,6 +163,9 @@ class Int8KVCache(KVCache):
         scale_shape = (num_blocks, block_size, num_kv_heads, 1)
         self.k_scale = torch.ones(scale_shape, device=device)
         self.v_scale = torch.ones(scale_shape, device=device)
+
+    def _block_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v, self.k_scale, self.v_scale
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, storage_dtype: torch.dtype = torch.int8) -> int:

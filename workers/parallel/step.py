@@ -1,12 +1,12 @@
 """A step's model inputs as int64 tensors, so rank 0 can broadcast them to the
 other ranks with a few collectives instead of pickling objects.
 
-  description  (CPU)     [kind, N, B, max_blocks, mask_len, P, payload_len]
+  description  (CPU)     [kind, N, B, max_blocks, mask_len, P, payload_len, C]
                          then 5 ints per prefill slice:
                          [query_start, query_end, context_len, is_causal, num_blocks]
   payload      (device)  input_ids [N] | positions [N] | slot_mapping [N] |
                          decode block tables [B * max_blocks] | decode context lengths [B] |
-                         each prefill slice's block ids
+                         each prefill slice's block ids | C block copies (sources, then destinations)
 
 Masks are not sent: each rank rebuilds them from the lengths, as the runner built them.
 """
@@ -19,7 +19,7 @@ import torch
 
 from workers.layers.attention import AttentionMetadata, DecodeBatch, PrefillSlice, causal_mask
 
-HEADER_LEN = 7
+HEADER_LEN = 8
 PREFILL_LEN = 5
 STOP, STEP = 0, 1
 """Kinds of message: the ranks stop, or run a step."""
@@ -32,6 +32,8 @@ class StepInputs:
     input_ids: torch.Tensor     # [N]
     positions: torch.Tensor     # [N]
     metadata: AttentionMetadata
+    block_copies: tuple[tuple[int, int], ...] = ()
+    """(source, destination) KV blocks copied before the forward pass (a sample forked off its prompt)."""
 
 
 def stop_header() -> torch.Tensor:
@@ -45,8 +47,9 @@ def describe(step: StepInputs) -> torch.Tensor:
     mask_len = 0 if decode is None else decode.mask.shape[-1]
     slices = [[p.query_start, p.query_end, p.context_len, int(p.is_causal), p.block_ids.numel()] for p in prefills]
     n = step.input_ids.numel()
-    payload_len = 3 * n + b * max_blocks + b + sum(s[-1] for s in slices)
-    header = [STEP, n, b, max_blocks, mask_len, len(prefills), payload_len]
+    copies = len(step.block_copies)
+    payload_len = 3 * n + b * max_blocks + b + sum(s[-1] for s in slices) + 2 * copies
+    header = [STEP, n, b, max_blocks, mask_len, len(prefills), payload_len, copies]
     return torch.tensor(header + [x for s in slices for x in s], dtype=torch.int64)
 
 
@@ -57,12 +60,15 @@ def payload(step: StepInputs) -> torch.Tensor:
     if m.decode is not None:
         parts += [m.decode.block_tables.flatten(), m.decode.mask.flatten(1).sum(1)]
     parts += [p.block_ids for p in m.prefills]
+    if step.block_copies:
+        sources, destinations = zip(*step.block_copies)
+        parts.append(torch.tensor([*sources, *destinations], device=step.input_ids.device))
     return torch.cat([part.to(torch.int64) for part in parts])
 
 
 def unpack(description: list[int], payload: torch.Tensor) -> StepInputs:
     """The step rank 0 described, rebuilt on payload's device."""
-    _, n, b, max_blocks, mask_len, num_prefills, _ = description[:HEADER_LEN]
+    _, n, b, max_blocks, mask_len, num_prefills, _, copies = description[:HEADER_LEN]
     sizes = [n, n, n, b * max_blocks, b]
     input_ids, positions, slot_mapping, tables, lens, rest = payload.split(sizes + [payload.numel() - sum(sizes)])
     decode = None
@@ -71,9 +77,11 @@ def unpack(description: list[int], payload: torch.Tensor) -> StepInputs:
         decode = DecodeBatch(tables.view(b, max_blocks), mask[:, None, None, :])
     slices = [description[HEADER_LEN + i * PREFILL_LEN: HEADER_LEN + (i + 1) * PREFILL_LEN]
               for i in range(num_prefills)]
-    block_ids = rest.split([s[-1] for s in slices])
+    *block_ids, copied = rest.split([s[-1] for s in slices] + [2 * copies])
     prefills = tuple(_prefill(s, ids) for s, ids in zip(slices, block_ids))
-    return StepInputs(input_ids, positions, AttentionMetadata(slot_mapping, decode, prefills))
+    pairs = copied.tolist()
+    return StepInputs(input_ids, positions, AttentionMetadata(slot_mapping, decode, prefills),
+                      tuple(zip(pairs[:copies], pairs[copies:])))
 
 
 def _prefill(fields: list[int], block_ids: torch.Tensor) -> PrefillSlice:

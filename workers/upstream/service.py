@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -238,6 +239,7 @@ class UpstreamWorker:
                 body[name] = getattr(s, name)
         if s.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in sorted(s.logit_bias.items())}
+        body.update(_relayed_extras(s))
         if self.config.forward_cache_salt and request.cache_salt:
             body["cache_salt"] = request.cache_salt
         if request.WhichOneof("input") == "prompt":
@@ -455,3 +457,31 @@ async def serve_upstream(config: UpstreamConfig, redis_url: str | None) -> int:
     finally:
         await worker.stop()
     return 0
+
+
+def _relayed_extras(s: ipb.SamplingParams) -> dict[str, Any]:
+    """vLLM's (and SGLang's) min_tokens, stop_token_ids and ignore_eos, and the structured-output
+    constraint: JSON as OpenAI's response_format, the others as vLLM's structured_outputs. What this
+    worker cannot relay yet (it reads one text stream) is refused before the engine runs anything."""
+    for name in ("n", "logprobs", "prompt_logprobs"):
+        if s.HasField(name) and (name != "n" or s.n > 1):
+            raise InvalidArgument(f"{name} is not relayed to upstream engines yet; this worker fronts one, "
+                                  "so send it to a worker running Fareway's engine", field=f"sampling.{name}")
+    body: dict[str, Any] = {}
+    if s.HasField("min_tokens"):
+        body["min_tokens"] = s.min_tokens
+    if s.stop_token_ids:
+        body["stop_token_ids"] = list(s.stop_token_ids)
+    if s.ignore_eos:
+        body["ignore_eos"] = True
+    kind = s.WhichOneof("structured_outputs")
+    if kind == "json_schema":
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": json.loads(s.json_schema)}}
+    elif kind == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif kind == "choice":
+        body["structured_outputs"] = {"choice": list(s.choice.choices)}
+    elif kind is not None:
+        body["structured_outputs"] = {kind: getattr(s, kind)}
+    return body
