@@ -144,7 +144,9 @@ class HttpEdge:
             raise   # aiohttp's own (a body too large), answered by the middleware
         except Exception as exc:  # noqa: BLE001 - every failure is answered, unexpected ones as INTERNAL
             return error_response(caller_error(exc))
-        return web.json_response(openai_api.whole_response(parsed.kind, response, created),
+        sampling = parsed.message.sampling
+        return web.json_response(openai_api.whole_response(parsed.kind, response, created, sampling.HasField("logprobs"),
+                                                           sampling.HasField("prompt_logprobs")),
                                  headers={"X-Request-Id": run_id}, dumps=_dumps)
 
     async def _stream(self, request: web.Request, parsed: OpenAIRequest, events: AsyncIterator[Delta | Final],
@@ -159,7 +161,8 @@ class HttpEdge:
                     event = await anext(events)
             except TimeoutError:
                 raise _passed(deadline) from None
-            writer = ChunkWriter(parsed.kind, run_id, parsed.message.model, created, parsed.include_usage)
+            writer = ChunkWriter(parsed.kind, run_id, parsed.message.model, created, parsed.include_usage,
+                                 parsed.message.sampling)
             response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": run_id})
             await response.prepare(request)
             rest = asyncio.timeout_at(deadline.when())
@@ -180,12 +183,12 @@ class HttpEdge:
         head = writer.opening()
         while True:
             if isinstance(event, Delta):
-                await response.write(head + writer.text(event.text))
+                await response.write(head + writer.text(event.text, event.index, event.logprobs, event.finish_reason,
+                                                        event.prompt_logprobs))
                 head = b""
             else:
                 describe_usage(event.response.usage)
-                text = event.response.text if event.replayed else ""
-                await response.write(head + writer.closing(event.response, text))
+                await response.write(head + writer.closing(event.response, event.replayed))
                 return
             try:
                 event = await anext(events)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +66,18 @@ class OpenAIRequest:
     """Streaming: a last chunk carries the usage (stream_options.include_usage)."""
 
 
+# vLLM's older names for the structured-output constraints -> Fareway's.
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# vLLM's structured_outputs keys -> Fareway's.
+_STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+               "json_object": "json_object"}
+
 # Parameters Fareway takes, or refuses unless they ask for OpenAI's default: name -> that default
 # test. A parameter in neither table is refused as unknown.
 _AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v == 1,
     "best_of": lambda v: v == 1,
-    "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: v == 0,
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
-    "response_format": lambda v: v == {"type": "text"},
     "tools": lambda v: v == [],
     "functions": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
@@ -90,8 +92,9 @@ _AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
 }
 _COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed",
                      "stop", "user", "metadata", "session_id", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "logit_bias"})
-_CHAT = _COMMON | {"messages", "max_completion_tokens"}
+                     "repetition_penalty", "logit_bias", "n", "logprobs", "prompt_logprobs", "min_tokens",
+                     "stop_token_ids", "ignore_eos", "response_format", "structured_outputs", *_GUIDED})
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 _TEXT = _COMMON | {"prompt"}
 
 
@@ -102,6 +105,12 @@ def chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
     message.chat.messages.extend(_messages(body.get("messages")))
     max_tokens = body.get("max_completion_tokens")
     _fill(message, body, "max_completion_tokens" if max_tokens is not None else "max_tokens")
+    logprobs = _typed(body, "logprobs", bool)
+    top = _integer(body, "top_logprobs", 0, _INT32_MAX)
+    if top is not None and not logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs")
+    if logprobs:
+        message.sampling.logprobs = top or 0
     return OpenAIRequest("chat", message, stream, include_usage)
 
 
@@ -117,6 +126,8 @@ def completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
                               field="prompt")
     message.prompt = _text(prompt, "prompt")
     _fill(message, body, "max_tokens")
+    if (logprobs := _integer(body, "logprobs", 0, _INT32_MAX)) is not None:
+        message.sampling.logprobs = logprobs   # the completions API's: how many likely tokens per position
     return OpenAIRequest("text", message, stream, include_usage)
 
 
@@ -223,6 +234,67 @@ def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[
         message.tags["user"] = _text(user, "user")
     if (session_id := _typed(body, "session_id", str)) is not None:
         message.session_id = _text(session_id, "session_id")
+    for name in ("n", "prompt_logprobs", "min_tokens"):
+        if (value := _integer(body, name, 0, _INT32_MAX)) is not None:
+            setattr(sampling, name, value)
+    if (stop_tokens := body.get("stop_token_ids")) is not None:
+        if not (isinstance(stop_tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      and 0 <= t <= _INT32_MAX for t in stop_tokens)):
+            raise InvalidArgument("stop_token_ids must be a list of token ids", field="stop_token_ids")
+        sampling.stop_token_ids.extend(stop_tokens)
+    if (ignore_eos := _typed(body, "ignore_eos", bool)) is not None:
+        sampling.ignore_eos = ignore_eos
+    _fill_constraint(sampling, body)
+
+
+def _fill_constraint(sampling: pb.SamplingParams, body: Mapping[str, Any]) -> None:
+    """OpenAI's response_format, vLLM's structured_outputs and its older guided_* parameters: at most one
+    constraint, whichever names it."""
+    found: list[tuple[str, str, Any]] = []   # (parameter, Fareway's kind, value)
+    if (response_format := _typed(body, "response_format", dict)) is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append(("response_format", "json_object", True))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise InvalidArgument('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                                      field="response_format")
+            found.append(("response_format", "json_schema", spec.get("schema", {})))
+        elif kind != "text":
+            raise InvalidArgument(f"response_format type {shown(kind)} is not one of text, json_object, json_schema",
+                                  field="response_format")
+    if (structured := _typed(body, "structured_outputs", dict)) is not None:
+        for key, value in structured.items():
+            if key not in _STRUCTURED:
+                raise InvalidArgument(f"structured_outputs key {shown(key)} is not one of {', '.join(_STRUCTURED)}",
+                                      field="structured_outputs")
+            if value is not None and value is not False:
+                found.append((f"structured_outputs.{key}", _STRUCTURED[key], value))
+    found += [(name, kind, body[name]) for name, kind in _GUIDED.items() if body.get(name) is not None]
+    if len(found) > 1:
+        raise InvalidArgument(f"one structured-output constraint per request; got {found[0][0]} and {found[1][0]}",
+                              field=found[1][0])
+    if not found:
+        return
+    name, kind, value = found[0]
+    if kind == "json_schema":
+        if isinstance(value, str):
+            sampling.json_schema = _text(value, name)
+        elif isinstance(value, (dict, bool)):
+            sampling.json_schema = json.dumps(value, ensure_ascii=False)
+        else:
+            raise InvalidArgument(f"{name} must be a JSON Schema (an object)", field=name)
+    elif kind == "json_object":
+        sampling.json_object = True
+    elif kind == "choice":
+        if not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
+            raise InvalidArgument(f"{name} must be a list of strings", field=name)
+        sampling.choice.choices.extend(_text(c, name) for c in value)
+    else:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{name} must be a string", field=name)
+        setattr(sampling, kind, _text(value, name))
 
 
 def _text(value: str, name: str) -> str:
@@ -294,55 +366,130 @@ def fareway_extension(request_id: str, u: pb.Usage) -> dict[str, Any]:
             "token_source": u.token_source}
 
 
-def finish_reason(response: pb.GenerateResponse) -> str:
+def finish_reason(response: pb.GenerateResponse | pb.Choice) -> str:
     return _FINISH_REASONS.get(response.finish_reason, "stop")
 
 
-def whole_response(kind: str, response: pb.GenerateResponse, created: int) -> dict[str, Any]:
+def choices_of(response: pb.GenerateResponse) -> list[pb.Choice]:
+    """Every sample of a response (one unless it asked for n > 1)."""
+    if response.choices:
+        return list(response.choices)
+    return [pb.Choice(index=0, text=response.text, token_ids=response.token_ids, finish_reason=response.finish_reason,
+                      stop_sequence=response.stop_sequence, logprobs=response.logprobs)]
+
+
+def chat_logprobs(positions: Sequence[pb.TokenLogprobs]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object: each token, its log-probability and bytes, and its top_logprobs."""
+    return {"content": [{"token": p.token, "logprob": p.logprob, "bytes": list(p.token_bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+                                          for t in p.top]} for p in positions],
+            "refusal": None}
+
+
+def text_logprobs(positions: Sequence[pb.TokenLogprobs], offset: int = 0) -> dict[str, Any]:
+    """The completions API's `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset (`offset`:
+    where the first token's text starts in the choice's text)."""
+    offsets = []
+    for p in positions:
+        offsets.append(offset)
+        offset += len(p.token)
+    return {"tokens": [p.token for p in positions], "token_logprobs": [p.logprob for p in positions],
+            "top_logprobs": [{t.token: t.logprob for t in p.top} for p in positions], "text_offset": offsets}
+
+
+def prompt_logprobs(positions: Sequence[pb.TokenLogprobs]) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then per token {token id: {logprob, rank,
+    decoded_token}} for the token itself and its most likely alternatives."""
+    out: list[dict[str, Any] | None] = [None]
+    for p in positions:
+        entry = {str(t.token_id): {"logprob": t.logprob, "rank": rank, "decoded_token": t.token}
+                 for rank, t in enumerate(p.top, start=1)}
+        entry[str(p.token_id)] = {"logprob": p.logprob, "rank": p.rank, "decoded_token": p.token}
+        out.append(entry)
+    return out
+
+
+def whole_response(kind: str, response: pb.GenerateResponse, created: int, with_logprobs: bool = False,
+                   with_prompt_logprobs: bool = False) -> dict[str, Any]:
     """The `chat.completion` or `text_completion` object of a finished request."""
-    if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": response.text},
-                                  "logprobs": None, "finish_reason": finish_reason(response)}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": response.text, "logprobs": None, "finish_reason": finish_reason(response)}
-        obj = "text_completion"
-    return {"id": response_id(kind, response.request_id), "object": obj, "created": created,
-            "model": response.model, "choices": [choice], "usage": usage(response.usage),
-            "fareway": fareway_extension(response.request_id, response.usage)}
+    choices = []
+    for c in choices_of(response):
+        if kind == "chat":
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": chat_logprobs(c.logprobs) if with_logprobs else None,
+                            "finish_reason": finish_reason(c)})
+        else:
+            choices.append({"index": c.index, "text": c.text,
+                            "logprobs": text_logprobs(c.logprobs) if with_logprobs else None,
+                            "finish_reason": finish_reason(c)})
+    obj = {"id": response_id(kind, response.request_id), "object": "chat.completion" if kind == "chat" else
+           "text_completion", "created": created, "model": response.model, "choices": choices,
+           "usage": usage(response.usage), "fareway": fareway_extension(response.request_id, response.usage)}
+    if with_prompt_logprobs:
+        obj["prompt_logprobs"] = prompt_logprobs(response.prompt_logprobs)
+    return obj
 
 
 class ChunkWriter:
-    """The chunks of one streamed response, as server-sent events (`data: {...}\\n\\n`)."""
+    """The chunks of one streamed response, as server-sent events (`data: {...}\n\n`)."""
 
-    def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool,
+                 sampling: pb.SamplingParams | None = None) -> None:
         self.kind = kind
         self.include_usage = include_usage
+        sampling = sampling or pb.SamplingParams()
+        self.num_samples = sampling.n if sampling.HasField("n") else 1
+        self.with_logprobs = sampling.HasField("logprobs")
+        self.with_prompt_logprobs = sampling.HasField("prompt_logprobs")
+        self._offsets = [0] * self.num_samples
         self._head = {"id": response_id(kind, request_id), "created": created, "model": model,
                       "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse({**self._head, "choices": choices, **extra})
 
-    def _choice(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+    def _choice(self, text: str | None, reason: str | None, first: bool = False, index: int = 0,
+                logprobs: Sequence[pb.TokenLogprobs] = ()) -> dict[str, Any]:
+        rendered = None
+        if self.with_logprobs and logprobs:
+            if self.kind == "chat":
+                rendered = chat_logprobs(logprobs)
+            else:
+                rendered = text_logprobs(logprobs, self._offsets[index])
+        if text and index < len(self._offsets):
+            self._offsets[index] += len(text)
         if self.kind == "chat":
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if first:
                 delta = {"role": "assistant", **delta}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": rendered, "finish_reason": reason}
+        return {"index": index, "text": text or "", "logprobs": rendered, "finish_reason": reason}
 
     def opening(self) -> bytes:
-        """The first chunk: the assistant's role (chat), before any text."""
-        return self._event([self._choice("", None, first=True)]) if self.kind == "chat" else b""
+        """The first chunk: the assistant's role (chat), before any text, for every sample."""
+        if self.kind != "chat":
+            return b""
+        return self._event([self._choice("", None, first=True, index=i) for i in range(self.num_samples)])
 
-    def text(self, text: str) -> bytes:
-        return self._event([self._choice(text, None)])
+    def text(self, text: str, index: int = 0, logprobs: Sequence[pb.TokenLogprobs] = (), reason: int = 0,
+             prompt: Sequence[pb.TokenLogprobs] = ()) -> bytes:
+        """New text of sample `index` (with its finish reason when a sample of several finished)."""
+        extra = {"prompt_logprobs": prompt_logprobs(prompt)} if prompt and self.with_prompt_logprobs else {}
+        finish = _FINISH_REASONS.get(reason, "stop") if reason else None
+        return self._event([self._choice(text, finish, index=index, logprobs=logprobs)], **extra)
 
-    def closing(self, response: pb.GenerateResponse, text: str = "") -> bytes:
-        """The last chunks: the finish reason (with `text`, for a replayed response sent whole), the usage
-        when asked for, and `[DONE]`."""
-        out = [self._event([self._choice(text or None, finish_reason(response))])]
+    def closing(self, response: pb.GenerateResponse, replayed: bool = False) -> bytes:
+        """The last chunks: the finish reason (each sample's stored text and finish, for a replayed
+        response sent whole; nothing more for samples of several, which finished in their own chunks),
+        the usage when asked for, and `[DONE]`."""
+        out = []
+        if replayed:
+            extra = ({"prompt_logprobs": prompt_logprobs(response.prompt_logprobs)}
+                     if self.with_prompt_logprobs else {})
+            out.append(self._event([self._choice(c.text or None, finish_reason(c), index=c.index, logprobs=c.logprobs)
+                                    for c in choices_of(response)], **extra))
+        elif not response.choices:
+            out.append(self._event([self._choice(None, finish_reason(response))]))
         if self.include_usage:
             out.append(self._event([], usage=usage(response.usage),
                                    fareway=fareway_extension(response.request_id, response.usage)))
@@ -368,7 +515,9 @@ def http_error(error: FarewayError) -> HttpError:
     """OpenAI's error object for a Fareway error, its HTTP status, and Retry-After where the error says
     when to retry."""
     status, kind = _HTTP_STATUS.get(error.code, (500, "server_error"))
-    param = getattr(error, "field", None)
+    # A worker's refusal names its field in the status details (the gateway passed it on).
+    param = getattr(error, "field", None) or next(
+        (v.field for d in error.details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations), None)
     if param:
         param = _openai_param(param)
     code = error.code.name.lower()

@@ -317,8 +317,13 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 @pytest.mark.parametrize("path, body, status, param, words", [
     ("/chat/completions", b"{not json", 400, None, "not valid JSON (line 1, column 2)"),
     ("/chat/completions", [1, 2], 400, None, "must be a JSON object"),
-    ("/chat/completions", {**CHAT, "n": 2}, 400, "n", "n is not supported by Fareway yet"),
-    ("/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "logprobs is not supported"),
+    ("/chat/completions", {**CHAT, "n": 17}, 400, "n", "n must be in [1, 16]"),
+    ("/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "logprobs", "must be in [0, 20]"),
+    ("/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "no-such-type"}}}}, 400, "json_schema", "does not compile"),
+    ("/chat/completions", {**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
+     "guided_regex", "one structured-output constraint per request"),
     ("/chat/completions", {**CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty", "must be in [-2, 2]"),
     ("/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/chat/completions", {**CHAT, "temprature": 0.5}, 400, "temprature", "unknown parameter 'temprature'"),
@@ -417,3 +422,69 @@ def test_bodies_and_headers_that_are_no_text_get_their_status_not_500(stack, key
 def test_health_says_serving_without_a_key(stack) -> None:  # noqa: ANN001
     with urllib.request.urlopen(stack.http_url.removesuffix("/v1") + "/health", timeout=10) as response:
         assert (response.status, json.loads(response.read())) == (200, {"status": "serving"})
+
+
+# --- the generation API: structured outputs, logprobs, n ----------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+
+
+def test_response_format_with_a_json_schema_gives_json_that_validates(client) -> None:  # noqa: ANN001
+    import jsonschema
+    for temperature in (0.0, 1.0):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=60,
+            temperature=temperature, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+        assert reply.choices[0].finish_reason == "stop"
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Sentiment of: great!"}],
+                                           max_tokens=8, extra_body={"guided_choice": ["positive", "negative"]})
+    assert reply.choices[0].message.content in ("positive", "negative")
+
+
+def test_logprobs_come_back_in_openais_shape(client) -> None:  # noqa: ANN001
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and entry.top_logprobs[0].token == entry.token  # greedy
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+    tokens = [t.token for chunk in streamed for choice in chunk.choices if choice.logprobs
+              for t in choice.logprobs.content]
+    assert tokens == [t.token for t in content]
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                     logprobs=2)
+    legacy = text.choices[0].logprobs
+    assert "".join(legacy.tokens) == text.choices[0].text and len(legacy.top_logprobs[0]) == 2
+    assert legacy.text_offset[0] == 0 and all(v <= 0 for v in legacy.token_logprobs)
+
+
+def test_n_samples_over_the_sdk_whole_and_streamed(stack, client, team) -> None:  # noqa: ANN001
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 10,
+           "temperature": 1.0, "seed": 5, "n": 2, "logprobs": True}
+    reply = client.chat.completions.create(**ask)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    last_usage = None
+    for chunk in client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        last_usage = chunk.usage or last_usage
+    assert texts == {c.index: c.message.content for c in reply.choices}  # the same seed, the same samples
+    assert sorted(finishes) == [0, 1]
+    assert last_usage.completion_tokens == reply.usage.completion_tokens
+    assert [r.completion_tokens for r in stack.records(team)] == [reply.usage.completion_tokens] * 2

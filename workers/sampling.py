@@ -4,8 +4,9 @@ In vLLM's order: end-of-sequence and stop tokens are barred from rows short of t
 logit_bias is added; repetition, frequency and presence penalties are applied (the repetition penalty
 over the prompt and the output, the other two over the output, as OpenAI's); a structured output's
 token mask bars what its grammar does not allow next; greedy rows then take the most likely token;
-the others divide by their temperature, keep their top_k, top_p and min_p tokens and draw one. Each stage runs on the whole step's rows at once, and
-only when some row asks for it: a step of greedy rows with no penalties is one argmax.
+the others divide by their temperature, keep their top_k, top_p and min_p tokens and draw one. Each
+stage runs on the whole step's rows at once, and only when some row asks for it: a step of greedy
+rows with no penalties is one argmax.
 
 A sampled row draws from its own generator (seeded from the request, or at random), by the
 exponential race: argmax(p / q) with q ~ Exp(1) drawn from the row's generator is a draw from p

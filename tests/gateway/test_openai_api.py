@@ -55,7 +55,15 @@ def test_unset_parameters_stay_unset_for_fareways_defaults() -> None:
     ({**CHAT, "logit_bias": {"a": 5}}, "logit_bias"),
     ({**CHAT, "logit_bias": {"1": "5"}}, "logit_bias"),
     ({**CHAT, "presence_penalty": float("nan")}, "presence_penalty"),
-    ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "response_format": {"type": "xml"}}, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": []}}, "response_format"),
+    ({**CHAT, "structured_outputs": {"yaml": "x"}}, "structured_outputs"),
+    ({**CHAT, "guided_choice": "yes"}, "guided_choice"),
+    ({**CHAT, "guided_regex": "a", "guided_grammar": "root ::= \"a\""}, "guided_grammar"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({**CHAT, "logprobs": 3}, "logprobs"),
+    ({**CHAT, "stop_token_ids": [1, "2"]}, "stop_token_ids"),
+    ({**CHAT, "ignore_eos": 1}, "ignore_eos"),
     ({**CHAT, "audio": {}}, "audio"),
     ({**CHAT, "messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
     ({**CHAT, "seed": -1}, "seed"),
@@ -128,14 +136,73 @@ def test_a_stream_is_opened_by_the_role_and_closed_by_the_finish_the_usage_and_d
     writer = openai_api.ChunkWriter("chat", "r1", "m", 1700000000, include_usage=True)
     response = pb.GenerateResponse(request_id="r1", model="m", text="Hi!", finish_reason=pb.FINISH_REASON_LENGTH,
                                    usage=pb.Usage(prompt_tokens=4, cached_tokens=2, completion_tokens=3, gpu_seconds=0.5))
-    raw = writer.opening() + writer.text("Hi") + writer.closing(response, "!")
+    raw = writer.opening() + writer.text("Hi") + writer.text("!") + writer.closing(response)
     events = raw.decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
-    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}, {"content": "Hi"},
-                                                             {"content": "!"}]
-    assert chunks[2]["choices"][0]["finish_reason"] == "length"
-    assert chunks[3]["choices"] == [] and chunks[3]["usage"] == {
+    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [{"role": "assistant", "content": ""}, {"content": "Hi"},
+                                                             {"content": "!"}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:4]] == [None, None, None, "length"]
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {
         "prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}}
-    assert chunks[3]["fareway"]["gpu_seconds"] == 0.5
+    assert chunks[4]["fareway"]["gpu_seconds"] == 0.5
+    # A replayed response is sent whole: its stored text and finish in one chunk.
+    replay = openai_api.ChunkWriter("chat", "r1", "m", 1700000000, include_usage=False).closing(response, replayed=True)
+    first = json.loads(replay.split(b"\n\n")[0][6:])
+    assert first["choices"][0]["delta"] == {"content": "Hi!"} and first["choices"][0]["finish_reason"] == "length"
     assert {c["id"] for c in chunks} == {"chatcmpl-r1"} and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_the_generation_parameters_map_to_fareways() -> None:
+    s = openai_api.chat_request({**CHAT, "n": 3, "logprobs": True, "top_logprobs": 4, "prompt_logprobs": 1,
+                                 "min_tokens": 2, "stop_token_ids": [7, 9], "ignore_eos": True,
+                                 "response_format": {"type": "json_schema",
+                                                     "json_schema": {"name": "p", "schema": {"type": "object"}}}}
+                                ).message.sampling
+    assert (s.n, s.logprobs, s.prompt_logprobs, s.min_tokens, list(s.stop_token_ids), s.ignore_eos) == (
+        3, 4, 1, 2, [7, 9], True)
+    assert json.loads(s.json_schema) == {"type": "object"}
+    assert openai_api.chat_request({**CHAT, "logprobs": True}).message.sampling.logprobs == 0
+    assert not openai_api.chat_request({**CHAT, "logprobs": False}).message.sampling.HasField("logprobs")
+    assert openai_api.completion_request({"model": "m", "prompt": "x", "logprobs": 2}).message.sampling.logprobs == 2
+    for body, kind, value in [
+        ({"response_format": {"type": "json_object"}}, "json_object", True),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+"),
+        ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema", '{"type": "array"}'),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
+        ({"guided_json": '{"type": "integer"}'}, "json_schema", '{"type": "integer"}'),
+    ]:
+        sampling = openai_api.chat_request({**CHAT, **body}).message.sampling
+        assert sampling.WhichOneof("structured_outputs") == kind and getattr(sampling, kind) == value
+    choice = openai_api.chat_request({**CHAT, "guided_choice": ["yes", "no"]}).message.sampling
+    assert list(choice.choice.choices) == ["yes", "no"]
+
+
+def _logprob(token: str, value: float) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(token_id=ord(token[0]), token=token, logprob=value, rank=1, token_bytes=token.encode(),
+                            top=[pb.TopLogprob(token_id=ord(token[0]), token=token, logprob=value,
+                                               token_bytes=token.encode())])
+
+
+def test_n_samples_and_logprobs_render_as_openais_choices() -> None:
+    response = pb.GenerateResponse(request_id="r", model="m", text="Hi", usage=pb.Usage(completion_tokens=3), choices=[
+        pb.Choice(index=0, text="Hi", finish_reason=pb.FINISH_REASON_STOP, logprobs=[_logprob("Hi", -0.5)]),
+        pb.Choice(index=1, text="Yo!", finish_reason=pb.FINISH_REASON_LENGTH,
+                  logprobs=[_logprob("Yo", -1.0), _logprob("!", -2.0)])])
+    chat = openai_api.whole_response("chat", response, 0, with_logprobs=True)
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in chat["choices"]] == [
+        (0, "Hi", "stop"), (1, "Yo!", "length")]
+    assert chat["choices"][1]["logprobs"]["content"][1] == {
+        "token": "!", "logprob": -2.0, "bytes": [33], "top_logprobs": [{"token": "!", "logprob": -2.0, "bytes": [33]}]}
+    text = openai_api.whole_response("text", response, 0, with_logprobs=True)
+    assert text["choices"][1]["logprobs"] == {"tokens": ["Yo", "!"], "token_logprobs": [-1.0, -2.0],
+                                              "top_logprobs": [{"Yo": -1.0}, {"!": -2.0}], "text_offset": [0, 2]}
+    assert openai_api.whole_response("chat", response, 0)["choices"][0]["logprobs"] is None
+    writer = openai_api.ChunkWriter("chat", "r", "m", 0, False, pb.SamplingParams(n=2, logprobs=0))
+    opening = json.loads(writer.opening()[6:])
+    assert [c["index"] for c in opening["choices"]] == [0, 1]
+    chunk = json.loads(writer.text("Yo", 1, [_logprob("Yo", -1.0)], pb.FINISH_REASON_LENGTH)[6:])
+    assert chunk["choices"][0]["index"] == 1 and chunk["choices"][0]["finish_reason"] == "length"
+    assert chunk["choices"][0]["logprobs"]["content"][0]["token"] == "Yo"
+    closing = writer.closing(response).split(b"\n\n")
+    assert closing[0] == b"data: [DONE]"  # with n > 1 every sample finished in its own chunk
