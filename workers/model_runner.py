@@ -79,7 +79,8 @@ class ModelRunner:
         self.parameter_count = _count_parameters(self.model)
         shard_model(self.model, self.group.rank, self.group.world_size)
         self.num_kv_heads_per_rank = num_kv_heads_per_rank(checkpoint.config, self.group.world_size)
-        choice = quantize_model(self.model, config.weights, self.device, self.dtype)
+        choice = quantize_model(self.model, config.weights, self.device, self.dtype,
+                                agree=self.group.of_rank0 if self.group.world_size > 1 else None)
         self.linear_kernel = choice.name if choice else "none"
         """The kernel running the linear layers, e.g. "fbgemm-int8", "onednn-fp32"."""
         self.weight_bytes = self.group.sum(_module_bytes(self.model.modules()))

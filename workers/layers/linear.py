@@ -151,8 +151,10 @@ class KernelChoice:
 
 
 def choose_linear_kernel(weights: str, in_features: int, out_features: int, device: torch.device,
-                         dtype: torch.dtype) -> tuple[LinearKernel, KernelChoice]:
-    """The fastest kernel for `weights` on `device` that computes what the float layer does."""
+                         dtype: torch.dtype, agree: Callable[[int], int] | None = None) -> tuple[LinearKernel, KernelChoice]:
+    """The fastest kernel for `weights` on `device` that computes what the float layer does. `agree`: for
+    the ranks of a tensor-parallel group, maps this rank's pick (an index into the candidates) to rank 0's,
+    so every shard runs one kernel (each rank's probe sways with the load the others put on the machine)."""
     generator = torch.Generator().manual_seed(0)
     probe = nn.Linear(in_features, out_features, bias=False)
     probe.weight.data = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
@@ -171,6 +173,11 @@ def choose_linear_kernel(weights: str, in_features: int, out_features: int, devi
     best = _fastest(timings)
     if (pinned := os.environ.get(PIN_KERNEL_ENV)) in timings:
         best = pinned  # every process of a tensor-parallel group, and every run, on one kernel
+    if agree is not None:
+        best = list(candidates)[agree(list(candidates).index(best))]
+        if best not in timings:
+            raise RuntimeError(f"linear kernel {best}, rank 0's pick for {weights} weights, does not run correctly "
+                               f"on this rank's {device}")
     log.info("linear kernel for %s weights on %s: %s (probe %s)", weights, device.type, best,
              ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in sorted(timings.items(), key=lambda kv: kv[1])))
     return candidates[best], KernelChoice(best, timings)
@@ -236,9 +243,11 @@ def _time(module: nn.Module, inputs: list[torch.Tensor]) -> float:
     return time.perf_counter() - started
 
 
-def quantize_model(model: nn.Module, weights: str, device: torch.device, dtype: torch.dtype) -> KernelChoice | None:
+def quantize_model(model: nn.Module, weights: str, device: torch.device, dtype: torch.dtype,
+                   agree: Callable[[int], int] | None = None) -> KernelChoice | None:
     """Swaps every nn.Linear of `model` for the fastest correct kernel for `weights`, and the token
     embedding for an int8 one with int8 weights. Returns the choice (None for a model with no linear).
+    `agree`: as choose_linear_kernel's.
 
     A tied embedding keeps the weight it shares with the head in float or
     int8 rows: it only gathers rows, while the head's kernel holds its own
@@ -253,7 +262,7 @@ def quantize_model(model: nn.Module, weights: str, device: torch.device, dtype: 
         return None
     if weights != "int8" and WEIGHT_FORMATS[weights] == dtype and device.type != "cpu":
         return KernelChoice(f"dense-{weights}", {})  # a GPU computing in the weights' own dtype: nn.Linear as is
-    kernel, choice = choose_linear_kernel(weights, *_probe_shape([c for _, _, c in linears]), device, dtype)
+    kernel, choice = choose_linear_kernel(weights, *_probe_shape([c for _, _, c in linears]), device, dtype, agree)
     swapped: dict[int, nn.Module] = {}
     for parent, name, child in linears:
         replacement = kernel.build(child)

@@ -105,6 +105,10 @@ class RankGroup:
         """The sum of the ranks' values (each rank calls this with its own)."""
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
+    def of_rank0(self, value: int) -> int:
+        """Rank 0's value (each rank calls this with its own)."""
+        return self._all_reduce(value if self.rank == 0 else 0, dist.ReduceOp.SUM)
+
     def _all_reduce(self, value: int, op: dist.ReduceOp) -> int:
         if self.world_size == 1:
             return value
