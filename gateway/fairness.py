@@ -172,7 +172,7 @@ class FairQueue:
     def try_acquire(self, share: Share, prompt_tokens_estimate: int = 1, width: int = 1) -> Slot | None:
         """A slot at once when there is room and nobody waits (as `acquire` would grant it, without
         queueing); None otherwise."""
-        if self._backlog or not self._has_room():
+        if self._backlog or not self._has_room(width):
             return None
         self.counters.lift(share.tenant, self._lift_to())
         self._last_left = share.tenant
@@ -184,18 +184,21 @@ class FairQueue:
 
     def dispatch(self) -> None:
         """Lets queued requests run while there is room (call it when capacity may have grown)."""
-        while self._backlog and self._has_room():
+        while self._backlog:
             tenant = min(self._backlog, key=lambda t: (-self._backlog[t][0].share.priority, self.counters.get(t)))
             waiters = self._backlog[tenant]
+            if not self._has_room(waiters[0].width):
+                return  # its turn is next: nobody overtakes it
             waiter = waiters.popleft()
             if not waiters:
                 del self._backlog[tenant]
                 self._last_left = tenant
             self._grant(waiter)
 
-    def _has_room(self) -> bool:
+    def _has_room(self, width: int = 1) -> bool:
+        """Room for `width` more sequences; one wider than the whole capacity runs alone."""
         capacity = self._capacity()
-        return capacity is None or self.num_running < capacity
+        return capacity is None or self.num_running + width <= capacity or self.num_running == 0
 
     def _enqueue(self, waiter: _Waiter) -> None:
         tenant = waiter.share.tenant

@@ -144,9 +144,7 @@ class HttpEdge:
             raise   # aiohttp's own (a body too large), answered by the middleware
         except Exception as exc:  # noqa: BLE001 - every failure is answered, unexpected ones as INTERNAL
             return error_response(caller_error(exc))
-        sampling = parsed.message.sampling
-        return web.json_response(openai_api.whole_response(parsed.kind, response, created, sampling.HasField("logprobs"),
-                                                           sampling.HasField("prompt_logprobs")),
+        return web.json_response(openai_api.whole_response(parsed.kind, response, created, parsed.message.sampling),
                                  headers={"X-Request-Id": run_id}, dumps=_dumps)
 
     async def _stream(self, request: web.Request, parsed: OpenAIRequest, events: AsyncIterator[Delta | Final],
@@ -183,8 +181,7 @@ class HttpEdge:
         head = writer.opening()
         while True:
             if isinstance(event, Delta):
-                await response.write(head + writer.text(event.text, event.index, event.logprobs, event.finish_reason,
-                                                        event.prompt_logprobs))
+                await response.write(head + writer.delta(event))
                 head = b""
             else:
                 describe_usage(event.response.usage)

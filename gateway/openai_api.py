@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +28,15 @@ from google.rpc import error_details_pb2
 
 from fareway.errors import SHOWN_CHARS, FarewayError, InvalidArgument, shown
 from fareway.inference.v1 import inference_pb2 as pb
+from fareway.validation import MAX_LOGPROBS, MAX_SAMPLES
+from gateway.run import Delta
 
 MAX_MODEL_CHARS = 256
 _INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 _FLOAT_MAX = int(sys.float_info.max)
+_LEAST_LOGPROB = -9999.0
 
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_STOP_SEQUENCE: "stop",
                    pb.FINISH_REASON_LENGTH: "length"}
@@ -71,11 +76,15 @@ _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice
 # vLLM's structured_outputs keys -> Fareway's.
 _STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                "json_object": "json_object"}
+# OpenAI's response_format types -> the keys each takes.
+_RESPONSE_FORMATS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Parameters Fareway takes, or refuses unless they ask for OpenAI's default: name -> that default
 # test. A parameter in neither table is refused as unknown.
 _AT_DEFAULT: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v == 1,
+    "top_logprobs": lambda v: v == 0,   # the chat API's; the completions API has logprobs for it
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
     "tools": lambda v: v == [],
@@ -106,11 +115,11 @@ def chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
     max_tokens = body.get("max_completion_tokens")
     _fill(message, body, "max_completion_tokens" if max_tokens is not None else "max_tokens")
     logprobs = _typed(body, "logprobs", bool)
-    top = _integer(body, "top_logprobs", 0, _INT32_MAX)
-    if top is not None and not logprobs:
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top_logprobs and not logprobs:   # as OpenAI (0 asks for nothing, as vLLM lets it)
         raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs")
     if logprobs:
-        message.sampling.logprobs = top or 0
+        message.sampling.logprobs = top_logprobs or 0
     return OpenAIRequest("chat", message, stream, include_usage)
 
 
@@ -126,8 +135,10 @@ def completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
                               field="prompt")
     message.prompt = _text(prompt, "prompt")
     _fill(message, body, "max_tokens")
-    if (logprobs := _integer(body, "logprobs", 0, _INT32_MAX)) is not None:
-        message.sampling.logprobs = logprobs   # the completions API's: how many likely tokens per position
+    # The completions API's logprobs: how many likely tokens per position (OpenAI's 0-5, vLLM's 0-20); false,
+    # as some clients send it, is none.
+    if body.get("logprobs") is not False and (logprobs := _integer(body, "logprobs", 0, MAX_LOGPROBS)) is not None:
+        message.sampling.logprobs = logprobs
     return OpenAIRequest("text", message, stream, include_usage)
 
 
@@ -234,58 +245,96 @@ def _fill(message: pb.GenerateRequest | pb.GenerateStreamRequest, body: Mapping[
         message.tags["user"] = _text(user, "user")
     if (session_id := _typed(body, "session_id", str)) is not None:
         message.session_id = _text(session_id, "session_id")
-    for name in ("n", "prompt_logprobs", "min_tokens"):
-        if (value := _integer(body, name, 0, _INT32_MAX)) is not None:
-            setattr(sampling, name, value)
+    if (n := _integer(body, "n", 1, MAX_SAMPLES)) is not None:
+        sampling.n = n   # OpenAI takes up to 128; Fareway's proto, 16
+    if (prompt_logprobs := _integer(body, "prompt_logprobs", 0, MAX_LOGPROBS)) is not None:
+        sampling.prompt_logprobs = prompt_logprobs
+    if (min_tokens := _integer(body, "min_tokens", 0, _UINT32_MAX)) is not None:
+        sampling.min_tokens = min_tokens
     if (stop_tokens := body.get("stop_token_ids")) is not None:
-        if not (isinstance(stop_tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                      and 0 <= t <= _INT32_MAX for t in stop_tokens)):
-            raise InvalidArgument("stop_token_ids must be a list of token ids", field="stop_token_ids")
+        if not (isinstance(stop_tokens, list) and all(_is_token_id(t) for t in stop_tokens)):
+            raise InvalidArgument(f"stop_token_ids must be a list of token ids (integers from 0 to {_UINT32_MAX})",
+                                  field="stop_token_ids")
         sampling.stop_token_ids.extend(stop_tokens)
     if (ignore_eos := _typed(body, "ignore_eos", bool)) is not None:
         sampling.ignore_eos = ignore_eos
     _fill_constraint(sampling, body)
 
 
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT32_MAX
+
+
 def _fill_constraint(sampling: pb.SamplingParams, body: Mapping[str, Any]) -> None:
     """OpenAI's response_format, vLLM's structured_outputs and its older guided_* parameters: at most one
-    constraint, whichever names it."""
-    found: list[tuple[str, str, Any]] = []   # (parameter, Fareway's kind, value)
-    if (response_format := _typed(body, "response_format", dict)) is not None:
-        kind = response_format.get("type")
-        if kind == "json_object":
-            found.append(("response_format", "json_object", True))
-        elif kind == "json_schema":
-            spec = response_format.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
-                raise InvalidArgument('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
-                                      field="response_format")
-            found.append(("response_format", "json_schema", spec.get("schema", {})))
-        elif kind != "text":
-            raise InvalidArgument(f"response_format type {shown(kind)} is not one of text, json_object, json_schema",
-                                  field="response_format")
+    constraint, whichever parameter names it. (Whether it compiles is the worker's to say.)"""
+    found: list[tuple[str, str, Any]] = []   # (the parameter, Fareway's kind, its value)
+    if (response_format := body.get("response_format")) is not None:
+        found += _response_format(response_format)
     if (structured := _typed(body, "structured_outputs", dict)) is not None:
         for key, value in structured.items():
             if key not in _STRUCTURED:
-                raise InvalidArgument(f"structured_outputs key {shown(key)} is not one of {', '.join(_STRUCTURED)}",
-                                      field="structured_outputs")
-            if value is not None and value is not False:
+                raise InvalidArgument(f"structured_outputs.{_param(key)} is not supported by Fareway; it takes one of "
+                                      f"{', '.join(_STRUCTURED)}", field=f"structured_outputs.{_param(key)}")
+            if value is not None and value is not False:   # json_object: false asks for nothing
                 found.append((f"structured_outputs.{key}", _STRUCTURED[key], value))
     found += [(name, kind, body[name]) for name, kind in _GUIDED.items() if body.get(name) is not None]
     if len(found) > 1:
         raise InvalidArgument(f"one structured-output constraint per request; got {found[0][0]} and {found[1][0]}",
                               field=found[1][0])
-    if not found:
-        return
-    name, kind, value = found[0]
+    if found:
+        _set_constraint(sampling, *found[0])
+
+
+def _response_format(value: Any) -> list[tuple[str, str, Any]]:
+    """OpenAI's response_format as the constraint it asks for (none for text)."""
+    if not isinstance(value, dict) or value.get("type") not in _RESPONSE_FORMATS:
+        raise InvalidArgument('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                              '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                              field="response_format")
+    kind = value["type"]
+    _only_keys(value, _RESPONSE_FORMATS[kind], "response_format", f"response_format of type {kind}")
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [("response_format", "json_object", True)]
+    where = "response_format.json_schema"
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f'{where} must be an object, {{"name": ..., "schema": {{...}}}}', field=where)
+    _only_keys(spec, {"name", "description", "schema", "strict"}, where)
+    name = spec.get("name")
+    if not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+        raise InvalidArgument(f"{where}.name must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'",
+                              field=f"{where}.name")
+    for key, kind_of in (("description", str), ("strict", bool)):
+        _typed(spec, key, kind_of, f"{where}.{key}")
+    if not isinstance(spec.get("schema"), dict):
+        raise InvalidArgument(f"{where}.schema must be a JSON Schema: an object", field=f"{where}.schema")
+    return [(f"{where}.schema", "json_schema", spec["schema"])]
+
+
+def _only_keys(value: Mapping[str, Any], allowed: set[str], where: str, described: str = "") -> None:
+    for key in value:
+        if key not in allowed:
+            raise InvalidArgument(f"{described or where} takes only {', '.join(sorted(allowed))}, not {shown(key)}",
+                                  field=f"{where}.{_param(key)}")
+
+
+def _set_constraint(sampling: pb.SamplingParams, name: str, kind: str, value: Any) -> None:
+    """Sets the structured_outputs oneof from the parameter `name`, refusing a value of the wrong type."""
     if kind == "json_schema":
-        if isinstance(value, str):
-            sampling.json_schema = _text(value, name)
-        elif isinstance(value, (dict, bool)):
-            sampling.json_schema = json.dumps(value, ensure_ascii=False)
-        else:
-            raise InvalidArgument(f"{name} must be a JSON Schema (an object)", field=name)
+        if isinstance(value, (dict, bool)):   # vLLM takes a schema as an object or as JSON text
+            try:
+                value = json.dumps(value, ensure_ascii=False)
+            except RecursionError:   # nested just short of what the body's parser takes, a few calls deeper
+                raise InvalidArgument(f"{name} nests objects too deeply", field=name) from None
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{name} must be a JSON Schema: an object, or JSON text", field=name)
+        sampling.json_schema = _text(value, name)
     elif kind == "json_object":
+        if value is not True:
+            raise InvalidArgument(f"{name} must be true (leave it out for free text)", field=name)
         sampling.json_object = True
     elif kind == "choice":
         if not (isinstance(value, list) and all(isinstance(c, str) for c in value)):
@@ -371,48 +420,62 @@ def finish_reason(response: pb.GenerateResponse | pb.Choice) -> str:
 
 
 def choices_of(response: pb.GenerateResponse) -> list[pb.Choice]:
-    """Every sample of a response (one unless it asked for n > 1)."""
+    """Every sample of a response, by index: its choices with n > 1, else the one its own fields hold."""
     if response.choices:
-        return list(response.choices)
+        return sorted(response.choices, key=lambda c: c.index)
     return [pb.Choice(index=0, text=response.text, token_ids=response.token_ids, finish_reason=response.finish_reason,
                       stop_sequence=response.stop_sequence, logprobs=response.logprobs)]
 
 
+def _logprob(value: float) -> float:
+    """A log-probability as JSON can carry it: -inf (or NaN) as vLLM's -9999."""
+    return value if value >= _LEAST_LOGPROB else _LEAST_LOGPROB
+
+
 def chat_logprobs(positions: Sequence[pb.TokenLogprobs]) -> dict[str, Any]:
-    """OpenAI's chat `logprobs` object: each token, its log-probability and bytes, and its top_logprobs."""
-    return {"content": [{"token": p.token, "logprob": p.logprob, "bytes": list(p.token_bytes),
-                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+    """OpenAI's chat `logprobs` object: per token its text, log-probability, UTF-8 bytes and top_logprobs."""
+    return {"content": [{"token": p.token, "logprob": _logprob(p.logprob), "bytes": list(p.token_bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": _logprob(t.logprob), "bytes": list(t.token_bytes)}
                                           for t in p.top]} for p in positions],
             "refusal": None}
 
 
 def text_logprobs(positions: Sequence[pb.TokenLogprobs], offset: int = 0) -> dict[str, Any]:
-    """The completions API's `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset (`offset`:
-    where the first token's text starts in the choice's text)."""
-    offsets = []
+    """The completions API's `logprobs` object: tokens, token_logprobs, top_logprobs (the likeliest tokens and
+    the chosen one, so up to logprobs + 1, as OpenAI and vLLM) and text_offset (`offset`: where the first
+    token starts in the choice's text)."""
+    offsets, top_logprobs = [], []
     for p in positions:
         offsets.append(offset)
         offset += len(p.token)
-    return {"tokens": [p.token for p in positions], "token_logprobs": [p.logprob for p in positions],
-            "top_logprobs": [{t.token: t.logprob for t in p.top} for p in positions], "text_offset": offsets}
+        top = {t.token: _logprob(t.logprob) for t in p.top}
+        top.setdefault(p.token, _logprob(p.logprob))
+        top_logprobs.append(top)
+    return {"tokens": [p.token for p in positions], "token_logprobs": [_logprob(p.logprob) for p in positions],
+            "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def prompt_logprobs(positions: Sequence[pb.TokenLogprobs]) -> list[dict[str, Any] | None]:
-    """vLLM's prompt_logprobs: None for the first prompt token, then per token {token id: {logprob, rank,
-    decoded_token}} for the token itself and its most likely alternatives."""
+    """vLLM's prompt_logprobs: None for the first prompt token (nothing comes before it), then per token
+    {token id: {logprob, rank, decoded_token}} for its likeliest tokens and the token itself."""
     out: list[dict[str, Any] | None] = [None]
     for p in positions:
-        entry = {str(t.token_id): {"logprob": t.logprob, "rank": rank, "decoded_token": t.token}
+        entry = {str(t.token_id): {"logprob": _logprob(t.logprob), "rank": rank, "decoded_token": t.token}
                  for rank, t in enumerate(p.top, start=1)}
-        entry[str(p.token_id)] = {"logprob": p.logprob, "rank": p.rank, "decoded_token": p.token}
+        entry[str(p.token_id)] = {"logprob": _logprob(p.logprob), "rank": p.rank, "decoded_token": p.token}
         out.append(entry)
     return out
 
 
-def whole_response(kind: str, response: pb.GenerateResponse, created: int, with_logprobs: bool = False,
-                   with_prompt_logprobs: bool = False) -> dict[str, Any]:
-    """The `chat.completion` or `text_completion` object of a finished request."""
-    choices = []
+def whole_response(kind: str, response: pb.GenerateResponse, created: int,
+                   sampling: pb.SamplingParams | None = None) -> dict[str, Any]:
+    """The `chat.completion` or `text_completion` object of a finished request: a choice per sample, with
+    logprobs (and prompt_logprobs: the response's in chat, as vLLM's, each choice's in completions) when
+    `sampling`, the request's, asked for them."""
+    sampling = sampling or pb.SamplingParams()
+    with_logprobs = sampling.HasField("logprobs")
+    prompt = prompt_logprobs(response.prompt_logprobs) if sampling.HasField("prompt_logprobs") else None
+    choices: list[dict[str, Any]] = []
     for c in choices_of(response):
         if kind == "chat":
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -421,17 +484,19 @@ def whole_response(kind: str, response: pb.GenerateResponse, created: int, with_
         else:
             choices.append({"index": c.index, "text": c.text,
                             "logprobs": text_logprobs(c.logprobs) if with_logprobs else None,
-                            "finish_reason": finish_reason(c)})
+                            "finish_reason": finish_reason(c),
+                            **({"prompt_logprobs": prompt} if prompt is not None else {})})
     obj = {"id": response_id(kind, response.request_id), "object": "chat.completion" if kind == "chat" else
            "text_completion", "created": created, "model": response.model, "choices": choices,
            "usage": usage(response.usage), "fareway": fareway_extension(response.request_id, response.usage)}
-    if with_prompt_logprobs:
-        obj["prompt_logprobs"] = prompt_logprobs(response.prompt_logprobs)
+    if kind == "chat" and prompt is not None:
+        obj["prompt_logprobs"] = prompt
     return obj
 
 
 class ChunkWriter:
-    """The chunks of one streamed response, as server-sent events (`data: {...}\n\n`)."""
+    """The chunks of one streamed response, as server-sent events (`data: {...}\\n\\n`): each carries one
+    sample's choice, by its index."""
 
     def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool,
                  sampling: pb.SamplingParams | None = None) -> None:
@@ -441,23 +506,27 @@ class ChunkWriter:
         self.num_samples = sampling.n if sampling.HasField("n") else 1
         self.with_logprobs = sampling.HasField("logprobs")
         self.with_prompt_logprobs = sampling.HasField("prompt_logprobs")
-        self._offsets = [0] * self.num_samples
+        self._text_offsets: dict[int, int] = {}
+        """Completions: where each sample's next token starts in its text (logprobs' text_offset)."""
+        self._finished: set[int] = set()
         self._head = {"id": response_id(kind, request_id), "created": created, "model": model,
                       "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse({**self._head, "choices": choices, **extra})
 
-    def _choice(self, text: str | None, reason: str | None, first: bool = False, index: int = 0,
-                logprobs: Sequence[pb.TokenLogprobs] = ()) -> dict[str, Any]:
+    def _choice(self, index: int, text: str | None, reason: str | None, logprobs: Sequence[pb.TokenLogprobs] = (),
+                first: bool = False) -> dict[str, Any]:
         rendered = None
         if self.with_logprobs and logprobs:
             if self.kind == "chat":
                 rendered = chat_logprobs(logprobs)
             else:
-                rendered = text_logprobs(logprobs, self._offsets[index])
-        if text and index < len(self._offsets):
-            self._offsets[index] += len(text)
+                offset = self._text_offsets.get(index, 0)
+                rendered = text_logprobs(logprobs, offset)
+                self._text_offsets[index] = offset + sum(len(p.token) for p in logprobs)
+        if reason is not None:
+            self._finished.add(index)
         if self.kind == "chat":
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if first:
@@ -465,31 +534,38 @@ class ChunkWriter:
             return {"index": index, "delta": delta, "logprobs": rendered, "finish_reason": reason}
         return {"index": index, "text": text or "", "logprobs": rendered, "finish_reason": reason}
 
+    def _prompt_event(self, choices: list[dict[str, Any]], positions: Sequence[pb.TokenLogprobs]) -> bytes:
+        """An event of `choices` with the prompt_logprobs, when asked for and these came: on the chunk in chat,
+        on each choice in completions, as in the whole response."""
+        if not (self.with_prompt_logprobs and positions):
+            return self._event(choices)
+        rendered = prompt_logprobs(positions)
+        if self.kind == "chat":
+            return self._event(choices, prompt_logprobs=rendered)
+        return self._event([{**c, "prompt_logprobs": rendered} for c in choices])
+
     def opening(self) -> bytes:
-        """The first chunk: the assistant's role (chat), before any text, for every sample."""
+        """The first chunk: the assistant's role (chat) for every sample, before any text."""
         if self.kind != "chat":
             return b""
-        return self._event([self._choice("", None, first=True, index=i) for i in range(self.num_samples)])
+        return self._event([self._choice(i, "", None, first=True) for i in range(self.num_samples)])
 
-    def text(self, text: str, index: int = 0, logprobs: Sequence[pb.TokenLogprobs] = (), reason: int = 0,
-             prompt: Sequence[pb.TokenLogprobs] = ()) -> bytes:
-        """New text of sample `index` (with its finish reason when a sample of several finished)."""
-        extra = {"prompt_logprobs": prompt_logprobs(prompt)} if prompt and self.with_prompt_logprobs else {}
-        finish = _FINISH_REASONS.get(reason, "stop") if reason else None
-        return self._event([self._choice(text, finish, index=index, logprobs=logprobs)], **extra)
+    def delta(self, delta: Delta) -> bytes:
+        """New text of one sample, with its logprobs; with n > 1, its finish reason when it has finished."""
+        reason = _FINISH_REASONS.get(delta.finish_reason, "stop") if delta.finish_reason else None
+        text = None if reason is not None and not delta.text else delta.text
+        return self._prompt_event([self._choice(delta.index, text, reason, delta.logprobs)], delta.prompt_logprobs)
 
     def closing(self, response: pb.GenerateResponse, replayed: bool = False) -> bytes:
-        """The last chunks: the finish reason (each sample's stored text and finish, for a replayed
-        response sent whole; nothing more for samples of several, which finished in their own chunks),
-        the usage when asked for, and `[DONE]`."""
+        """The last chunks: the finish reason of each sample that has not had its own (all of a replayed
+        response, sent whole: its stored text, logprobs and finish), the usage when asked for, and `[DONE]`."""
         out = []
         if replayed:
-            extra = ({"prompt_logprobs": prompt_logprobs(response.prompt_logprobs)}
-                     if self.with_prompt_logprobs else {})
-            out.append(self._event([self._choice(c.text or None, finish_reason(c), index=c.index, logprobs=c.logprobs)
-                                    for c in choices_of(response)], **extra))
-        elif not response.choices:
-            out.append(self._event([self._choice(None, finish_reason(response))]))
+            out.append(self._prompt_event([self._choice(c.index, c.text or None, finish_reason(c), c.logprobs)
+                                           for c in choices_of(response)], response.prompt_logprobs))
+        for c in choices_of(response):
+            if c.index not in self._finished:
+                out.append(self._event([self._choice(c.index, None, finish_reason(c))]))
         if self.include_usage:
             out.append(self._event([], usage=usage(response.usage),
                                    fareway=fareway_extension(response.request_id, response.usage)))

@@ -361,6 +361,10 @@ INFERENCE_FIELDS = {
     "top_k": (st.one_of(st.sampled_from([0, 40]), st.integers(0, 2**31 - 1)), st.integers(-2**31, -1)),
     "seed": (st.none() | st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64 - 1])),
     "stop": (st.lists(SOME_TEXT, max_size=2), STOP),
+    "n": (st.sampled_from([None, 1, 2, 3]), st.sampled_from([0, 17, 2**32 - 1])),
+    "logprobs": (st.sampled_from([None, 0, 2, 20]), st.integers(21, 2**32 - 1)),
+    "json_schema": (st.sampled_from([None, '{"type": "object"}', '{"enum": ["a", "b"]}']),
+                    st.one_of(SOME_TEXT, st.sampled_from(['{"type": "nope"}', "[]", '{"minimum": "x"}']))),
     "request_id": (GOOD_ID, ID),
     "session_id": (GOOD_ID, ID),
     "tags": (GOOD_TAGS, TAGS),
@@ -374,7 +378,7 @@ def inference_cases(draw: st.DrawFn) -> InferenceCase:
     f = draw(mutated(INFERENCE_FIELDS))
     request = pb.GenerateRequest(model=f["model"], request_id=f["request_id"], session_id=f["session_id"],
                                  tags=f["tags"], sampling=pb.SamplingParams(top_k=f["top_k"], stop=f["stop"]))
-    for name in ("max_tokens", "temperature", "top_p", "seed"):
+    for name in ("max_tokens", "temperature", "top_p", "seed", "n", "logprobs", "json_schema"):
         if f[name] is not None:
             setattr(request.sampling, name, f[name])
     kind, value = f["input"]
@@ -429,11 +433,21 @@ def check_inference(case: InferenceCase, answer: Answer) -> None:
         return
     assert locally_valid(request), f"{case.method} answered OK to a request validation refuses"
     final = answer.responses[-1]
-    assert final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_STOP_SEQUENCE, pb.FINISH_REASON_LENGTH)
-    assert all(not r.finish_reason for r in answer.responses[:-1])
+    ended = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_STOP_SEQUENCE, pb.FINISH_REASON_LENGTH)
+    samples = request.sampling.n if request.sampling.HasField("n") else 1
+    if samples == 1:
+        assert final.finish_reason in ended
+        assert all(not r.finish_reason for r in answer.responses[:-1])
+    elif case.method == "Generate":
+        assert [c.index for c in final.choices] == list(range(samples))
+        assert all(c.finish_reason in ended for c in final.choices)
+    else:  # each sample finishes in a message of its own, the usage comes last
+        finishes = [r for r in answer.responses if r.finish_reason]
+        assert sorted(r.index for r in finishes) == list(range(samples))
+        assert all(r.finish_reason in ended for r in finishes)
     assert final.usage.prompt_tokens >= 1 and final.usage.worker_id
     if request.sampling.HasField("max_tokens"):
-        assert final.usage.completion_tokens <= request.sampling.max_tokens
+        assert final.usage.completion_tokens <= request.sampling.max_tokens * samples
     if request.request_id:
         assert final.request_id == request.request_id
 

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import grpc
+import jsonschema
 import openai
 import pytest
 
@@ -317,9 +318,17 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 @pytest.mark.parametrize("path, body, status, param, words", [
     ("/chat/completions", b"{not json", 400, None, "not valid JSON (line 1, column 2)"),
     ("/chat/completions", [1, 2], 400, None, "must be a JSON object"),
-    ("/chat/completions", {**CHAT, "n": 17}, 400, "n", "n must be in [1, 16]"),
+    ("/chat/completions", {**CHAT, "n": 17}, 400, "n", "n must be an integer from 1 to 16"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n", "n must be an integer from 1 to 16"),
     ("/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "top_logprobs", "top_logprobs needs logprobs: true"),
-    ("/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "logprobs", "must be in [0, 20]"),
+    ("/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "from 0 to 20"),
+    ("/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs", "from 0 to 20"),
+    ("/chat/completions", {**CHAT, "min_tokens": 5}, 400, "min_tokens", "must not exceed max_tokens"),
+    ("/chat/completions", {**CHAT, "stop_token_ids": list(range(65))}, 400, "stop_token_ids", "at most 64"),
+    ("/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "response_format.json_schema.name", "name must be 1-64 characters"),
+    ("/chat/completions", {**CHAT, "guided_choice": []}, 400, "choice", "choice needs 1-256 strings"),
+    ("/chat/completions", {**CHAT, "guided_json": "{not json"}, 400, "json_schema", "json_schema is not JSON"),
     ("/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "no-such-type"}}}}, 400, "json_schema", "does not compile"),
     ("/chat/completions", {**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
@@ -428,44 +437,67 @@ def test_health_says_serving_without_a_key(stack) -> None:  # noqa: ANN001
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-          "required": ["name", "age"]}
+          "required": ["name", "age"], "additionalProperties": False}
 
 
 def test_response_format_with_a_json_schema_gives_json_that_validates(client) -> None:  # noqa: ANN001
-    import jsonschema
     for temperature in (0.0, 1.0):
         reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=60,
+            model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=100,
             temperature=temperature, seed=1,
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
         jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
-        assert reply.choices[0].finish_reason == "stop"
+        assert reply.choices[0].finish_reason == "stop"   # the constraint completed, not cut at max_tokens
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": 'Repeat this JSON exactly: {"city": "Paris"}'}],
+        max_tokens=100, temperature=0, response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict), reply.choices[0].message.content
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Sentiment of: great!"}],
                                            max_tokens=8, extra_body={"guided_choice": ["positive", "negative"]})
     assert reply.choices[0].message.content in ("positive", "negative")
+    year = client.completions.create(model=MODEL, prompt="The Eiffel Tower was finished in the year", max_tokens=8,
+                                     temperature=0, extra_body={"structured_outputs": {"regex": " [0-9]{4}"}})
+    assert re.fullmatch(" [0-9]{4}", year.choices[0].text), year.choices[0].text
 
 
 def test_logprobs_come_back_in_openais_shape(client) -> None:  # noqa: ANN001
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0,
+               logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**ask)
     content = reply.choices[0].logprobs.content
     assert "".join(t.token for t in content) == reply.choices[0].message.content
     assert len(content) == reply.usage.completion_tokens
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         values = [t.logprob for t in entry.top_logprobs]
-        assert values == sorted(values, reverse=True) and entry.top_logprobs[0].token == entry.token  # greedy
+        assert values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token   # greedy: the likeliest
+        assert entry.logprob == pytest.approx(values[0], abs=1e-4)
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
-    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
-                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
-    tokens = [t.token for chunk in streamed for choice in chunk.choices if choice.logprobs
+    streamed = list(client.chat.completions.create(**ask, stream=True))
+    tokens = [(t.token, t.logprob) for chunk in streamed for choice in chunk.choices if choice.logprobs
               for t in choice.logprobs.content]
-    assert tokens == [t.token for t in content]
+    assert tokens == [(t.token, t.logprob) for t in content]
+
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
                                      logprobs=2)
     legacy = text.choices[0].logprobs
-    assert "".join(legacy.tokens) == text.choices[0].text and len(legacy.top_logprobs[0]) == 2
-    assert legacy.text_offset[0] == 0 and all(v <= 0 for v in legacy.token_logprobs)
+    assert "".join(legacy.tokens) == text.choices[0].text and len(legacy.tokens) == text.usage.completion_tokens
+    for top, logprob in zip(legacy.top_logprobs, legacy.token_logprobs, strict=True):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-4)   # greedy: the likeliest
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(len(legacy.tokens))]
+    assert all(v <= 0 for v in legacy.token_logprobs)
+
+
+def test_prompt_logprobs_come_back_as_vllms(client) -> None:  # noqa: ANN001
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=1, extra_body={"prompt_logprobs": 2})
+    prompt = reply.model_extra["prompt_logprobs"]
+    assert len(prompt) == reply.usage.prompt_tokens and prompt[0] is None
+    for position in prompt[1:]:
+        assert 1 <= len(position) <= 3 and all(v["logprob"] <= 0 and v["rank"] >= 1 for v in position.values())
+    text = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert len(text.choices[0].model_extra["prompt_logprobs"]) == text.usage.prompt_tokens
 
 
 def test_n_samples_over_the_sdk_whole_and_streamed(stack, client, team) -> None:  # noqa: ANN001
@@ -475,16 +507,25 @@ def test_n_samples_over_the_sdk_whole_and_streamed(stack, client, team) -> None:
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
     assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    assert all("".join(t.token for t in c.logprobs.content) == c.message.content for c in reply.choices)
+
     texts: dict[int, str] = {0: "", 1: ""}
-    finishes: dict[int, str] = {}
-    last_usage = None
+    finishes: dict[int, list[str]] = {0: [], 1: []}
+    usages = []
     for chunk in client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
-                finishes[choice.index] = choice.finish_reason
-        last_usage = chunk.usage or last_usage
-    assert texts == {c.index: c.message.content for c in reply.choices}  # the same seed, the same samples
-    assert sorted(finishes) == [0, 1]
-    assert last_usage.completion_tokens == reply.usage.completion_tokens
+                finishes[choice.index].append(choice.finish_reason)
+        if chunk.usage:
+            assert chunk.choices == []
+            usages.append(chunk.usage)
+    assert texts == {c.index: c.message.content for c in reply.choices}   # the same seed, the same samples
+    assert finishes == {c.index: [c.finish_reason] for c in reply.choices}   # one finish each
+    assert [u.completion_tokens for u in usages] == [reply.usage.completion_tokens]
+    assert wait_until(lambda: len(stack.records(team)) == 2)
     assert [r.completion_tokens for r in stack.records(team)] == [reply.usage.completion_tokens] * 2
+
+    text = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=4, temperature=1.0, seed=5, n=2)
+    assert [c.index for c in text.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in text.choices)

@@ -325,3 +325,20 @@ def test_a_deadline_passing_in_the_queue_and_cancelled_streams_leave_no_slot_beh
     finally:
         background_loop.run(exits.aclose())
         provider.shutdown()
+
+
+def test_a_request_of_n_samples_takes_n_places() -> None:
+    """A request of 3 samples runs 3 sequences: with room for 4, a second one waits until it ends."""
+    async def body() -> None:
+        queue = FairQueue(lambda: 4)
+        three = await queue.acquire(share("a"), 1, width=3)
+        assert queue.num_running == 3
+        second = asyncio.create_task(queue.acquire(share("b"), 1, width=2))
+        await asyncio.sleep(0)
+        assert queue.try_acquire(share("c"), 1, width=1) is None  # b waits: nobody overtakes it
+        three.release()
+        granted = await asyncio.wait_for(second, 1)
+        assert queue.num_running == 2 and granted.width == 2
+        granted.release()
+        assert queue.num_running == 0
+    run(body)

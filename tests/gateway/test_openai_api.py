@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from fareway.errors import InvalidArgument, ResourceExhausted, Unavailable
 from fareway.inference.v1 import inference_pb2 as pb
 from gateway import openai_api
+from gateway.run import Delta
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -55,15 +56,6 @@ def test_unset_parameters_stay_unset_for_fareways_defaults() -> None:
     ({**CHAT, "logit_bias": {"a": 5}}, "logit_bias"),
     ({**CHAT, "logit_bias": {"1": "5"}}, "logit_bias"),
     ({**CHAT, "presence_penalty": float("nan")}, "presence_penalty"),
-    ({**CHAT, "response_format": {"type": "xml"}}, "response_format"),
-    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": []}}, "response_format"),
-    ({**CHAT, "structured_outputs": {"yaml": "x"}}, "structured_outputs"),
-    ({**CHAT, "guided_choice": "yes"}, "guided_choice"),
-    ({**CHAT, "guided_regex": "a", "guided_grammar": "root ::= \"a\""}, "guided_grammar"),
-    ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
-    ({**CHAT, "logprobs": 3}, "logprobs"),
-    ({**CHAT, "stop_token_ids": [1, "2"]}, "stop_token_ids"),
-    ({**CHAT, "ignore_eos": 1}, "ignore_eos"),
     ({**CHAT, "audio": {}}, "audio"),
     ({**CHAT, "messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
     ({**CHAT, "seed": -1}, "seed"),
@@ -91,6 +83,10 @@ def test_what_fareway_does_not_take_is_refused_by_name(body: dict, field: str) -
     ({**CHAT, "metadata": {"k": "\ud800"}}, "metadata"),
     ({**CHAT, "user": "\ud800"}, "user"),
     ({**CHAT, "session_id": "\ud800"}, "session_id"),
+    ({**CHAT, "guided_regex": "\ud800"}, "guided_regex"),
+    ({**CHAT, "structured_outputs": {"choice": ["a", "\ud800"]}}, "structured_outputs.choice"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"\ud800": 1}}}},
+     "response_format.json_schema.schema"),
     ({**CHAT, "\ud800": 1}, "\\ud800"),
     ({**CHAT, "messages": [{"role": "user", "content": "hi", "\ud800": 1}]}, "messages[0].\\ud800"),
 ])
@@ -136,7 +132,7 @@ def test_a_stream_is_opened_by_the_role_and_closed_by_the_finish_the_usage_and_d
     writer = openai_api.ChunkWriter("chat", "r1", "m", 1700000000, include_usage=True)
     response = pb.GenerateResponse(request_id="r1", model="m", text="Hi!", finish_reason=pb.FINISH_REASON_LENGTH,
                                    usage=pb.Usage(prompt_tokens=4, cached_tokens=2, completion_tokens=3, gpu_seconds=0.5))
-    raw = writer.opening() + writer.text("Hi") + writer.text("!") + writer.closing(response)
+    raw = writer.opening() + writer.delta(Delta("Hi", (1,))) + writer.delta(Delta("!", (2,))) + writer.closing(response)
     events = raw.decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
@@ -155,54 +151,275 @@ def test_a_stream_is_opened_by_the_role_and_closed_by_the_finish_the_usage_and_d
 
 def test_the_generation_parameters_map_to_fareways() -> None:
     s = openai_api.chat_request({**CHAT, "n": 3, "logprobs": True, "top_logprobs": 4, "prompt_logprobs": 1,
-                                 "min_tokens": 2, "stop_token_ids": [7, 9], "ignore_eos": True,
-                                 "response_format": {"type": "json_schema",
-                                                     "json_schema": {"name": "p", "schema": {"type": "object"}}}}
-                                ).message.sampling
-    assert (s.n, s.logprobs, s.prompt_logprobs, s.min_tokens, list(s.stop_token_ids), s.ignore_eos) == (
-        3, 4, 1, 2, [7, 9], True)
+                                 "min_tokens": 2, "stop_token_ids": [7, 9], "ignore_eos": True, "seed": 11,
+                                 "response_format": {"type": "json_schema", "json_schema": {
+                                     "name": "person-1", "description": "d", "strict": True,
+                                     "schema": {"type": "object"}}}}).message.sampling
+    assert (s.n, s.logprobs, s.prompt_logprobs, s.min_tokens, list(s.stop_token_ids), s.ignore_eos, s.seed) == (
+        3, 4, 1, 2, [7, 9], True, 11)
     assert json.loads(s.json_schema) == {"type": "object"}
+    assert openai_api.chat_request({**CHAT, "n": 16}).message.sampling.n == 16
     assert openai_api.chat_request({**CHAT, "logprobs": True}).message.sampling.logprobs == 0
-    assert not openai_api.chat_request({**CHAT, "logprobs": False}).message.sampling.HasField("logprobs")
-    assert openai_api.completion_request({"model": "m", "prompt": "x", "logprobs": 2}).message.sampling.logprobs == 2
-    for body, kind, value in [
-        ({"response_format": {"type": "json_object"}}, "json_object", True),
-        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+"),
-        ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema", '{"type": "array"}'),
-        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
-        ({"guided_json": '{"type": "integer"}'}, "json_schema", '{"type": "integer"}'),
-    ]:
+    for body in ({"logprobs": False}, {"top_logprobs": 0}, {"response_format": {"type": "text"}},
+                 {"structured_outputs": {"json_object": False}}, {"n": None, "min_tokens": None}):
         sampling = openai_api.chat_request({**CHAT, **body}).message.sampling
-        assert sampling.WhichOneof("structured_outputs") == kind and getattr(sampling, kind) == value
-    choice = openai_api.chat_request({**CHAT, "guided_choice": ["yes", "no"]}).message.sampling
-    assert list(choice.choice.choices) == ["yes", "no"]
+        assert sampling == pb.SamplingParams(), body   # asks for nothing: nothing set
+    text = openai_api.completion_request({"model": "m", "prompt": "x", "logprobs": 2, "n": 2}).message.sampling
+    assert (text.logprobs, text.n) == (2, 2)
+    assert not openai_api.completion_request({"model": "m", "prompt": "x", "logprobs": False}
+                                             ).message.sampling.HasField("logprobs")
 
 
-def _logprob(token: str, value: float) -> pb.TokenLogprobs:
-    return pb.TokenLogprobs(token_id=ord(token[0]), token=token, logprob=value, rank=1, token_bytes=token.encode(),
-                            top=[pb.TopLogprob(token_id=ord(token[0]), token=token, logprob=value,
-                                               token_bytes=token.encode())])
+@pytest.mark.parametrize("body, kind, value", [
+    ({"response_format": {"type": "json_object"}}, "json_object", True),
+    ({"structured_outputs": {"json_object": True}}, "json_object", True),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+"),
+    ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
+    ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema", {"type": "array"}),
+    ({"structured_outputs": {"json": '{"type": "array"}', "regex": None}}, "json_schema", {"type": "array"}),
+    ({"guided_json": {"enum": ["é"]}}, "json_schema", {"enum": ["é"]}),
+    ({"guided_json": '{"type": "integer"}'}, "json_schema", {"type": "integer"}),
+    ({"guided_regex": "\\d+"}, "regex", "\\d+"),
+    ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
+    ({"guided_choice": ["yes", "no"]}, "choice", ["yes", "no"]),
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "text"}}, "choice", ["a"]),
+])
+def test_each_way_of_naming_a_constraint_sets_fareways_one(body: dict, kind: str, value: object) -> None:
+    for parse, base in ((openai_api.chat_request, CHAT), (openai_api.completion_request, {"model": "m", "prompt": "x"})):
+        sampling = parse({**base, **body}).message.sampling
+        assert sampling.WhichOneof("structured_outputs") == kind
+        got = getattr(sampling, kind)
+        if kind == "json_schema":
+            got = json.loads(got)
+        elif kind == "choice":
+            got = list(got.choices)
+        assert got == value
 
 
-def test_n_samples_and_logprobs_render_as_openais_choices() -> None:
-    response = pb.GenerateResponse(request_id="r", model="m", text="Hi", usage=pb.Usage(completion_tokens=3), choices=[
-        pb.Choice(index=0, text="Hi", finish_reason=pb.FINISH_REASON_STOP, logprobs=[_logprob("Hi", -0.5)]),
-        pb.Choice(index=1, text="Yo!", finish_reason=pb.FINISH_REASON_LENGTH,
-                  logprobs=[_logprob("Yo", -1.0), _logprob("!", -2.0)])])
-    chat = openai_api.whole_response("chat", response, 0, with_logprobs=True)
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"n": 0}, "n", "n must be an integer from 1 to 16"),
+    ({"n": 17}, "n", "from 1 to 16"),
+    ({"n": 128}, "n", "from 1 to 16"),
+    ({"n": "2"}, "n", "from 1 to 16"),
+    ({"n": 1.5}, "n", "from 1 to 16"),
+    ({"logprobs": 3}, "logprobs", "logprobs must be a boolean"),
+    ({"logprobs": "true"}, "logprobs", "logprobs must be a boolean"),
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", "from 0 to 20"),
+    ({"logprobs": True, "top_logprobs": True}, "top_logprobs", "from 0 to 20"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs", "from 0 to 20"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "from 0 to 20"),
+    ({"min_tokens": -1}, "min_tokens", "min_tokens must be an integer from 0"),
+    ({"min_tokens": "3"}, "min_tokens", "min_tokens must be an integer"),
+    ({"stop_token_ids": 5}, "stop_token_ids", "must be a list of token ids"),
+    ({"stop_token_ids": [1, "2"]}, "stop_token_ids", "must be a list of token ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", "must be a list of token ids"),
+    ({"stop_token_ids": [True]}, "stop_token_ids", "must be a list of token ids"),
+    ({"stop_token_ids": [2**32]}, "stop_token_ids", "must be a list of token ids"),
+    ({"ignore_eos": 1}, "ignore_eos", "ignore_eos must be a boolean"),
+    ({"response_format": "json"}, "response_format", 'response_format must be {"type": "text"}'),
+    ({"response_format": {"type": "xml"}}, "response_format", '{"type": "json_object"}'),
+    ({"response_format": {}}, "response_format", '{"type": "json_schema", "json_schema"'),
+    ({"response_format": {"type": "text", "json_schema": {}}}, "response_format.json_schema",
+     "response_format of type text takes only type, not 'json_schema'"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": []}}, "response_format.json_schema",
+     "must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format.json_schema.name", "name must be 1-64 characters"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name", "name must be 1-64 characters"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n" * 65, "schema": {}}}},
+     "response_format.json_schema.name", "name must be 1-64 characters"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p"}}},
+     "response_format.json_schema.schema", "schema must be a JSON Schema: an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": '{"type": "object"}'}}},
+     "response_format.json_schema.schema", "schema must be a JSON Schema: an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {}, "strict": "yes"}}},
+     "response_format.json_schema.strict", "strict must be a boolean"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {}, "schema_": 1}}},
+     "response_format.json_schema.schema_", "takes only description, name, schema, strict, not 'schema_'"),
+    ({"structured_outputs": "json"}, "structured_outputs", "structured_outputs must be an object"),
+    ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml", "it takes one of json, regex, choice"),
+    ({"structured_outputs": {"disable_any_whitespace": True}}, "structured_outputs.disable_any_whitespace",
+     "is not supported by Fareway"),
+    ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object", "must be true"),
+    ({"structured_outputs": {"regex": 5}}, "structured_outputs.regex", "must be a string"),
+    ({"structured_outputs": {"json": 5}}, "structured_outputs.json", "must be a JSON Schema"),
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs.choice", "must be a list of strings"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice",
+     "one structured-output constraint per request; got structured_outputs.regex and structured_outputs.choice"),
+    ({"guided_json": 5}, "guided_json", "guided_json must be a JSON Schema"),
+    ({"guided_choice": "yes"}, "guided_choice", "guided_choice must be a list of strings"),
+    ({"guided_choice": [1]}, "guided_choice", "guided_choice must be a list of strings"),
+    ({"guided_grammar": ["root"]}, "guided_grammar", "guided_grammar must be a string"),
+    ({"guided_regex": "a", "guided_grammar": 'root ::= "a"'}, "guided_grammar", "got guided_regex and guided_grammar"),
+    ({"response_format": SCHEMA, "guided_regex": "a+"}, "guided_regex",
+     "got response_format.json_schema.schema and guided_regex"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs.regex",
+     "got response_format and structured_outputs.regex"),
+])
+def test_each_new_parameter_of_the_wrong_type_or_shape_is_refused_by_name(body: dict, field: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        openai_api.chat_request({**CHAT, **body})
+    assert refused.value.field == field
+    assert words in refused.value.message
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"logprobs": True}, "logprobs", "logprobs must be an integer from 0 to 20"),
+    ({"logprobs": 21}, "logprobs", "from 0 to 20"),
+    ({"logprobs": -1}, "logprobs", "from 0 to 20"),
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
+    ({"n": 17}, "n", "from 1 to 16"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "one structured-output constraint"),
+])
+def test_the_completions_endpoint_refuses_its_own_way(body: dict, field: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        openai_api.completion_request({"model": "m", "prompt": "x", **body})
+    assert (refused.value.field, words in refused.value.message) == (field, True), refused.value.message
+
+
+def test_refusals_of_the_new_parameters_never_echo_all_of_what_came() -> None:
+    for body in ({"structured_outputs": {"k" * 100_000: 1}},
+                 {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {}, "x" * 10**5: 1}}},
+                 {"response_format": {"type": "x" * 100_000}}, {"guided_choice": ["a"] * 10**5 + [1]}):
+        with pytest.raises(InvalidArgument) as refused:
+            openai_api.chat_request({**CHAT, **body})
+        assert len(refused.value.message) < 300 and len(refused.value.field) < 100
+
+
+def test_a_schema_nested_past_what_json_can_write_back_is_refused_by_name() -> None:
+    schema: dict = {}
+    inner = schema
+    for _ in range(5000):   # the body's parser stops short of this; a schema built a few calls deeper may not
+        inner["items"] = {}
+        inner = inner["items"]
+    with pytest.raises(InvalidArgument) as refused:
+        openai_api.chat_request({**CHAT, "structured_outputs": {"json": schema}})
+    assert (refused.value.field, refused.value.message) == ("structured_outputs.json",
+                                                            "structured_outputs.json nests objects too deeply")
+
+
+def _position(token: str, logprob: float, top: list[tuple[str, float]] | None = None, rank: int = 1,
+              token_id: int | None = None) -> pb.TokenLogprobs:
+    """One position's logprobs; its top defaults to the token alone. Token ids are the first character's."""
+    top = [(token, logprob)] if top is None else top
+    return pb.TokenLogprobs(token_id=ord(token[0]) if token_id is None else token_id, token=token, logprob=logprob,
+                            rank=rank, token_bytes=token.encode(),
+                            top=[pb.TopLogprob(token_id=ord(t[0]), token=t, logprob=v, token_bytes=t.encode())
+                                 for t, v in top])
+
+
+TWO_SAMPLES = pb.GenerateResponse(
+    request_id="r", model="m", text="Hi", finish_reason=pb.FINISH_REASON_STOP,
+    usage=pb.Usage(prompt_tokens=2, completion_tokens=3), logprobs=[_position("Hi", -0.5)],
+    prompt_logprobs=[_position("é", -3.0, [("a", -0.1), ("b", -0.2)], rank=7)],
+    choices=[pb.Choice(index=1, text="Yo!", finish_reason=pb.FINISH_REASON_LENGTH,
+                       logprobs=[_position("Yo", -1.0, [("Ya", -0.25), ("Yo", -1.0)], rank=2),
+                                 _position("!", float("-inf"))]),
+             pb.Choice(index=0, text="Hi", finish_reason=pb.FINISH_REASON_STOP, logprobs=[_position("Hi", -0.5)])])
+ASKED = pb.SamplingParams(n=2, logprobs=2, prompt_logprobs=2)
+
+
+def test_n_samples_render_as_openais_choices_in_index_order_each_with_its_finish_and_logprobs() -> None:
+    chat = openai_api.whole_response("chat", TWO_SAMPLES, 0, ASKED)
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in chat["choices"]] == [
         (0, "Hi", "stop"), (1, "Yo!", "length")]
-    assert chat["choices"][1]["logprobs"]["content"][1] == {
-        "token": "!", "logprob": -2.0, "bytes": [33], "top_logprobs": [{"token": "!", "logprob": -2.0, "bytes": [33]}]}
-    text = openai_api.whole_response("text", response, 0, with_logprobs=True)
-    assert text["choices"][1]["logprobs"] == {"tokens": ["Yo", "!"], "token_logprobs": [-1.0, -2.0],
-                                              "top_logprobs": [{"Yo": -1.0}, {"!": -2.0}], "text_offset": [0, 2]}
-    assert openai_api.whole_response("chat", response, 0)["choices"][0]["logprobs"] is None
-    writer = openai_api.ChunkWriter("chat", "r", "m", 0, False, pb.SamplingParams(n=2, logprobs=0))
-    opening = json.loads(writer.opening()[6:])
-    assert [c["index"] for c in opening["choices"]] == [0, 1]
-    chunk = json.loads(writer.text("Yo", 1, [_logprob("Yo", -1.0)], pb.FINISH_REASON_LENGTH)[6:])
-    assert chunk["choices"][0]["index"] == 1 and chunk["choices"][0]["finish_reason"] == "length"
-    assert chunk["choices"][0]["logprobs"]["content"][0]["token"] == "Yo"
-    closing = writer.closing(response).split(b"\n\n")
-    assert closing[0] == b"data: [DONE]"  # with n > 1 every sample finished in its own chunk
+    assert chat["usage"]["completion_tokens"] == 3
+    assert chat["choices"][1]["logprobs"] == {"content": [
+        {"token": "Yo", "logprob": -1.0, "bytes": [89, 111],
+         "top_logprobs": [{"token": "Ya", "logprob": -0.25, "bytes": [89, 97]},
+                          {"token": "Yo", "logprob": -1.0, "bytes": [89, 111]}]},
+        {"token": "!", "logprob": -9999.0, "bytes": [33],   # -inf, as vLLM's
+         "top_logprobs": [{"token": "!", "logprob": -9999.0, "bytes": [33]}]}], "refusal": None}
+    assert json.loads(json.dumps(chat, allow_nan=False)) == chat   # JSON, no -Infinity
+    # vLLM's prompt_logprobs, on the chat response: None for the first token, then token id -> its figures.
+    assert chat["prompt_logprobs"] == [None, {"97": {"logprob": pytest.approx(-0.1), "rank": 1, "decoded_token": "a"},
+                                              "98": {"logprob": pytest.approx(-0.2), "rank": 2, "decoded_token": "b"},
+                                              "233": {"logprob": -3.0, "rank": 7, "decoded_token": "é"}}]
+
+    text = openai_api.whole_response("text", TWO_SAMPLES, 0, ASKED)
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in text["choices"]] == [
+        (0, "Hi", "stop"), (1, "Yo!", "length")]
+    # The completions API's legacy shape: the chosen token is among top_logprobs, as OpenAI's "logprobs + 1".
+    assert text["choices"][1]["logprobs"] == {"tokens": ["Yo", "!"], "token_logprobs": [-1.0, -9999.0],
+                                              "top_logprobs": [{"Ya": -0.25, "Yo": -1.0}, {"!": -9999.0}],
+                                              "text_offset": [0, 2]}
+    assert all(c["prompt_logprobs"] == chat["prompt_logprobs"] for c in text["choices"])   # vLLM's: on the choice
+    assert "prompt_logprobs" not in text
+
+
+def test_one_sample_without_logprobs_renders_as_before() -> None:
+    response = pb.GenerateResponse(request_id="r", model="m", text="Hi", finish_reason=pb.FINISH_REASON_LENGTH,
+                                   logprobs=[_position("Hi", -0.5)])
+    for kind in ("chat", "text"):
+        [choice] = openai_api.whole_response(kind, response, 0)["choices"]
+        assert (choice["index"], choice["logprobs"], choice["finish_reason"]) == (0, None, "length")
+        assert "prompt_logprobs" not in choice
+    [choice] = openai_api.whole_response("chat", response, 0, pb.SamplingParams(logprobs=0))["choices"]
+    assert [t["token"] for t in choice["logprobs"]["content"]] == ["Hi"]
+    assert "prompt_logprobs" not in openai_api.whole_response("chat", response, 0)
+
+
+def _chunks(raw: bytes) -> list[dict]:
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+def test_a_stream_of_two_samples_carries_each_ones_index_logprobs_and_finish() -> None:
+    writer = openai_api.ChunkWriter("chat", "r", "m", 0, include_usage=True, sampling=ASKED)
+    raw = (writer.opening()
+           + writer.delta(Delta("Yo", (89,), index=1, logprobs=(_position("Yo", -1.0),),
+                                prompt_logprobs=tuple(TWO_SAMPLES.prompt_logprobs)))
+           + writer.delta(Delta("Hi", (72,), index=0, logprobs=(_position("Hi", -0.5),),
+                                finish_reason=pb.FINISH_REASON_STOP))
+           + writer.delta(Delta("!", (33,), index=1, logprobs=(_position("!", -2.0),)))
+           + writer.delta(Delta("", (), index=1, finish_reason=pb.FINISH_REASON_LENGTH))
+           + writer.closing(TWO_SAMPLES))
+    chunks = _chunks(raw)
+    assert chunks[0]["choices"] == [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in (0, 1)]
+    samples = [c["choices"] for c in chunks[1:5]]
+    assert all(len(choices) == 1 for choices in samples)
+    assert [(c[0]["index"], c[0]["delta"], c[0]["finish_reason"]) for c in samples] == [
+        (1, {"content": "Yo"}, None), (0, {"content": "Hi"}, "stop"), (1, {"content": "!"}, None), (1, {}, "length")]
+    assert [[t["token"] for t in c[0]["logprobs"]["content"]] for c in samples[:3]] == [["Yo"], ["Hi"], ["!"]]
+    assert samples[3][0]["logprobs"] is None
+    assert chunks[1]["prompt_logprobs"][0] is None and "233" in chunks[1]["prompt_logprobs"][1]
+    assert all("prompt_logprobs" not in c for c in chunks[2:])
+    # Each sample finished in its own chunk: the closing adds only the usage (include_usage).
+    assert chunks[5]["choices"] == [] and chunks[5]["usage"]["completion_tokens"] == 3 and len(chunks) == 6
+
+
+def test_a_streamed_completion_continues_each_samples_text_offsets() -> None:
+    writer = openai_api.ChunkWriter("text", "r", "m", 0, include_usage=False, sampling=ASKED)
+    raw = (writer.delta(Delta("Hi", (72,), index=0, logprobs=(_position("Hi", -0.5),)))
+           + writer.delta(Delta("Yo", (89,), index=1, logprobs=(_position("Yo", -1.0),)))
+           + writer.delta(Delta(" you!", (1, 2), index=0, logprobs=(_position(" you", -0.1), _position("!", -0.2)),
+                                finish_reason=pb.FINISH_REASON_STOP))
+           + writer.closing(TWO_SAMPLES))
+    chunks = _chunks(raw)
+    assert [c["choices"][0]["logprobs"]["text_offset"] for c in chunks[:3]] == [[0], [0], [2, 6]]
+    assert [c["choices"][0]["text"] for c in chunks[:3]] == ["Hi", "Yo", " you!"]
+    # Sample 1 had no finish of its own: the closing gives it, from the response.
+    assert [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks[2:]] == [
+        (0, "stop"), (1, "length")]
+
+
+def test_a_replayed_stream_of_two_samples_sends_both_whole_in_one_chunk() -> None:
+    writer = openai_api.ChunkWriter("chat", "r", "m", 0, include_usage=False, sampling=ASKED)
+    chunks = _chunks(writer.opening() + writer.closing(TWO_SAMPLES, replayed=True))
+    assert len(chunks) == 2
+    replayed = chunks[1]["choices"]
+    assert [(c["index"], c["delta"], c["finish_reason"]) for c in replayed] == [
+        (0, {"content": "Hi"}, "stop"), (1, {"content": "Yo!"}, "length")]
+    assert [t["token"] for t in replayed[1]["logprobs"]["content"]] == ["Yo", "!"]
+    assert chunks[1]["prompt_logprobs"][0] is None
