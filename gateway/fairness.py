@@ -196,9 +196,10 @@ class FairQueue:
             self._grant(waiter)
 
     def _has_room(self, width: int = 1) -> bool:
-        """Room for `width` more sequences; one wider than the whole capacity runs alone."""
+        """Room for `width` more sequences; one wider than the whole capacity runs alone (none runs
+        where there is no capacity at all)."""
         capacity = self._capacity()
-        return capacity is None or self.num_running + width <= capacity or self.num_running == 0
+        return capacity is None or self.num_running + width <= capacity or (self.num_running == 0 and capacity > 0)
 
     def _enqueue(self, waiter: _Waiter) -> None:
         tenant = waiter.share.tenant

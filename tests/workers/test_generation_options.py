@@ -26,6 +26,18 @@ def worker(tiny_checkpoint):  # noqa: ANN001, ANN201
     w.stop()
 
 
+@pytest.fixture()
+def fp32_worker(tiny_checkpoint):  # noqa: ANN001, ANN201
+    """fp32 weights: int8's per-token activation rounding turns the last bits the two attention paths
+    (a decode step's, a whole text's) differ by into differences of ~1e-4 of a value."""
+    w = Worker(WorkerConfig(worker_id="tiny-fp32", runner=RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20,
+                                                                       weights="fp32"),
+                            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)), tiny_checkpoint)
+    w.start()
+    yield w
+    w.stop()
+
+
 def by_index(outputs: list[RequestOutput]) -> dict[int, list[RequestOutput]]:
     samples: dict[int, list[RequestOutput]] = {}
     for output in outputs:
@@ -65,7 +77,8 @@ def test_ignore_eos_keeps_generating_to_max_tokens(worker: Worker) -> None:
     assert tokens(outputs) == [eos] * 4 and outputs[-1].finish_reason is FinishReason.LENGTH
 
 
-def test_logprobs_are_the_models_log_softmax_at_each_generated_token(worker: Worker) -> None:
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token(fp32_worker: Worker) -> None:
+    worker = fp32_worker
     ids = prompt(worker, "The quick brown fox")
     outputs = generate(worker, ids, max_tokens=6, temperature=1.0, seed=3, logprobs=4)
     generated = tokens(outputs)
