@@ -3,11 +3,12 @@
 #   make test  - build .venv with the test extras, run the whole suite
 #   make fuzz  - the property-based fuzzing of every RPC and the HTTP edge (tests/test_fuzz.py), thousands of cases
 #   make soak  - the fault-injection soak (tests/test_soak.py) for 5 minutes of load instead of 45 s
+#   make gpu-wheels - the wheels scripts/gpu_check.sh needs on a GPU machine without a package index (docs/gpu.md)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test fuzz soak bench protos clean
+.PHONY: run test fuzz soak bench gpu-wheels protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.upstream
+
+gpu-wheels: $(VENV)/.installed-run
+	PYTHON=$(BIN)/python scripts/gpu_check.sh --prepare
 
 protos: $(VENV)/.installed-run
 	$(BIN)/python scripts/gen_protos.py

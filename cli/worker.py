@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="devices one replica is split over: ranks 1..N-1 are started as child processes "
                              "on cpu or cuda:1..N-1 (under torchrun: its WORLD_SIZE) (default: %(default)s)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="run decode steps operation by operation; --no-enforce-eager compiles them (CPU) or "
+                             "captures them as CUDA graphs (GPUs) (default: FAREWAY_ENFORCE_EAGER's, eager unless "
+                             "it is 0)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default: %(default)s)")
@@ -104,7 +108,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - WorkerConfig, 
                             kv_cache_free_memory_fraction=args.kv_cache_free_memory_fraction,
                             block_size=args.block_size, max_model_len=args.max_model_len,
                             weights=args.weights, kv_cache_dtype=args.kv_cache_dtype,
-                            tensor_parallel_size=args.tensor_parallel_size),
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager})),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens),
         default_max_tokens=args.default_max_tokens, enable_prefix_caching=args.prefix_caching,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -21,6 +22,11 @@ from fareway.net import free_port
 from fareway.redis.embedded import EmbeddedRedis
 
 T = TypeVar("T")
+
+# Workers built by tests run decode steps eager unless a test asks for the compiled path
+# (tests/workers/test_decode_step.py): compiling every tiny worker would take the suite's budget.
+# Worker processes the tests start inherit it.
+os.environ.setdefault("FAREWAY_ENFORCE_EAGER", "1")
 
 
 class BackgroundLoop:

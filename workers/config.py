@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from workers.sizing import KV_DTYPES, WEIGHT_DTYPES
 COMPUTE_DTYPES: dict[str, str] = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16",
                                   "bfloat16": "bf16", "bf16": "bf16"}
 """--dtype's spellings -> the compute dtype."""
+
+
+ENFORCE_EAGER_ENV = "FAREWAY_ENFORCE_EAGER"
 
 
 def default_worker_id() -> str:
@@ -43,6 +47,13 @@ class RunnerConfig:
     """How the KV cache is stored: auto (the compute dtype), fp32, fp16, bf16, fp8_e4m3 or int8."""
     tensor_parallel_size: int = 1
     """Devices (ranks) one replica is split over; rank r uses <device type>:r."""
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get(ENFORCE_EAGER_ENV, "1") != "0")
+    """Run decode steps operation by operation (vLLM's flag), not compiled (CPU) or captured as CUDA
+    graphs (GPUs). The default is FAREWAY_ENFORCE_EAGER's: eager unless it is 0, until the compiled
+    step's gain is measured on a quiet machine and a GPU (docs/engine.md)."""
+
+    max_decode_batch: int = 256
+    """GPUs: the largest decode batch captured as a CUDA graph (bigger ones run eager)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
@@ -60,6 +71,8 @@ class RunnerConfig:
             raise ValueError(f"weights must be one of {list(WEIGHT_DTYPES)}, got {self.weights!r}")
         if self.kv_cache_dtype not in ("auto", *KV_DTYPES):
             raise ValueError(f"kv_cache_dtype must be one of {['auto', *KV_DTYPES]}, got {self.kv_cache_dtype!r}")
+        if self.max_decode_batch < 1:
+            raise ValueError(f"max_decode_batch must be at least 1, got {self.max_decode_batch}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.device is not None and ":" in self.device:

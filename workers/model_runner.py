@@ -12,6 +12,7 @@ import torch
 
 from workers import structured
 from workers.config import COMPUTE_DTYPES, RunnerConfig
+from workers.decode_step import DecodeStep
 from workers.engine.scheduler import ScheduledSequence, StepPlan
 from workers.engine.sequence import Logprobs, Sampled, SamplingOptions, Sequence, sample_id
 from workers.hardware import Hardware, default_dtype, detect, rank_device
@@ -100,9 +101,19 @@ class ModelRunner:
         self._grammar_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fareway-grammar")
         if config.kv_cache_dtype == "fp8_e4m3":
             self._calibrate_kv_scales(checkpoint.tokenizer.encode(_CALIBRATION_TEXT))
+        self.decode_step = DecodeStep(self.model, self.device, enforce_eager=config.enforce_eager,
+                                      tensor_parallel_size=self.group.world_size,
+                                      scratch_slot=self.num_kv_blocks * self.block_size, block_size=self.block_size,
+                                      max_batch=config.max_decode_batch, state=self._kv_tensors())
+        """Pure decode steps, compiled or eager (`execution` says which)."""
         log.info("model on %s (%s, %s): %s weights (%s), %.1f MiB; %d KV blocks of %d tokens, %s",
                  self.device, self.hardware.hardware_class, self.dtype, config.weights, self.linear_kernel,
                  self.weight_bytes / 2**20, self.num_kv_blocks, self.block_size, config.kv_cache_dtype)
+
+    @property
+    def execution(self) -> str:
+        """How decode steps run: "compiled", "cuda-graphs" or "eager"."""
+        return self.decode_step.execution
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -145,14 +156,20 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
         for layer in self.model.model.layers:
+            # This rank's KV heads only; one block more than the pool hands out: the decode step's scratch.
             layer.self_attn.kv_cache = make_kv_cache(
-                self.config.kv_cache_dtype, self.num_kv_blocks, self.block_size, self.num_kv_heads_per_rank,
-                c.head_dim, dtype=self.dtype, device=self.device)  # this rank's KV heads only
+                self.config.kv_cache_dtype, self.num_kv_blocks + 1, self.block_size, self.num_kv_heads_per_rank,
+                c.head_dim, dtype=self.dtype, device=self.device)
+
+    def _kv_tensors(self) -> list[torch.Tensor]:
+        """Every layer's KV cache tensors (blocks and their scales)."""
+        return [tensor for layer in self.model.model.layers
+                for tensor in vars(layer.self_attn.kv_cache).values() if isinstance(tensor, torch.Tensor)]
 
     def _calibrate_kv_scales(self, token_ids: list[int]) -> None:
         """Sets each layer's fp8 offsets and scales from the K and V the model computes for a short
         text, run through fp32 caches that hold them exactly."""
-        token_ids = token_ids[: self.num_kv_blocks * self.block_size]
+        token_ids = token_ids[: min(self.num_kv_blocks * self.block_size, self.max_model_len)]  # rotary tables end there
         attentions = [layer.self_attn for layer in self.model.model.layers]
         caches = [attention.kv_cache for attention in attentions]
         for attention in attentions:
@@ -282,7 +299,8 @@ class ModelRunner:
             sources, destinations = (torch.tensor(ids, device=self.device) for ids in zip(*step.block_copies))
             for layer in self.model.model.layers:
                 layer.self_attn.kv_cache.copy_blocks(sources, destinations)
-        return self.model(step.input_ids, step.positions, step.metadata)
+        hidden = self.decode_step(step.input_ids, step.positions, step.metadata)
+        return hidden if hidden is not None else self.model(step.input_ids, step.positions, step.metadata)
 
     @torch.inference_mode()
     def follow(self) -> None:

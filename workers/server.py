@@ -145,7 +145,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_sequences_at_length=runner.max_sequences_at(request.sequence_length) if request.sequence_length else 0,
             prefix_caching=w.config.enable_prefix_caching, max_num_seqs=w.config.scheduler.max_num_seqs,
             weight_dtype=runner.config.weights, kv_cache_dtype=runner.kv_cache_dtype,
-            linear_kernel=runner.linear_kernel)
+            linear_kernel=runner.linear_kernel, execution=runner.execution,
+            execution_reason=runner.decode_step.reason, compile_seconds=runner.decode_step.compile_seconds)
 
     async def GetLoad(self, request: pb.GetLoadRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:

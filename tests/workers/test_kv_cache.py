@@ -54,3 +54,14 @@ def test_other_formats_read_back_what_was_written(kv_cache_dtype: str, tolerance
     cache = make_kv_cache(kv_cache_dtype, BLOCKS, BLOCK_SIZE, HEADS, DIM, dtype=torch.float32, device=CPU)
     k = keys(BLOCKS * BLOCK_SIZE, seed=2)
     assert (round_trip(cache, k) - k).abs().max() <= tolerance
+
+
+def test_an_fp8_cache_calibrates_within_a_short_max_model_len(tiny_checkpoint) -> None:  # noqa: ANN001
+    """The calibration text is longer than 64 tokens: it is cut where the model's positions end."""
+    from workers.config import RunnerConfig
+    from workers.model_runner import ModelRunner
+
+    runner = ModelRunner(tiny_checkpoint, RunnerConfig(device="cpu", kv_cache_memory_bytes=4 << 20, max_model_len=64,
+                                                       kv_cache_dtype="fp8_e4m3", weights="fp32"))
+    cache = runner.model.model.layers[0].self_attn.kv_cache
+    assert runner.max_model_len == 64 and bool((cache.k_scale != 1).all())

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,10 @@ def is_running(pid: int) -> bool:
         return False
 
 
-def tp_worker(checkpoint: Any, tensor_parallel_size: int, weights: str = "fp32", **scheduler: int) -> Worker:
+def tp_worker(checkpoint: Any, tensor_parallel_size: int, weights: str = "fp32", enforce_eager: bool = True,
+              **scheduler: int) -> Worker:
     runner = RunnerConfig(device="cpu", kv_cache_memory_bytes=8 << 20, tensor_parallel_size=tensor_parallel_size,
-                          weights=weights)
+                          weights=weights, enforce_eager=enforce_eager)
     return Worker(WorkerConfig(worker_id=f"tp{tensor_parallel_size}", runner=runner,
                                scheduler=SchedulerConfig(**scheduler)), checkpoint)
 
@@ -92,9 +93,13 @@ class GreedyRun:
 
 
 def greedy(checkpoint: Any, tensor_parallel_size: int, prompts: list[str], max_tokens: int,
-           weights: str = "fp32", **scheduler: int) -> GreedyRun:
-    """All requests are queued before the engine starts, so every run schedules the same steps."""
-    worker = tp_worker(checkpoint, tensor_parallel_size, weights, **scheduler)
+           weights: str = "fp32", enforce_eager: bool = True, on_loaded: Callable[[Worker], None] | None = None,
+           **scheduler: int) -> GreedyRun:
+    """All requests are queued before the engine starts, so every run schedules the same steps.
+    `on_loaded` sees the worker once it is loaded, before it serves."""
+    worker = tp_worker(checkpoint, tensor_parallel_size, weights, enforce_eager, **scheduler)
+    if on_loaded is not None:
+        on_loaded(worker)
     logits: list[torch.Tensor] = []
     model = worker.runner.model
     compute_logits = model.compute_logits

@@ -93,6 +93,21 @@ def _attend_decodes(q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> 
     return out.reshape(b, num_heads, head_dim)
 
 
+def paged_decode_attention(q: torch.Tensor, kv_cache: KVCache, decode: DecodeBatch) -> torch.Tensor:
+    """_attend_decodes for the compiler: written as products and sums over the blocks the block
+    tables name, which it fuses into kernels that read the cache in place (no gathered copy).
+    q: [B, H, D] -> [B, H, D]."""
+    b, num_heads, head_dim = q.shape
+    k, v = kv_cache.read_blocks(decode.block_tables)                 # [B, L, Hkv, D]
+    num_kv_heads = k.shape[2]
+    grouped = q.view(b, num_kv_heads, num_heads // num_kv_heads, 1, head_dim).float()
+    scores = (grouped * k.transpose(1, 2)[:, :, None].float()).sum(-1) * head_dim ** -0.5   # [B, Hkv, G, L]
+    scores = scores.masked_fill(~decode.mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * v.transpose(1, 2)[:, :, None].float()).sum(-2)              # [B, Hkv, G, D]
+    return out.reshape(b, num_heads, head_dim).to(q.dtype)
+
+
 def paged_attention(q: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata) -> torch.Tensor:
     # q: [N, H, D] -> [N, H, D]
     out = torch.empty_like(q)
@@ -138,5 +153,8 @@ class Attention(nn.Module):
             out = _attend(q, k, v, None, is_causal=True)
         else:
             self.kv_cache.write(metadata.slot_mapping, k, v)
-            out = paged_attention(q, self.kv_cache, metadata)
+            if torch.compiler.is_compiling() and metadata.decode is not None and not metadata.prefills:
+                out = paged_decode_attention(q, self.kv_cache, metadata.decode)
+            else:
+                out = paged_attention(q, self.kv_cache, metadata)
         return self.o_proj(out.reshape(n, -1))

@@ -57,6 +57,14 @@ class KVCache:
         v = self.v.index_select(0, block_ids).flatten(0, 1)
         return k.to(self.dtype), v.to(self.dtype)
 
+    def read_blocks(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of each row's blocks, [B, max_blocks * block_size, Hkv, D] in the compute dtype, as
+        indexing expressions: what a compiled decode step reads in place (eager steps `gather`)."""
+        return self._decode(self.k, block_tables), self._decode(self.v, block_tables)
+
+    def _decode(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        return cache[block_tables].flatten(1, 2).to(self.dtype)
+
     def copy_blocks(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         """Copies whole blocks (their K, V and any scales): a forked sample's own copy of a shared block."""
         for cache in self._block_tensors():
@@ -102,6 +110,11 @@ class Fp8KVCache(KVCache):
 
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().gather(block_ids)
+        return (torch.addcmul(self.k_offset.to(self.dtype), k, self.k_scale.to(self.dtype)),
+                torch.addcmul(self.v_offset.to(self.dtype), v, self.v_scale.to(self.dtype)))
+
+    def read_blocks(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._decode(self.k, block_tables), self._decode(self.v, block_tables)
         return (torch.addcmul(self.k_offset.to(self.dtype), k, self.k_scale.to(self.dtype)),
                 torch.addcmul(self.v_offset.to(self.dtype), v, self.v_scale.to(self.dtype)))
 
@@ -183,6 +196,10 @@ class Int8KVCache(KVCache):
         k_scale = self.k_scale.index_select(0, block_ids).flatten(0, 1).to(self.dtype)
         v_scale = self.v_scale.index_select(0, block_ids).flatten(0, 1).to(self.dtype)
         return k * k_scale, v * v_scale
+
+    def read_blocks(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._decode(self.k, block_tables), self._decode(self.v, block_tables)
+        return k * self._decode(self.k_scale, block_tables), v * self._decode(self.v_scale, block_tables)
 
 
 def storage_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:

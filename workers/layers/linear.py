@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers import opaque
 from workers.layers.quantization import (
     DequantInt8Linear,
     FbgemmInt8Linear,
@@ -68,8 +69,14 @@ class OneDnnLinear(nn.Module):
         self.packed_weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(weight.dtype),
                                                                   requires_grad=False)
+        self.handle = opaque.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():   # the compiler cannot see into the packed weight
+            return torch.ops.fareway.linear(x, self.handle, self.out_features)
+        return self.opaque_forward(x)
+
+    def opaque_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.packed_weight.dtype
         y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.packed_weight, self.bias, "none", [], "")
         return y.to(x.dtype)

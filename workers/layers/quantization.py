@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers import opaque
+
 
 def quantize_int8(weight: torch.Tensor, row_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> ([out, in] int8, [out] fp32 scale), symmetric per output channel.
@@ -95,8 +97,11 @@ class FbgemmInt8Linear(nn.Module):
         self.reduce_range = not cpu_has_vnni()
         self.levels = 63 if self.reduce_range else 127
         """L: each level's integers lie in [-L, L]."""
+        self.handle = opaque.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
         # Written as few, in-place operations: at decode sizes each costs more to dispatch than to run.
         shape, levels = x.shape, self.levels
         x = x.reshape(-1, shape[-1])                                         # [N, in]
@@ -110,6 +115,27 @@ class FbgemmInt8Linear(nn.Module):
         y = y[:n].add_(y[n:], alpha=1.0 / (2 * levels)).mul_(scale)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's computation for the compiler: the quantization and the sum of the two levels as
+        element-wise work it fuses, fbgemm's GEMM as one opaque op."""
+        shape, levels = x.shape, self.levels
+        x = x.reshape(-1, shape[-1])
+        n = x.shape[0]
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * (1.0 / levels)
+        u = x * scale.reciprocal()
+        k1 = torch.round(u)
+        k2 = torch.round((u - k1) * (2 * levels))
+        pinned = torch.tensor([-(levels + 1.0), float(levels)], dtype=x.dtype, device=x.device)
+        rows = torch.cat([torch.cat([k1, k2]), pinned.expand(2 * n, 2)], dim=1)   # [2N, in + 2]
+        y = torch.ops.fareway.linear(rows, self.handle, self.out_features)                          # [2N, out]
+        y = (y[:n] + y[n:] * (1.0 / (2 * levels))) * scale
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def opaque_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """fbgemm's GEMM of the pinned rows (see forward)."""
+        return torch.ops.quantized.linear_dynamic(rows, self.packed, self.reduce_range)
 
 
 _buffers = threading.local()

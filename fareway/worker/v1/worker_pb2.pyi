@@ -91,7 +91,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, sequence_length: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "parameter_count", "weight_bytes", "compute_dtype", "hardware_class", "device_type", "device_count", "tensor_parallel_size", "kv_bytes_per_token", "kv_capacity_tokens", "kv_block_size", "kv_cache_bytes", "max_sequences_at_length", "prefix_caching", "max_num_seqs", "weight_dtype", "kv_cache_dtype", "linear_kernel")
+    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "parameter_count", "weight_bytes", "compute_dtype", "hardware_class", "device_type", "device_count", "tensor_parallel_size", "kv_bytes_per_token", "kv_capacity_tokens", "kv_block_size", "kv_cache_bytes", "max_sequences_at_length", "prefix_caching", "max_num_seqs", "weight_dtype", "kv_cache_dtype", "linear_kernel", "execution", "execution_reason", "compile_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class GetModelInfoResponse(_message.Message):
     WEIGHT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LINEAR_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     context_length: int
@@ -134,7 +137,10 @@ class GetModelInfoResponse(_message.Message):
     weight_dtype: str
     kv_cache_dtype: str
     linear_kernel: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., parameter_count: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_type: _Optional[str] = ..., device_count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_sequences_at_length: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., weight_dtype: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., linear_kernel: _Optional[str] = ...) -> None: ...
+    execution: str
+    execution_reason: str
+    compile_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., parameter_count: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., hardware_class: _Optional[str] = ..., device_type: _Optional[str] = ..., device_count: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_sequences_at_length: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., max_num_seqs: _Optional[int] = ..., weight_dtype: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., linear_kernel: _Optional[str] = ..., execution: _Optional[str] = ..., execution_reason: _Optional[str] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
