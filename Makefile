@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.accounting
 	$(BIN)/python -m bench.quantization
+	$(BIN)/python -m bench.decode_step
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.upstream
 
