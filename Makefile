@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.accounting
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.decode_step
+	$(BIN)/python -m bench.cost
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.upstream
 

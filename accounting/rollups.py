@@ -75,6 +75,14 @@ class Totals:
         """Share of prompt tokens served from the prefix cache."""
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    @property
+    def usd_per_million_tokens(self) -> float | None:
+        """Cost to serve plus idle cost per million tokens served (prompt tokens, cached ones included, and
+        completion tokens); None without tokens (an idle row). With idle kept apart, a team's row is its
+        requests' cost alone and the total carries the idle too."""
+        num_tokens = self.prompt_tokens + self.completion_tokens
+        return (self.cost_nusd + self.idle_nusd) / num_tokens / 1e3 if num_tokens else None
+
     def add(self, other: Totals) -> None:
         for name in METRICS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -11,9 +11,11 @@ from rich.text import Text
 from fareway.inference.v1 import inference_pb2 as pb
 
 USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cache_hit_rate",
-                 "gpu_seconds", "cost_usd", "idle_usd", "list_usd")
+                 "gpu_seconds", "cost_usd", "idle_usd", "list_usd", "usd_per_million_tokens")
 """A report's columns: counts, the cache hit rate, GPU-seconds, then cost to serve, idle cost and list
-price in USD."""
+price in USD, and cost to serve plus idle cost per million tokens (prompt and completion)."""
+_HEADERS = {"usd_per_million_tokens": "USD per 1M tokens"}
+"""Table headers that are not the column's name with spaces."""
 
 
 def usage_table(usage: pb.Usage, finish_reason: int) -> Table:
@@ -39,7 +41,7 @@ def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Seque
     for name in group_by:
         table.add_column(name)
     for name in USAGE_COLUMNS:
-        table.add_column(name.replace("_", " "), justify="right")
+        table.add_column(_HEADERS.get(name, name.replace("_", " ")), justify="right")
     for group, figures in rows:
         table.add_row(*group, *_format(figures))
     table.add_section()
@@ -48,9 +50,10 @@ def totals_table(title: str, group_by: Sequence[str], rows: Sequence[tuple[Seque
 
 
 def _format(figures: Sequence[object]) -> list[str]:
-    *counts, hit_rate, gpu_seconds, cost_usd, idle_usd, list_usd = figures
+    *counts, hit_rate, gpu_seconds, cost_usd, idle_usd, list_usd, usd_per_million_tokens = figures
     return ([f"{int(c):,}" for c in counts] + [f"{float(hit_rate):.1%}", f"{float(gpu_seconds):.3f}"]
-            + [f"${float(usd):,.6f}" for usd in (cost_usd, idle_usd, list_usd)])
+            + [f"${float(usd):,.6f}" for usd in (cost_usd, idle_usd, list_usd)]
+            + ["-" if usd_per_million_tokens is None else f"${float(usd_per_million_tokens):,.4f}"])
 
 
 def usage_blocks(title: str, group_by: Sequence[str], rows: Sequence[tuple[Sequence[str], Sequence[object]]],
@@ -58,10 +61,11 @@ def usage_blocks(title: str, group_by: Sequence[str], rows: Sequence[tuple[Seque
     """The same report, a block per group, for a terminal too narrow for the table."""
     lines: list[Text] = [Text(f"{title} by {', '.join(group_by) or 'nothing'}", style="bold")]
     for group, figures in [*rows, (["total"], total)]:
-        requests, prompt, cached, completion, hit_rate, gpu_seconds, cost, idle, list_ = _format(figures)
+        requests, prompt, cached, completion, hit_rate, gpu_seconds, cost, idle, list_, per_million = _format(figures)
         lines += [Text(),
                   Text(" / ".join(value or "-" for value in group), style="bold"),
                   Text(f"  {requests} requests, {gpu_seconds} GPU-seconds"),
                   Text(f"  tokens: {prompt} prompt, {cached} cached ({hit_rate}), {completion} completion"),
-                  Text(f"  USD: cost to serve {cost}, idle {idle}, list price {list_}")]
+                  Text(f"  USD: cost to serve {cost}, idle {idle}, list price {list_}"),
+                  Text(f"  cost per 1M tokens: {per_million}")]
     return Group(*lines)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from accounting.capacity import CapacityStore, split_by_hour
+from accounting.capacity import CapacityStore, WorkerInfo, split_by_hour
 from accounting.ledger import Ledger
 from accounting.pricebook import price_record
 from accounting.pricebook_store import PriceBookStore
@@ -81,3 +81,40 @@ def test_requests_plus_idle_cost_equal_device_hours_times_price(tiny_checkpoint,
     assert [g for g, _ in shared.rows] == [("ads",), ("search",)]
     assert sum(t.idle_nusd for _, t in shared.rows) == idle_cost == shared.total.idle_nusd
     assert all(t.idle_nusd > 0 for _, t in shared.rows)
+
+
+def test_cost_per_million_tokens_counts_the_idle_cost_where_the_row_carries_it(with_redis) -> None:  # noqa: ANN001
+    """A team's row: its requests' cost over its tokens; shared idle adds its share; the total carries
+    the idle cost either way; an idle row has no tokens, so no figure."""
+    ended = time.time()
+
+    def usage(request_id: str, team: str, prompt: int, completion: int, gpu_seconds: float) -> UsageRecord:
+        return UsageRecord(
+            request_id=request_id, team=team, project="p", key_id="k", model="smollm2-135m-instruct",
+            worker_id="per-million-worker", hardware_class="cpu", device_count=1, prompt_tokens=prompt,
+            cached_tokens=prompt // 2, completion_tokens=completion, gpu_seconds=gpu_seconds, queue_ms=0, ttft_ms=0,
+            total_ms=0, status="OK", finish_reason="length", started_at=ended - 1, ended_at=ended)
+
+    async def body(client):  # noqa: ANN001, ANN202
+        book = await PriceBookStore(client).ensure()
+        ledger, store = Ledger(client), CapacityStore(client)
+        await ledger.record(price_record(book, usage("a", "search", 900, 100, 2.0)))
+        await ledger.record(price_record(book, usage("b", "ads", 300, 200, 1.0)))
+        await store.register(WorkerInfo("per-million-worker", "cpu", 1, "smollm2-135m-instruct"))
+        await store.add("per-million-worker", ended - 10, ended, device_ns=10 * 10**9, idle_ns=7 * 10**9)
+        return (book, await usage_report(ledger, ["team"], idle="separate"),
+                await usage_report(ledger, ["team"], idle="share"))
+    book, separate, shared = with_redis(body)
+
+    price = book.hardware_price("cpu", ended)
+    idle_nusd = price.cost_nusd(7.0)
+    rows = dict(separate.rows)
+    assert rows[("search",)].usd_per_million_tokens == pytest.approx(price.cost_nusd(2.0) / 1e3 / 1000)
+    assert rows[("ads",)].usd_per_million_tokens == pytest.approx(price.cost_nusd(1.0) / 1e3 / 500)
+    assert rows[(IDLE_TEAM,)].usd_per_million_tokens is None
+    everything = price.cost_nusd(2.0) + price.cost_nusd(1.0) + idle_nusd
+    assert separate.total.usd_per_million_tokens == pytest.approx(everything / 1e3 / 1500)
+    assert shared.total.usd_per_million_tokens == pytest.approx(everything / 1e3 / 1500)
+    search = dict(shared.rows)[("search",)]
+    assert search.usd_per_million_tokens == pytest.approx((search.cost_nusd + search.idle_nusd) / 1e3 / 1000)
+    assert search.idle_nusd > 0

@@ -417,7 +417,7 @@ def test_report_csv_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert list(rows[0]) == ["team", "project", *FIGURES, "cache_hit_rate", "gpu_seconds", "cost_usd", "idle_usd",
-                            "list_usd"]
+                            "list_usd", "usd_per_million_tokens"]
     by_group = {(row["team"], row["project"]): row for row in rows}
     assert by_group.keys() == totals.keys()
     for group, expected in totals.items():
@@ -442,6 +442,27 @@ def test_report_json_matches_the_ledger(stack, usage) -> None:  # noqa: ANN001
         assert row["gpu_seconds"] == pytest.approx(expected["gpu_seconds"])
     for name in FIGURES:
         assert body["total"][name] == sum(group[name] for group in totals.values())
+
+
+def test_report_shows_the_cost_per_million_tokens_of_each_group(stack, usage) -> None:  # noqa: ANN001
+    """The cost to serve over the tokens served (prompt and completion), per 1M, as the ledger has them."""
+    team, totals = usage
+    csv_result = report(stack, team, "--by", "team,project", "--format", "csv")
+    json_result = report(stack, team, "--by", "team,project", "--format", "json")
+    table_result = report(stack, team, "--by", "team,project")
+
+    assert csv_result.returncode == json_result.returncode == table_result.returncode == 0, csv_result.stderr
+    by_group = {(row["team"], row["project"]): row for row in csv.DictReader(io.StringIO(csv_result.stdout))}
+    body = json.loads(json_result.stdout)
+    for group, expected in totals.items():
+        per_million = expected["cost_nusd"] / 1e3 / (expected["prompt_tokens"] + expected["completion_tokens"])
+        assert per_million > 0
+        assert float(by_group[group]["usd_per_million_tokens"]) == pytest.approx(per_million, rel=1e-6)
+        assert f"${per_million:,.4f}" in table_result.stdout
+    assert "USD per 1M tokens" in table_result.stdout
+    all_tokens = sum(t["prompt_tokens"] + t["completion_tokens"] for t in totals.values())
+    assert body["total"]["usd_per_million_tokens"] == pytest.approx(
+        sum(t["cost_nusd"] for t in totals.values()) / 1e3 / all_tokens, rel=1e-6)
 
 
 def test_report_table_shows_each_group_and_the_total(stack, usage) -> None:  # noqa: ANN001
@@ -471,6 +492,8 @@ def test_report_in_an_80_column_terminal_shows_every_figure_whole(stack, usage) 
                                         f"{int(expected['cached_tokens']):,} cached ")
         assert lines[at + 2].endswith(f", {int(expected['completion_tokens']):,} completion")
         assert f"list price ${expected['list_nusd'] / 1e9:,.6f}" in lines[at + 3]
+        per_million = expected["cost_nusd"] / 1e3 / (expected["prompt_tokens"] + expected["completion_tokens"])
+        assert lines[at + 4] == f"  cost per 1M tokens: ${per_million:,.4f}"
     total_requests = sum(group["requests"] for group in totals.values())
     assert lines[lines.index("total") + 1].startswith(f"  {total_requests:,} requests, ")
 
@@ -563,6 +586,8 @@ def test_worker_flags_shape_the_engine(tmp_path: Path) -> None:
     assert (config.runner.kv_cache_memory_bytes, config.runner.kv_cache_free_memory_fraction) == (2 << 30, 0.5)
     assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (32, 512)
     assert config_from_args(parser.parse_args([])).enable_prefix_caching
+    assert not config_from_args(parser.parse_args(["--no-enforce-eager"])).runner.enforce_eager
+    assert config_from_args(parser.parse_args(["--enforce-eager"])).runner.enforce_eager
 
 
 def test_worker_reports_an_unreadable_shared_prefix_file_in_one_line(tmp_path: Path) -> None:
