@@ -175,16 +175,13 @@ class DecodeStep:
     def _run(self, compiled: Forward, input_ids: torch.Tensor, positions: torch.Tensor,
              metadata: AttentionMetadata) -> torch.Tensor:
         decode = metadata.decode
-        if not self._graphs:
-            # One graph for every batch of two or more and every context length.
-            if input_ids.shape[0] > 1:
-                for tensor in (input_ids, positions, metadata.slot_mapping, decode.block_tables, decode.mask):
-                    torch._dynamo.mark_dynamic(tensor, 0)
-            torch._dynamo.mark_dynamic(decode.block_tables, 1)
-            torch._dynamo.mark_dynamic(decode.mask, 3)
-        else:
-            torch._dynamo.mark_dynamic(decode.block_tables, 1)
-            torch._dynamo.mark_dynamic(decode.mask, 3)
+        # One graph for every context length; on CPUs, one for every batch of two or more as well (the
+        # layer's other inputs are marked in _by_layer; a GPU's batches are padded to their buckets).
+        torch._dynamo.mark_dynamic(decode.block_tables, 1)
+        torch._dynamo.mark_dynamic(decode.mask, 3)
+        if not self._graphs and input_ids.shape[0] > 1:
+            for tensor in (metadata.slot_mapping, decode.block_tables, decode.mask):
+                torch._dynamo.mark_dynamic(tensor, 0)
         return compiled(input_ids, positions, metadata)
 
     def _by_layer(self, layer: Callable[..., torch.Tensor], input_ids: torch.Tensor, positions: torch.Tensor,
